@@ -1,0 +1,1 @@
+"""Building and publishing MQwen checkpoints (`python -m convert --help`)."""
