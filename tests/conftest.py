@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random MQwen checkpoints built locally (no test downloads anything)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, processor): a tiny random MQwenForCausalLM in eval mode and its processor, in memory."""
+    from mqwen.convert.tiny import build_tiny
+
+    return build_tiny(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tiny):
+    """The same tiny model saved as a Hub-ready folder (the `python -m convert tiny` layout)."""
+    from mqwen.convert.tiny import save_checkpoint
+
+    model, processor = tiny
+    return save_checkpoint(model, processor, tmp_path_factory.mktemp("mqwen-tiny"))
+
+
+def random_image(seed, size=(64, 80), mode="RGB"):
+    """A deterministic random PIL image (height, width) = size."""
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    array = (rng.rand(size[0], size[1], 3) * 255).astype("uint8")
+    return Image.fromarray(array).convert(mode)
+
+
+@pytest.fixture
+def make_image():
+    return random_image
