@@ -1,0 +1,169 @@
+"""The synthetic shapes-captioning task: seeded images of coloured shapes and their exact captions.
+
+Images: a plain light background with 1 to 3 non-overlapping shapes, each a `circle`, `square` or `triangle`
+in `red`, `green`, `blue` or `yellow`, with random sizes and positions. The shapes occupy disjoint horizontal
+bands, so "left to right" is never ambiguous.
+
+Caption grammar (nothing else, no trailing period)::
+
+    caption := phrase
+             | phrase " and " phrase
+             | phrase ", " phrase " and " phrase
+    phrase  := "a " colour " " shape
+    colour  := "red" | "green" | "blue" | "yellow"
+    shape   := "circle" | "square" | "triangle"
+
+with the phrases in the left-to-right order of the shapes, e.g. "a red circle, a blue square and a green
+triangle". `parse_caption` inverts `caption_for` and rejects anything outside the grammar.
+
+Splits: every split draws from its own seed stream (`numpy.random.default_rng([seed, split_id, index])`),
+so example `i` of a split is the same whatever the split's length. `HELD_OUT` lists (slot, colour, shape)
+combinations, slot 0 being the leftmost shape, that never occur in `train` or `validation`; every `test`
+image contains at least one of them. Test accuracy therefore measures whether the model composes colour,
+shape and position, rather than recalling captions it has seen.
+"""
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (214, 39, 40),
+    "green": (44, 160, 44),
+    "blue": (31, 90, 220),
+    "yellow": (240, 200, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+MAX_SHAPES = 3
+
+# (slot, colour, shape): slot k is the k-th shape from the left. One per slot, no colour or shape repeated,
+# so every colour-shape pair and every colour and shape in every slot still appears in training.
+HELD_OUT = frozenset({(0, "red", "triangle"), (1, "green", "circle"), (2, "blue", "square")})
+
+SPLITS = {"train": 0, "validation": 1, "test": 2}
+
+_PHRASE = r"a (red|green|blue|yellow) (circle|square|triangle)"
+_CAPTION_RE = re.compile(rf"^{_PHRASE}(?:(?:, {_PHRASE})? and {_PHRASE})?$")
+
+_SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled, for anti-aliased edges
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """One shape: its kind, colour name, and bounding box (x0, y0, x1, y1) in pixels of the final image."""
+
+    shape: str
+    colour: str
+    box: tuple
+
+
+@dataclass
+class Example:
+    image: Image.Image
+    caption: str
+    shapes: tuple  # ShapeSpec, left to right
+
+
+def caption_for(objects) -> str:
+    """The caption of shapes given left to right, as (colour, shape) pairs or `ShapeSpec`s."""
+    phrases = [f"a {o.colour} {o.shape}" if isinstance(o, ShapeSpec) else f"a {o[0]} {o[1]}" for o in objects]
+    if not 1 <= len(phrases) <= MAX_SHAPES:
+        raise ValueError(f"A caption describes 1 to {MAX_SHAPES} shapes, got {len(phrases)}")
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def parse_caption(text: str):
+    """[(colour, shape), ...] left to right; ValueError if `text` is not exactly in the caption grammar."""
+    match = _CAPTION_RE.match(text)
+    if match is None:
+        raise ValueError(f"Not a shapes caption: {text!r} (expected e.g. 'a red circle and a blue square')")
+    groups = [g for g in match.groups() if g is not None]
+    return [(groups[i], groups[i + 1]) for i in range(0, len(groups), 2)]
+
+
+def held_out_in(objects) -> list:
+    """The `HELD_OUT` combinations present in a left-to-right list of (colour, shape) pairs or ShapeSpecs."""
+    pairs = [(o.colour, o.shape) if isinstance(o, ShapeSpec) else tuple(o) for o in objects]
+    return [(slot, *pair) for slot, pair in enumerate(pairs) if (slot, *pair) in HELD_OUT]
+
+
+def sample_layout(rng: np.random.Generator, image_size: int):
+    """Random shapes in disjoint horizontal bands, left to right, and a light background colour."""
+    n = int(rng.integers(1, MAX_SHAPES + 1))
+    margin, gap = max(1, image_size // 32), max(2, image_size // 16)
+    smin = max(8, round(0.2 * image_size))
+    smax = min(round(0.42 * image_size), (image_size - 2 * margin - (n - 1) * gap) // n)
+    sizes = rng.integers(smin, smax + 1, size=n)
+    # Spread the leftover width randomly over the n + 1 spaces around the shapes.
+    free = image_size - 2 * margin - (n - 1) * gap - int(sizes.sum())
+    cuts = np.sort(rng.integers(0, free + 1, size=n))
+    shapes, x = [], margin
+    for i, size in enumerate(sizes):
+        x0 = x + int(cuts[i] - (cuts[i - 1] if i else 0))
+        y0 = int(rng.integers(margin, image_size - margin - size + 1))
+        colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        shapes.append(ShapeSpec(shape, colour, (x0, y0, x0 + int(size), y0 + int(size))))
+        x = x0 + int(size) + gap
+    background = tuple(int(v) for v in 255 - rng.integers(0, 30) - rng.integers(0, 12, size=3))
+    return tuple(shapes), background
+
+
+def render(shapes, background, image_size: int, rng: np.random.Generator = None) -> Image.Image:
+    """Draw `shapes` (ShapeSpecs) on a plain background; colours get a small jitter when `rng` is given."""
+    s = _SUPERSAMPLE
+    image = Image.new("RGB", (image_size * s, image_size * s), background)
+    draw = ImageDraw.Draw(image)
+    for spec in shapes:
+        colour = np.array(COLOURS[spec.colour])
+        if rng is not None:
+            colour = np.clip(colour + rng.integers(-20, 21, size=3), 0, 255)
+        fill = tuple(int(c) for c in colour)
+        x0, y0, x1, y1 = (v * s for v in spec.box)
+        x1, y1 = x1 - 1, y1 - 1
+        if spec.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif spec.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        else:
+            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
+    return image.resize((image_size, image_size), Image.LANCZOS)
+
+
+def make_example(split: str, index: int, seed: int = 0, image_size: int = 64) -> Example:
+    """Example `index` of `split` ("train", "validation" or "test"), a pure function of its arguments."""
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; choose one of {list(SPLITS)}")
+    rng = np.random.default_rng([seed, SPLITS[split], index])
+    while True:  # rejection sampling keeps each split's distribution otherwise uniform
+        shapes, background = sample_layout(rng, image_size)
+        if bool(held_out_in(shapes)) == (split == "test"):
+            break
+    return Example(render(shapes, background, image_size, rng), caption_for(shapes), shapes)
+
+
+def make_split(split: str, n: int, seed: int = 0, image_size: int = 64, progress: bool = False) -> list:
+    """The first `n` examples of `split`."""
+    from tqdm.auto import tqdm
+
+    indices = tqdm(range(n), desc=f"generating {split}", unit="img", disable=not progress, leave=False)
+    return [make_example(split, i, seed, image_size) for i in indices]
+
+
+def write_split(examples, out_dir):
+    """Save a split as `NNNNN.png` files plus `captions.jsonl` ({"file", "caption"} per line); returns the dir."""
+    import json
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "captions.jsonl", "w") as f:
+        for i, example in enumerate(examples):
+            name = f"{i:05d}.png"
+            example.image.save(out_dir / name)
+            f.write(json.dumps({"file": name, "caption": example.caption}) + "\n")
+    return out_dir
