@@ -196,6 +196,34 @@ class MQwenPreTrainedModel(PreTrainedModel):
     _supports_cache_class = True
     _supports_static_cache = True
 
+    def push_to_hub(self, repo_id, *args, processor=None, **kwargs):
+        """Publish the model; with `processor=`, model and processor go to the repo in one commit.
+
+        transformers' own `push_to_hub` uploads only the model, so a repo published that way cannot be used
+        with AutoProcessor or the pipelines. Keyword arguments `token`, `private`, `revision`,
+        `commit_message` and `create_pr` are honoured. Returns the commit info.
+        """
+        if processor is None:
+            return super().push_to_hub(repo_id, *args, **kwargs)
+        import tempfile
+        from pathlib import Path
+
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        api = HfApi(token=kwargs.get("token"))
+        repo_id = api.create_repo(repo_id, private=kwargs.get("private"), exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            processor.save_pretrained(folder)
+            files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+            return api.create_commit(
+                repo_id=repo_id,
+                operations=[CommitOperationAdd(p.relative_to(folder).as_posix(), str(p)) for p in files],
+                revision=kwargs.get("revision"),
+                commit_message=kwargs.get("commit_message") or "Upload MQwen model and processor",
+                create_pr=kwargs.get("create_pr", False),
+            )
+
     def _init_weights(self, module):
         """Initialise what MQwen owns; the language model initialises its own modules."""
         std = getattr(self.config.text_config, "initializer_range", 0.02)
