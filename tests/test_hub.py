@@ -33,6 +33,10 @@ def test_saved_folder_has_the_hub_layout(tiny_dir):
     assert config["auto_map"]["AutoModel"] == "modeling_mqwen.MQwenModel"
     assert config["auto_map"]["AutoConfig"] == "configuration_mqwen.MQwenConfig"
     assert "image-to-text" in config["custom_pipelines"]
+    import transformers
+
+    if hasattr(transformers, "AutoModelForVision2Seq"):  # 4.x; removed in 5
+        assert config["auto_map"]["AutoModelForVision2Seq"] == "modeling_mqwen.MQwenForCausalLM"
     processor_config = json.loads((tiny_dir / "processor_config.json").read_text())
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_mqwen.MQwenProcessor"
 
