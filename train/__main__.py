@@ -1,0 +1,8 @@
+"""`python -m train` (or `python -m mqwen.train`): see `python -m train --help`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""One training run: load model and data, build the Trainer, train, save the final model.
+
+`train(config)` is what `python -m train` calls; `build_trainer(config)` stops before training, for callers
+that want to add callbacks or inspect the optimizer. Both run unchanged under `torchrun` and
+`accelerate launch`: the Trainer reads the distributed environment itself.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from transformers import TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .collator import CaptionCollator
+from .config import TrainConfig
+from .data import CaptionDataset, SkipReport, load_caption_dataset
+from .stages import prepare_model_for_stage, trainable_summary
+from .trainer import CaptionTrainer
+
+logger = logging.getLogger(__name__)
+
+_TA_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
+FINAL_DIR = "final"
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns. `model_dir` is the saved final model (Hub format, with the processor)."""
+
+    model_dir: Optional[Path]
+    metrics: dict
+    skipped: SkipReport
+    log_history: list
+    trainer: Any
+
+
+def register_auto_classes():
+    """Make AutoConfig know `mqwen` in this process.
+
+    `MQwenProcessor.from_pretrained` loads its tokenizer through AutoTokenizer, which reads the folder's
+    config.json; for an unregistered model type with an `auto_map`, transformers 5 then asks on stdin
+    whether to run the folder's code. The classes are installed here, so no remote code is needed.
+    """
+    from transformers import AutoConfig
+
+    from mqwen import MQwenConfig
+
+    AutoConfig.register(MQwenConfig.model_type, MQwenConfig, exist_ok=True)
+
+
+def load_model_and_processor(model, processor=None, dtype=torch.float32):
+    """An `MQwenForCausalLM` + `MQwenProcessor` from a folder / Hub id, or the objects given.
+
+    Weights load in float32 by default: mixed precision (`bf16`/`fp16`) keeps float32 master weights.
+    """
+    from mqwen import MQwenForCausalLM, MQwenProcessor
+
+    register_auto_classes()
+    if isinstance(model, (str, os.PathLike)):
+        if processor is None:
+            processor = MQwenProcessor.from_pretrained(str(model))
+        model = MQwenForCausalLM.from_pretrained(str(model), dtype=dtype)
+    if model is None:
+        raise ValueError("Pass a model: an MQwen folder or Hub id (--model), or an MQwenForCausalLM object.")
+    if processor is None:
+        raise ValueError("A model object needs its processor: train(config, processor=...).")
+    return model, processor
+
+
+def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
+    """`TrainingArguments` for `config` on the installed transformers (4.57 and 5.x spell a few differently)."""
+    if not config.output_dir:
+        raise ValueError("output_dir is required (--output-dir): checkpoints and the final model go there.")
+    args = dict(
+        output_dir=str(config.output_dir),
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.lm_learning_rate,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.lr_scheduler_type,
+        max_grad_norm=config.max_grad_norm,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        gradient_checkpointing=config.gradient_checkpointing,
+        # Non-reentrant checkpointing works with frozen inputs and with DDP.
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=(config.eval_steps or config.save_steps) if has_eval else None,
+        seed=config.seed,
+        dataloader_num_workers=config.dataloader_num_workers,
+        report_to=config.report_to,
+        disable_tqdm=config.disable_tqdm,
+        deepspeed=config.deepspeed,
+        # The collator needs every field of an example; the Trainer must not drop "unused" ones.
+        remove_unused_columns=False,
+        label_names=["labels"],
+        # Every trainable parameter is used in every step (frozen ones are not registered with DDP).
+        ddp_find_unused_parameters=False,
+    )
+    if "warmup_ratio" in _TA_FIELDS:  # transformers 4.x
+        args["warmup_ratio"] = config.warmup_ratio
+    else:  # transformers 5: a float below 1 is a ratio
+        args["warmup_steps"] = float(config.warmup_ratio)
+    unknown = set(config.training_args) - _TA_FIELDS
+    if unknown:
+        raise ValueError(f"training_args has fields TrainingArguments does not know: {sorted(unknown)}")
+    args.update(config.training_args)
+    return TrainingArguments(**args)
+
+
+def _dataset(spec, config, resample_bad=True):
+    if spec is None:
+        return None
+    return load_caption_dataset(
+        spec, image_root=config.image_root, image_column=config.image_column, caption_column=config.caption_column,
+        split=config.split, instructions=config.instructions, seed=config.seed, resample_bad=resample_bad,
+    )
+
+
+def build_trainer(config: TrainConfig, model=None, processor=None, train_dataset=None, eval_dataset=None,
+                  callbacks=None) -> CaptionTrainer:
+    """A ready `CaptionTrainer` for `config` (model frozen/wrapped for the stage, data loaded, optimizer groups
+    set up on first use). `model`/`processor`/datasets override `config.model`/`config.data`/`config.eval_data`."""
+    model, processor = load_model_and_processor(model if model is not None else config.model, processor)
+    train_dataset = _dataset(train_dataset if train_dataset is not None else config.data, config)
+    if train_dataset is None:
+        raise ValueError("Pass training data (--data).")
+    eval_dataset = _dataset(eval_dataset if eval_dataset is not None else config.eval_data, config)
+    args = training_arguments(config, has_eval=eval_dataset is not None)
+    model = prepare_model_for_stage(model, config)
+    trainer = CaptionTrainer(
+        model=model,
+        args=args,
+        data_collator=CaptionCollator(processor, max_length=config.max_length),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        callbacks=callbacks,
+        projector_lr=config.projector_learning_rate,
+    )
+    trainer.mqwen_config = config
+    trainer.mqwen_processor = processor
+    return trainer
+
+
+def train(config: TrainConfig, model=None, processor=None, train_dataset=None, eval_dataset=None,
+          callbacks=None, save=True) -> TrainResult:
+    """Train for `config` and save the final model to `OUTPUT_DIR/final` (see `build_trainer` for overrides)."""
+    trainer = build_trainer(config, model, processor, train_dataset, eval_dataset, callbacks)
+    if trainer.is_world_process_zero():
+        logger.info("Trainable parameters: %s", trainable_summary(trainer.model))
+        dataset = trainer.train_dataset
+        if isinstance(dataset, CaptionDataset) and dataset.dropped:
+            logger.warning("%d records without an image or caption were left out of %s.", dataset.dropped,
+                           dataset.source)
+    resume = config.resume_from_checkpoint
+    if resume == "last":
+        resume = get_last_checkpoint(config.output_dir)
+        if resume is None:
+            raise FileNotFoundError(f"--resume-from-checkpoint last: no checkpoint-* folder in {config.output_dir}.")
+    output = trainer.train(resume_from_checkpoint=resume)
+    skipped = trainer.gathered_skip_report()
+    model_dir = save_final_model(trainer, config) if save else None
+    if trainer.is_world_process_zero():
+        if len(skipped):
+            logger.warning(skipped.summary())
+        summary = {
+            "model_dir": str(model_dir) if model_dir else None,
+            "metrics": output.metrics,
+            "skipped_images": skipped.to_dict(),
+            "config": config.to_dict(),
+        }
+        _atomic_write_text(Path(config.output_dir) / "train_summary.json", json.dumps(summary, indent=2))
+    return TrainResult(model_dir, output.metrics, skipped, trainer.state.log_history, trainer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _sharded(trainer) -> bool:
+    """Whether parameters are split across processes (ZeRO-3, FSDP): only the Trainer can gather them."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        plugin = trainer.accelerator.state.deepspeed_plugin
+        return plugin is not None and plugin.zero_stage == 3
+    return False
+
+
+def save_final_model(trainer, config, out_dir=None) -> Path:
+    """Write the trained model + processor in the Hub format to `out_dir` (default `OUTPUT_DIR/final`).
+
+    LoRA is merged into the language model unless `config.keep_adapter`, which writes a peft adapter folder
+    (adapter + trained projector) that `load_trained` reads. Files go to a temporary folder first and are
+    renamed into place, so `out_dir` is never half-written. Call on every process.
+    """
+    from peft import PeftModel
+
+    out_dir = Path(out_dir or Path(config.output_dir) / FINAL_DIR)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    processor = trainer.mqwen_processor
+    main = trainer.is_world_process_zero()
+    accelerator = trainer.accelerator
+    if main and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(trainer.model)
+    is_peft = isinstance(model, PeftModel)
+    if is_peft and not config.keep_adapter:
+        if _sharded(trainer):
+            adapter_tmp = out_dir.with_name(f".{out_dir.name}.adapter.tmp")
+            trainer.save_model(str(adapter_tmp))
+            if main:
+                _merge_saved_adapter(config, adapter_tmp, tmp)
+                shutil.rmtree(adapter_tmp)
+        elif main:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(tmp, safe_serialization=True)
+    elif _sharded(trainer) or is_peft:
+        trainer.save_model(str(tmp))  # gathers sharded weights; a PeftModel saves its adapter
+    elif main:
+        model.save_pretrained(tmp, safe_serialization=True)
+    if main:
+        processor.save_pretrained(tmp)
+        for leftover in ("training_args.bin",):
+            (tmp / leftover).unlink(missing_ok=True)
+        _replace_dir(tmp, out_dir)
+    accelerator.wait_for_everyone()
+    return out_dir
+
+
+def _merge_saved_adapter(config, adapter_dir, out_dir):
+    from peft import PeftModel
+
+    from mqwen import MQwenForCausalLM
+
+    if not isinstance(config.model, (str, os.PathLike)):
+        raise ValueError("Merging LoRA under ZeRO-3/FSDP reloads the base model: pass --model as a path or repo.")
+    base = MQwenForCausalLM.from_pretrained(str(config.model))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+
+
+def _replace_dir(src: Path, dst: Path):
+    """Rename `src` to `dst`, replacing an existing `dst` only once the new one is complete."""
+    old = dst.with_name(f".{dst.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_trained(path, dtype=None, device=None):
+    """(model, processor) from a `train` output folder: a merged/full model, or a LoRA adapter folder
+    (`--keep-adapter`, whose base model is read from `adapter_config.json`)."""
+    from mqwen import MQwenForCausalLM, MQwenProcessor
+
+    register_auto_classes()
+    path = Path(path)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    adapter_config = path / "adapter_config.json"
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        base_path = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        if not base_path:
+            raise ValueError(f"{adapter_config} does not name its base model (base_model_name_or_path).")
+        base = MQwenForCausalLM.from_pretrained(base_path, **kwargs)
+        model = PeftModel.from_pretrained(base, str(path))
+    else:
+        model = MQwenForCausalLM.from_pretrained(str(path), **kwargs)
+    processor = MQwenProcessor.from_pretrained(str(path))
+    if device is not None:
+        model.to(device)
+    return model.eval(), processor

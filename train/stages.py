@@ -1,0 +1,101 @@
+"""What trains in each stage, and the optimizer parameter groups that follow from it.
+
+- `align`: only `multi_modal_projector`. The vision tower and the language model get `requires_grad=False`
+  and never reach the optimizer, so their weights are bit-identical after the run.
+- `lora`: peft LoRA adapters on the language model's linear layers (names chosen by a regex that must
+  match inside `language_model`, so the vision tower's `c_fc`/`c_proj`/`out_proj` are never wrapped unless
+  `train_vision_tower`), plus the projector, which peft trains and saves as a `modules_to_save` copy.
+- `full`: projector + language model (and the vision tower with `train_vision_tower`).
+
+The projector's own learning rate comes from `projector_param_groups`, used by `CaptionTrainer`.
+"""
+
+import re
+
+from .config import VISION_LORA_TARGETS
+
+PROJECTOR = "multi_modal_projector"
+VISION_TOWER = "vision_tower"
+LANGUAGE_MODEL = "language_model"
+
+
+def lora_target_regex(lm_targets, vision_targets=()) -> str:
+    """A peft `target_modules` regex (full match on module names) for the given leaf names."""
+    parts = [rf".*{LANGUAGE_MODEL}\..*\.({'|'.join(map(re.escape, lm_targets))})"]
+    if vision_targets:
+        parts.append(rf".*{VISION_TOWER}\..*\.({'|'.join(map(re.escape, vision_targets))})")
+    return "|".join(f"(?:{p})" for p in parts)
+
+
+def prepare_model_for_stage(model, config):
+    """Freeze / wrap `model` (an MQwenForCausalLM) for `config.stage`; returns the model to train.
+
+    For `lora` this is a `peft.PeftModel` around `model`; otherwise `model` itself.
+    """
+    stage = config.stage
+    model.requires_grad_(False)
+    if stage == "lora":
+        if not config.lora_target_modules:
+            raise ValueError("lora_target_modules is empty; name at least one language-model module (q_proj, ...).")
+        from peft import LoraConfig, get_peft_model
+
+        vision = VISION_LORA_TARGETS if config.train_vision_tower else ()
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=lora_target_regex(config.lora_target_modules, vision),
+            modules_to_save=[PROJECTOR],
+            bias="none",
+        )
+        matched = [n for n, _ in model.named_modules() if re.fullmatch(lora.target_modules, n)]
+        if not any(f"{LANGUAGE_MODEL}." in n for n in matched):
+            raise ValueError(
+                f"No language-model module is named like {list(config.lora_target_modules)}; pick names from "
+                f"{sorted({n.rsplit('.', 1)[-1] for n, m in model.language_model.named_modules() if n})[:20]}"
+            )
+        model = get_peft_model(model, lora)
+    else:
+        model.multi_modal_projector.requires_grad_(True)
+        if stage == "full":
+            model.language_model.requires_grad_(True)
+            if config.train_vision_tower:
+                model.vision_tower.requires_grad_(True)
+    if config.gradient_checkpointing:
+        # Frozen embeddings give the first checkpointed block inputs without grad; make them require it.
+        model.enable_input_require_grads()
+    return model
+
+
+def projector_param_groups(model, lm_lr, projector_lr, weight_decay, decay_names):
+    """AdamW parameter groups: only trainable parameters, the projector at its own learning rate, and no
+    weight decay on biases and norms (`decay_names`, from `Trainer.get_decay_parameter_names`)."""
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_projector = PROJECTOR in name
+        decays = name in decay_names
+        key = (is_projector, decays)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "lr": projector_lr if is_projector else lm_lr,
+                "weight_decay": weight_decay if decays else 0.0,
+            }
+        groups[key]["params"].append(param)
+    if not groups:
+        raise ValueError("Nothing to train: every parameter is frozen.")
+    return list(groups.values())
+
+
+def trainable_summary(model) -> dict:
+    """Trainable / total parameter counts per top-level part (vision_tower, projector, language_model)."""
+    summary = {}
+    for name, param in model.named_parameters():
+        part = next((p for p in (VISION_TOWER, PROJECTOR, LANGUAGE_MODEL) if p in name), "other")
+        entry = summary.setdefault(part, {"trainable": 0, "total": 0})
+        entry["total"] += param.numel()
+        if param.requires_grad:
+            entry["trainable"] += param.numel()
+    return summary

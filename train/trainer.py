@@ -1,0 +1,65 @@
+"""`CaptionTrainer`: transformers' Trainer with a projector learning rate and a count of skipped images.
+
+Everything else (mixed precision, gradient accumulation and checkpointing, warmup + cosine, logging,
+checkpoints and resuming, DDP / DeepSpeed / FSDP through accelerate) is the stock Trainer.
+"""
+
+import torch
+from transformers import Trainer
+
+from .data import SkipReport
+from .stages import projector_param_groups
+
+
+class CaptionTrainer(Trainer):
+    """Trainer for caption fine-tuning.
+
+    Args (besides Trainer's):
+        projector_lr: learning rate of the `multi_modal_projector` parameters (others use
+            `args.learning_rate`). Only parameters with `requires_grad` reach the optimizer.
+    """
+
+    def __init__(self, *args, projector_lr=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projector_lr = projector_lr
+        self.skip_report = SkipReport()
+
+    def create_optimizer(self, model=None):
+        # Build the optimizer here; the parent then only applies its wrappers (it skips creation when
+        # `self.optimizer` is set). `model` exists as an argument in transformers 5 only.
+        opt_model = self.model if model is None else model
+        if self.optimizer is None:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            groups = projector_param_groups(
+                opt_model,
+                lm_lr=self.args.learning_rate,
+                projector_lr=self.projector_lr if self.projector_lr is not None else self.args.learning_rate,
+                weight_decay=self.args.weight_decay,
+                decay_names=set(self.get_decay_parameter_names(opt_model)),
+            )
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return super().create_optimizer() if model is None else super().create_optimizer(model)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        # Skipped-image records ride along with the batch so they are counted here, in the main process,
+        # even when images load in DataLoader workers.
+        inputs = dict(inputs)
+        self.skip_report.update(inputs.pop("skipped", None))
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def log(self, logs, *args, **kwargs):
+        if len(self.skip_report):
+            logs = {**logs, "skipped_images": len(self.skip_report)}
+        return super().log(logs, *args, **kwargs)
+
+    def gathered_skip_report(self) -> SkipReport:
+        """The skip reports of all processes merged (every rank must call this)."""
+        report = SkipReport()
+        report.merge(self.skip_report)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, self.skip_report)
+            report = SkipReport()
+            for other in gathered:
+                report.merge(other)
+        return report
