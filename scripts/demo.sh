@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The main job: set up a virtual environment, then build, train, save, reload and evaluate the shapes captioner.
+#
+#   bash scripts/demo.sh                 # full run (about 10 minutes of training on 2 CPU cores)
+#   bash scripts/demo.sh --help          # the demo's own options
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${VENV:-.venv}"
+python="${PYTHON:-python3}"
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+"${pip[@]}" install --upgrade pip setuptools wheel
+"${pip[@]}" install -c constraints.txt -e ".[convert,train]" "transformers>=5,<6"
+exec "$venv/bin/python" -m mqwen.demo "$@"
