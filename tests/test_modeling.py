@@ -319,3 +319,28 @@ def test_pixels_with_inputs_embeds_is_an_error(tiny, make_image):
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     with pytest.raises(ValueError, match="pixel_values need input_ids"):
         model(inputs_embeds=embeds, pixel_values=inputs["pixel_values"])
+
+
+def test_weights_missing_from_a_checkpoint_are_initialised_not_garbage(tiny, tmp_path):
+    """A checkpoint without projector weights (a fresh projector) loads with finite, freshly drawn values,
+    and the weights that are present load exactly (meta-device loading must not re-initialise them)."""
+    from safetensors.torch import load_file, save_file
+
+    from mqwen import MQwenForCausalLM
+
+    model, _ = tiny
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if not k.startswith("multi_modal_projector.")}
+    assert len(kept) < len(weights)
+    save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+    loaded = MQwenForCausalLM.from_pretrained(tmp_path)
+    projector = loaded.multi_modal_projector
+    for param in projector.parameters():
+        assert torch.isfinite(param).all()
+    assert 0.005 < projector.linear_1.weight.std().item() < 0.05  # normal(0, initializer_range=0.02)
+    assert torch.equal(projector.linear_1.bias, torch.zeros_like(projector.linear_1.bias))
+    state = loaded.state_dict()
+    for name, value in kept.items():
+        assert torch.equal(state[name], value), name
