@@ -5,6 +5,29 @@ import sys
 
 EXAMPLES = """examples:
   python -m convert tiny /tmp/mqwen-tiny --seed 0
+  python -m convert build --llm Qwen/Qwen2.5-7B-Instruct --vision ViT-L-14:openai out/mqwen-7b
+  python -m convert build --llm ./Qwen2.5-7B-Instruct --vision openai/clip-vit-large-patch14-336 \\
+      --image-token-pooling 2 --projector mm_projector.safetensors out/mqwen-7b-336
+  python -m convert push out/mqwen-7b your-name/mqwen-7b --private
+"""
+
+BUILD_EXAMPLES = """VISION forms:
+  ViT-L-14:openai                   OpenCLIP model name + pretrained tag (open_clip downloads and caches it)
+  ViT-L-14-quickgelu:ckpt.pt        OpenCLIP architecture + a local checkpoint file
+  hf-hub:timm/vit_large_patch14_clip_224.openai   OpenCLIP repo on the Hub
+  path/to/open_clip_model.safetensors   local OpenCLIP checkpoint with open_clip_config.json beside it
+  path/to/folder                    OpenCLIP folder (open_clip_config.json) or transformers CLIP (config.json)
+  openai/clip-vit-large-patch14     transformers CLIP checkpoint on the Hub
+
+examples:
+  python -m convert build --llm Qwen/Qwen2.5-7B-Instruct --vision ViT-L-14:openai out/mqwen-7b
+  python -m convert build --llm ~/models/Qwen2.5-7B-Instruct --vision ~/models/clip-vit-large-patch14 \\
+      --dtype bf16 --image-token-pooling 2 out/mqwen-7b-pool2 --push-to-hub you/mqwen-7b-pool2
+"""
+
+PUSH_EXAMPLES = """examples:
+  python -m convert push out/mqwen-7b your-name/mqwen-7b
+  python -m convert push out/mqwen-7b your-name/mqwen-7b --revision v0.1 --commit-message "first build"
 """
 
 
@@ -19,15 +42,65 @@ def parse_args(argv=None):
     tiny = sub.add_parser("tiny", help="write a tiny random Hub-ready checkpoint (for tests and examples)")
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+
+    build = sub.add_parser(
+        "build",
+        help="assemble an MQwen checkpoint from a pretrained LLM and a CLIP vision tower",
+        description="Assemble a Hub-ready MQwen folder: the LLM's weights, tokenizer and generation config, "
+        "a CLIP ViT in OpenCLIP layout, `<image>` added to the tokenizer, and a projector (fresh or --projector). "
+        "Weights are streamed one tensor at a time into a temporary folder that is renamed to OUT_DIR at the end.",
+        epilog=BUILD_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    build.add_argument("--llm", required=True, help="Hub id or local folder of a transformers causal LM")
+    build.add_argument("--vision", required=True, help="vision source (forms below)")
+    build.add_argument("out_dir", metavar="OUT_DIR")
+    build.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weight dtype (default: the LLM's own)")
+    build.add_argument("--image-token-pooling", type=int, default=1, help="NxN average pooling of patch tokens")
+    build.add_argument("--projector", metavar="FILE", help="projector weights to load instead of a fresh init")
+    build.add_argument("--projector-type", choices=["mlp2x_gelu", "linear"],
+                       help="projector architecture (default: mlp2x_gelu, or whatever --projector holds)")
+    build.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR (once the build succeeds)")
+    build.add_argument("--allow-pickle", action="store_true",
+                       help="read .bin/.pt/.pth weights (with torch.load(weights_only=True))")
+    build.add_argument("--max-shard-size", default="5GB", help="largest output safetensors shard (default 5GB)")
+    build.add_argument("--seed", type=int, default=0, help="seed of the fresh projector init")
+    build.add_argument("--push-to-hub", metavar="REPO_ID", help="publish OUT_DIR to this Hub repo after the build")
+    build.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+
+    push = sub.add_parser(
+        "push",
+        help="publish a built folder to the Hugging Face Hub in one commit",
+        description="Upload every file of OUT_DIR to REPO_ID in one commit (creating the repo if needed) and "
+        "print the commit URL. The folder is only read: after a failure, run the same command again.",
+        epilog=PUSH_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    push.add_argument("out_dir", metavar="OUT_DIR")
+    push.add_argument("repo_id", metavar="REPO_ID")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--revision", help="branch to commit to (created if missing)")
+    push.add_argument("--commit-message", help="commit title")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 def main(argv=None):
+    from .errors import ConvertError
+
     args = parse_args(argv)
     if args.command == "tiny":
         from .tiny import main as run
-
-    return run(args)
+    elif args.command == "build":
+        from .build import main as run
+    else:
+        from .push import main as run
+    try:
+        return run(args)
+    except ConvertError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
