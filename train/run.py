@@ -91,9 +91,6 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         max_steps=config.max_steps,
         bf16=config.bf16,
         fp16=config.fp16,
-        gradient_checkpointing=config.gradient_checkpointing,
-        # Non-reentrant checkpointing works with frozen inputs and with DDP.
-        gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=config.logging_steps,
         save_strategy="steps",
         save_steps=config.save_steps,
@@ -102,6 +99,7 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         eval_steps=(config.eval_steps or config.save_steps) if has_eval else None,
         seed=config.seed,
         dataloader_num_workers=config.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
         report_to=config.report_to,
         disable_tqdm=config.disable_tqdm,
         deepspeed=config.deepspeed,
@@ -111,6 +109,10 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         # Every trainable parameter is used in every step (frozen ones are not registered with DDP).
         ddp_find_unused_parameters=False,
     )
+    # Non-reentrant checkpointing works with frozen inputs and with DDP. transformers 5 renamed the option.
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in _TA_FIELDS else "gradient_checkpointing"
+    args[checkpointing] = config.gradient_checkpointing
+    args[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
     if "warmup_ratio" in _TA_FIELDS:  # transformers 4.x
         args["warmup_ratio"] = config.warmup_ratio
     else:  # transformers 5: a float below 1 is a ratio
