@@ -160,8 +160,7 @@ def build(
     text_config.vocab_size = new_rows
     text_config._name_or_path = source.hub_id or ""
     _set_dtype(text_config, target_dtype)
-    if "<|im_start|>" not in tokenizer.get_vocab():
-        logger.warning("The LLM's tokenizer has no <|im_start|>: MQwen's caption prompt is ChatML and may not suit it.")
+    _adopt_chat_template(tokenizer)
 
     # 4. config + meta model: the single statement of what the checkpoint holds
     try:
@@ -283,6 +282,38 @@ def build(
 
         print(push(out_dir, push_to_hub, private=private))
     return Path(out_dir)
+
+
+def _adopt_chat_template(tokenizer):
+    """Give the tokenizer MQwen's image-aware ChatML template, warning if the LLM's own renders text differently.
+
+    transformers keeps one chat template per folder, shared by the tokenizer and the processor, and the
+    processor needs one that renders image parts; for ChatML models (Qwen2, Qwen2.5, Qwen3) text-only
+    conversations with a system prompt render exactly as before.
+    """
+    from mqwen.processing_mqwen import CHAT_TEMPLATE
+
+    sample = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Describe it."},
+    ]
+    kwargs = dict(tokenize=False, add_generation_prompt=True)
+    ours = tokenizer.apply_chat_template(sample, chat_template=CHAT_TEMPLATE, **kwargs)
+    theirs = None
+    if tokenizer.chat_template:
+        try:
+            theirs = tokenizer.apply_chat_template(sample, **kwargs)
+        except Exception:  # a template that needs other arguments
+            pass
+    if theirs != ours:
+        logger.warning(
+            "The LLM's chat template %s MQwen's ChatML template, which the built folder uses (tokenizer and processor "
+            "share one template). Check that prompts suit this LLM.",
+            "renders conversations differently from" if theirs else "is missing or unusable; using",
+        )
+    tokenizer.chat_template = CHAT_TEMPLATE
 
 
 def _grown_embedding(load, rows, mean_over):
