@@ -1,0 +1,203 @@
+"""`mqwen-caption`: caption many images with an MQwen model, in batches, one line (or JSON object) per image.
+
+The model is loaded the way any user loads it (`AutoModelForCausalLM` / `AutoProcessor` with
+`trust_remote_code=True`), so the CLI exercises exactly the code a Hub checkpoint ships. A file that cannot be
+read as an image is reported and skipped; the others are still captioned, and the exit code says whether
+anything was skipped.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  mqwen-caption photo.jpg --model ./mqwen-shapes
+  mqwen-caption photos/ more/*.png --model user/mqwen-7b --device cuda --dtype bf16 --batch-size 16
+  mqwen-caption photos/ --model ./mqwen-shapes --prompt "What colour is the circle?" --max-new-tokens 32
+  mqwen-caption photos/ --model ./mqwen-shapes --jsonl > captions.jsonl
+  python -m mqwen.caption photo.jpg --model ./mqwen-shapes
+
+output:
+  one "PATH<TAB>CAPTION" line per image on stdout, or with --jsonl one {"image": PATH, "caption": CAPTION}
+  object per line. Unreadable files are reported on stderr (and, with --jsonl, as {"image": PATH, "error":
+  MESSAGE}) and skipped.
+
+exit status:
+  0 every image was captioned; 1 some files could not be read; 2 bad arguments, no images, or the model
+  could not be loaded.
+"""
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="mqwen-caption",
+        description="Caption images with an MQwen model (a local folder or a Hub repo id).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders whose image files are captioned"
+    )
+    parser.add_argument("--model", required=True, metavar="DIR_OR_REPO", help="MQwen checkpoint folder or Hub id")
+    parser.add_argument("--prompt", default=None, help="instruction instead of the model's default caption prompt")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="default: 64")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="images per batch (default: 8)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto (cuda if available)")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="weights dtype; auto = bf16 (fp16 without bf16 support) on cuda, fp32 on cpu",
+    )
+    parser.add_argument("--jsonl", action="store_true", help="write one JSON object per image")
+    parser.add_argument("--recursive", action="store_true", help="also look for images in sub-folders")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def image_extensions():
+    """File extensions PIL can open (".png", ".jpg", ...)."""
+    from PIL import Image
+
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def collect_images(inputs, recursive=False):
+    """(image paths, missing paths): files are taken as given, folders contribute their image files, sorted.
+
+    Files named explicitly are kept whatever their extension (reading them decides); inside folders only
+    files with an image extension count, so a `captions.jsonl` next to the images is not an error.
+    """
+    extensions = image_extensions()
+    images, missing = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = path.rglob("*") if recursive else path.iterdir()
+            images.extend(sorted(p for p in found if p.is_file() and p.suffix.lower() in extensions))
+        elif path.is_file():
+            images.append(path)
+        else:
+            missing.append(path)
+    return images, missing
+
+
+def resolve_device_and_dtype(device, dtype):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+    if dtype == "auto":
+        if device == "cuda":
+            dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            dtype = "fp32"
+    return device, getattr(torch, DTYPES[dtype])
+
+
+def load(model_id, device, dtype):
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+    return model.to(device).eval(), processor
+
+
+def caption_batch(model, processor, images, prompt, max_new_tokens):
+    import torch
+
+    inputs = processor(images=images, text=[prompt] * len(images) if prompt else None, return_tensors="pt")
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode_captions(generated, inputs["input_ids"].shape[1])
+
+
+def _batches(paths, size):
+    for start in range(0, len(paths), size):
+        yield paths[start : start + size]
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    out, err = sys.stdout, sys.stderr
+
+    def report(path, message):
+        print(f"mqwen-caption: skipped {path}: {message}", file=err)
+        if args.jsonl:
+            print(json.dumps({"image": str(path), "error": message}), file=out, flush=True)
+
+    paths, missing = collect_images(args.inputs, args.recursive)
+    for path in missing:
+        report(path, "no such file or folder")
+    if not paths:
+        print(
+            "mqwen-caption: error: no image files found in "
+            + ", ".join(args.inputs)
+            + f" (image extensions: {', '.join(sorted(image_extensions())[:8])}, ...)",
+            file=err,
+        )
+        return EXIT_USAGE
+
+    try:
+        device, dtype = resolve_device_and_dtype(args.device, args.dtype)
+        model, processor = load(args.model, device, dtype)
+    except Exception as error:
+        print(
+            f"mqwen-caption: error: could not load the model from {args.model!r}: {error}\n"
+            "Pass --model a folder written by save_pretrained (config.json, model.safetensors, processor files) "
+            "or a Hub repo id you can reach.",
+            file=err,
+        )
+        return EXIT_USAGE
+
+    from tqdm.auto import tqdm
+
+    from mqwen.processing_mqwen import to_rgb_image
+
+    skipped = len(missing)
+    with tqdm(total=len(paths), desc="captioning", unit="img", file=err, disable=args.no_progress) as bar:
+        for chunk in _batches(paths, args.batch_size):
+            images, results = [], {}  # results: path -> error message, filled in input order below
+            for path in chunk:
+                try:
+                    images.append((path, to_rgb_image(path)))
+                except (OSError, ValueError) as error:
+                    results[path] = error
+            if images:
+                captions = caption_batch(model, processor, [image for _, image in images], args.prompt, args.max_new_tokens)
+                results.update({path: caption for (path, _), caption in zip(images, captions)})
+            bar.clear()
+            for path in chunk:  # keep the input order in the output
+                if isinstance(results[path], Exception):
+                    skipped += 1
+                    report(path, str(results[path]))
+                elif args.jsonl:
+                    print(json.dumps({"image": str(path), "caption": results[path]}), file=out)
+                else:
+                    print(f"{path}\t{results[path]}", file=out)
+            out.flush()
+            bar.update(len(chunk))
+    if skipped:
+        print(f"mqwen-caption: {skipped} of {len(paths) + len(missing)} inputs could not be read", file=err)
+        return EXIT_SKIPPED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

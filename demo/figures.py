@@ -1,0 +1,75 @@
+"""The demo's two PNGs: a grid of test images with predicted and true captions, and the training loss curve.
+
+matplotlib runs with the non-interactive Agg backend, so the figures are written on machines without a
+display. Files are written to a temporary name and renamed, so a PNG on disk is always complete.
+"""
+
+import os
+import textwrap
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def caption_grid(images, predicted, truth, path, columns=4, title=None):
+    """A grid of images, each titled with its predicted caption (green if exact, red if not) and the truth."""
+    plt = _pyplot()
+    n = len(images)
+    if not n or not len(predicted) == len(truth) == n:
+        raise ValueError(f"caption_grid needs as many captions as images (got {n}, {len(predicted)}, {len(truth)})")
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, pred, true in zip(axes.flat, images, predicted, truth):
+        ax.imshow(image, interpolation="nearest")
+        ok = pred == true
+        wrap = lambda s: "\n".join(textwrap.wrap(s, 30)) or "(empty)"  # noqa: E731
+        ax.set_title(f"pred: {wrap(pred)}", fontsize=8, color="green" if ok else "red", loc="left")
+        ax.text(0, -0.02, f"true: {wrap(true)}", fontsize=8, transform=ax.transAxes, va="top")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def loss_curve(log_history, path, title="training loss"):
+    """The Trainer's logged training loss against the step (from `trainer.state.log_history`)."""
+    plt = _pyplot()
+    points = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
+    if not points:
+        raise ValueError("The training log holds no loss values; lower logging_steps so at least one is logged.")
+    steps, losses = zip(*points)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, losses, marker="." if len(points) < 50 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy on caption tokens")
+    if min(losses) > 0:
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title)
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,227 @@
+"""The main job: the whole life of an MQwen model on a CPU, end to end, with a measured result.
+
+1. generate the shapes data (`shapes.py`): train / validation / test, test images written as PNGs;
+2. build a small MQwen from scratch (`model.py`, with convert/'s `build_tiny` and tokenizer trainer);
+3. train it on CPU with train/'s `CaptionTrainer` (stage "full" + the vision tower);
+4. evaluate it on the test split with train/'s `evaluate_captions` (exact match, BLEU-4, CIDEr-D);
+5. save it in the Hub format (train/'s `save_final_model`: written to a temporary folder, then renamed);
+6. reload it in a fresh process through `pipeline("image-to-text", trust_remote_code=True)` (`reload.py`),
+   caption the test PNGs again and check the captions equal the in-process ones;
+7. write `captions.png` (test images with predicted and true captions), `loss.png` and `results.json`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .model import PRESETS, build_shapes_model
+from .shapes import HELD_OUT, make_split, write_split
+
+
+@dataclass
+class DemoSettings:
+    out_dir: str = "mqwen-shapes-demo"
+    preset: str = "full"
+    train_size: int = 20000
+    validation_size: int = 200
+    test_size: int = 300
+    max_steps: int = 2000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    seed: int = 0
+    eval_batch_size: int = 64
+    max_new_tokens: int = 24
+    max_train_minutes: float = None
+    show: int = 8
+    grid: int = 16
+    threads: int = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+QUICK = dict(preset="quick", train_size=64, validation_size=8, test_size=8, max_steps=4, batch_size=8, show=4,
+             grid=4)
+
+
+def _atomic_write_json(path: Path, data):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _progress_callbacks(max_minutes):
+    """A progress bar that shows the loss instead of printing every log line, and an optional time limit."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ProgressCallback
+
+    class LossInBarProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+    class TimeLimit(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.deadline = time.monotonic() + 60 * max_minutes
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.monotonic() > self.deadline:
+                control.should_training_stop = True
+
+    return LossInBarProgress, ([TimeLimit()] if max_minutes else [])
+
+
+def train_model(settings, model, processor, train_pairs, out_dir):
+    """Train with train/'s API; returns (trainer, model_dir, train_seconds)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    from mqwen.train import TrainConfig, build_trainer, save_final_model
+
+    config = TrainConfig(
+        model=model,
+        data=train_pairs,
+        output_dir=str(out_dir / "train"),
+        stage="full",
+        train_vision_tower=True,
+        instructions=(processor.caption_instruction,),  # the prompt the pipeline will use
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        warmup_ratio=settings.warmup_ratio,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        logging_steps=max(1, settings.max_steps // 100),
+        seed=settings.seed,
+        disable_tqdm=not settings.progress,
+        training_args={"save_strategy": "no"},
+    )
+    progress, extra_callbacks = _progress_callbacks(settings.max_train_minutes)
+    trainer = build_trainer(config, model=model, processor=processor, callbacks=extra_callbacks)
+    if settings.progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(progress())
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+    model_dir = save_final_model(trainer, config, out_dir / "model")
+    return trainer, model_dir, train_seconds
+
+
+def reload_in_fresh_process(model_dir, images_dir, out_json, max_new_tokens, progress=True):
+    command = [sys.executable, "-m", "mqwen.demo.reload", str(model_dir), str(images_dir), str(out_json),
+               "--max-new-tokens", str(max_new_tokens)]
+    if not progress:
+        command.append("--no-progress")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    subprocess.run(command, check=True, env=env)
+    return json.loads(Path(out_json).read_text())
+
+
+def run(settings: DemoSettings, log=print):
+    """Run the main job; returns the results dict (also written to OUT_DIR/results.json)."""
+    import torch
+
+    from mqwen.train import evaluate_captions
+    from mqwen.train.metrics import caption_scores
+
+    from .figures import caption_grid, loss_curve
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    out_dir = Path(settings.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings = {}
+
+    log(f"[1/6] Generating shapes data (seed {settings.seed}) ...")
+    t = time.perf_counter()
+    splits = {
+        name: make_split(name, size, seed=settings.seed, image_size=PRESETS[settings.preset].image_size,
+                         progress=settings.progress)
+        for name, size in (("train", settings.train_size), ("validation", settings.validation_size),
+                           ("test", settings.test_size))
+    }
+    test_dir = write_split(splits["test"], out_dir / "data" / "test")
+    write_split(splits["validation"], out_dir / "data" / "validation")
+    timings["data_seconds"] = time.perf_counter() - t
+    log(f"      train {len(splits['train'])}, validation {len(splits['validation'])}, test {len(splits['test'])} "
+        f"images; test images (each with a held-out slot/colour/shape combination) in {test_dir}")
+
+    log(f"[2/6] Building a '{settings.preset}' MQwen from scratch ...")
+    model, processor = build_shapes_model(PRESETS[settings.preset], seed=settings.seed)
+    parameters = {part: sum(p.numel() for p in getattr(model, part).parameters())
+                  for part in ("vision_tower", "multi_modal_projector", "language_model")}
+    log(f"      {sum(parameters.values()) / 1e6:.2f} M parameters ({', '.join(f'{k} {v / 1e6:.2f} M' for k, v in parameters.items())}); "
+        f"vocabulary {len(processor.tokenizer)} tokens; {model.config.image_seq_length} image tokens per image; "
+        f"{torch.get_num_threads()} CPU threads")
+
+    log(f"[3/6] Training for {settings.max_steps} steps of {settings.batch_size} ...")
+    train_pairs = [(example.image, example.caption) for example in splits["train"]]
+    trainer, model_dir, timings["train_seconds"] = train_model(settings, model, processor, train_pairs, out_dir)
+    model = trainer.model.eval()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    log(f"      {trainer.state.global_step} steps in {timings['train_seconds']:.0f} s; last logged loss "
+        f"{losses[-1] if losses else float('nan'):.4f}; saved to {model_dir}")
+
+    log("[4/6] Evaluating in this process (validation, then test) ...")
+    t = time.perf_counter()
+    scores = {}
+    for name in ("validation", "test"):
+        pairs = [(example.image, example.caption) for example in splits[name]]
+        scores[name] = evaluate_captions(model, processor, pairs, batch_size=settings.eval_batch_size,
+                                         max_new_tokens=settings.max_new_tokens, progress=settings.progress)
+    timings["eval_seconds"] = time.perf_counter() - t
+    in_process = [entry["caption"] for entry in scores["test"]["per_image"]]
+
+    log("[5/6] Reloading the saved model in a fresh process: pipeline('image-to-text', trust_remote_code=True) ...")
+    t = time.perf_counter()
+    reloaded = reload_in_fresh_process(model_dir, test_dir, out_dir / "reloaded_captions.json",
+                                       settings.max_new_tokens, settings.progress)
+    timings["reload_seconds"] = time.perf_counter() - t
+    files = [f"{i:05d}.png" for i in range(len(splits["test"]))]
+    reloaded_captions = [reloaded["captions"][name] for name in files]
+    truth = [example.caption for example in splits["test"]]
+    test_metrics, _ = caption_scores(dict(enumerate(reloaded_captions)), {i: [c] for i, c in enumerate(truth)})
+    same = sum(a == b for a, b in zip(reloaded_captions, in_process))
+
+    log("[6/6] Results (test split, reloaded model):")
+    for pred, true in list(zip(reloaded_captions, truth))[: settings.show]:
+        log(f"      {'ok ' if pred == true else 'BAD'}  predicted: {pred!r:58} true: {true!r}")
+    log(f"      exact match {test_metrics['exact_match']:.1%}   BLEU-4 {test_metrics['bleu4']:.3f}   "
+        f"CIDEr-D {test_metrics['cider']:.3f}   ({test_metrics['images']} images; validation exact match "
+        f"{scores['validation']['metrics']['exact_match']:.1%})")
+    log(f"      reloaded captions equal the in-process ones for {same}/{len(truth)} images "
+        f"(loaded as {reloaded['model_class']})")
+
+    n = min(settings.grid, len(truth))
+    grid_path = caption_grid([example.image for example in splits["test"][:n]], reloaded_captions[:n], truth[:n],
+                             out_dir / "captions.png", title="test split: predicted (reloaded model) vs true")
+    loss_path = loss_curve(trainer.state.log_history, out_dir / "loss.png")
+    timings["total_seconds"] = time.perf_counter() - started
+    results = {
+        "settings": asdict(settings),
+        "model": {"size": PRESETS[settings.preset].to_dict(), "parameters": parameters,
+                  "vocab_size": len(processor.tokenizer), "image_seq_length": model.config.image_seq_length},
+        "held_out": sorted(list(h) for h in HELD_OUT),
+        "steps": trainer.state.global_step,
+        "threads": torch.get_num_threads(),
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "test": test_metrics,
+        "test_in_process": scores["test"]["metrics"],
+        "validation": scores["validation"]["metrics"],
+        "reload": {"identical_captions": same, "images": len(truth), "model_class": reloaded["model_class"],
+                   "pipeline_class": reloaded["pipeline_class"]},
+        "loss": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
+        "samples": [{"file": f, "predicted": p, "true": t} for f, p, t in zip(files, reloaded_captions, truth)],
+        "files": {"model": str(model_dir), "captions_png": str(grid_path), "loss_png": str(loss_path),
+                  "test_images": str(test_dir)},
+    }
+    _atomic_write_json(out_dir / "results.json", results)
+    log(f"      wrote {grid_path}, {loss_path} and {out_dir / 'results.json'} "
+        f"(total {timings['total_seconds']:.0f} s, of which training {timings['train_seconds']:.0f} s)")
+    log(f"      caption your own images: mqwen-caption IMAGE_OR_DIR --model {model_dir}")
+    return results
