@@ -125,13 +125,30 @@ class Captioner:
         return batch
 
     def stream(self, image, instruction, max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0):
-        """Yield (text_so_far, done) while generating; the last item is the exact decoded caption, done=True."""
-        from transformers import TextIteratorStreamer
+        """Caption one image, yielding `(text_so_far, None)` as tokens arrive and `(caption, n_new_tokens)` last.
+
+        The last caption is decoded from the ids `generate` returned (`processor.decode_captions`), so it is
+        exactly the model's output; the partial texts come from `TextIteratorStreamer`. If the consumer stops
+        early (the visitor left), generation stops at the next token instead of running to the end.
+        """
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         batch = self.inputs(image, instruction)
         prompt_length = batch["input_ids"].shape[1]
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        settings = dict(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), streamer=streamer)
+        cancelled = threading.Event()
+
+        class StopWhenCancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        settings = dict(
+            max_new_tokens=int(max_new_tokens),
+            do_sample=bool(do_sample),
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
+        )
         if do_sample:
             settings.update(temperature=float(temperature), top_p=float(top_p))
         result = {}
@@ -142,23 +159,24 @@ class Captioner:
             except BaseException as error:  # re-raised in the request's thread below
                 result["error"] = error
             finally:
-                streamer.end()  # unblocks the reader even when generate failed before starting the stream
+                streamer.end()  # unblocks the reader even when generate failed before streaming anything
 
         with self._lock:
             worker = threading.Thread(target=work, name="mqwen-generate", daemon=True)
             worker.start()
-            text = ""
-            for piece in streamer:
-                if piece:
-                    text += piece
-                    yield text.strip(), False
-            worker.join()
+            try:
+                text = ""
+                for piece in streamer:
+                    if piece:
+                        text += piece
+                        yield text.strip(), None
+            finally:
+                cancelled.set()  # a no-op once generation has finished
+                worker.join()
         if "error" in result:
             raise result["error"]
         ids = result["ids"]
-        caption = self.processor.decode_captions(ids, prompt_length)[0]
-        self.last_new_tokens = int(ids.shape[1] - prompt_length)
-        yield caption, True
+        yield self.processor.decode_captions(ids, prompt_length)[0], int(ids.shape[1] - prompt_length)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -240,6 +258,12 @@ def thumbnail_uri(image, size=128) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _caption_cell(caption) -> str:
+    if caption is None:
+        return "<i>waiting</i>"
+    return html.escape(caption) if caption else "<i>(empty)</i>"
+
+
 def captions_table(rows) -> str:
     """HTML table of (thumbnail uri, file name, caption or None while pending)."""
     if not rows:
@@ -248,7 +272,7 @@ def captions_table(rows) -> str:
         "<tr>"
         f'<td><img src="{uri}" alt="{html.escape(name)}" title="{html.escape(name)}"></td>'
         f"<td class='mqwen-name'>{html.escape(name)}</td>"
-        f"<td class='mqwen-caption'>{'<i>waiting</i>' if caption is None else html.escape(caption)}</td>"
+        f"<td class='mqwen-caption'>{_caption_cell(caption)}</td>"
         "</tr>"
         for uri, name, caption in rows
     )
@@ -298,12 +322,18 @@ def example_sets(examples_dir=EXAMPLES_DIR):
     return rows, labels
 
 
-def build_demo(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT_MAX_IMAGES, examples_dir=EXAMPLES_DIR,
-               model_name=""):
-    """The Gradio Blocks page around a loaded `Captioner`."""
-    import gradio as gr
+def markdown_text(text: str) -> str:
+    """`text` shown literally in Markdown (file names may hold `*`, `_`, `<` ...)."""
+    return "".join("\\" + c if c in "\\`*_{}[]<>()#+-!|~" else c for c in text)
 
-    default_instruction = captioner.default_instruction
+
+def caption_handler(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT_MAX_IMAGES):
+    """The Caption button's generator: yields (caption text, table html, status markdown) as captions stream.
+
+    One image: the caption box holds its caption. Several: one caption per line, in upload order, and the
+    table pairs each thumbnail with its caption.
+    """
+    import gradio as gr
 
     def caption(files, instruction, max_new_tokens, do_sample, temperature, top_p):
         start = time.perf_counter()
@@ -313,28 +343,42 @@ def build_demo(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT_MAX_
             images = [(display_name(path), open_image(path, max_pixels)) for path in paths]
         except InputProblem as problem:
             # A pop-up and the status box; not gr.Error, which would also stamp "Error" over every output.
-            gr.Warning(str(problem), duration=20, title="Cannot caption this")
-            yield "", "", f"**Cannot caption:** {problem}"
+            gr.Warning(html.escape(str(problem)), duration=20, title="Cannot caption this")
+            yield "", "", "**Cannot caption:** " + markdown_text(str(problem))
             return
 
         rows = [[thumbnail_uri(image), name, None] for name, image in images]
         captions, tokens = [], 0
         for index, (name, image) in enumerate(images):
-            status = f"Captioning {name} ({index + 1} of {len(images)})..."
-            for text, done in captioner.stream(image, instruction, max_new_tokens, do_sample, temperature, top_p):
-                rows[index][2] = text
-                shown = text if len(images) == 1 else "\n".join(captions + [text])
-                yield shown, captions_table(rows), status
+            status = f"Captioning {markdown_text(name)} ({index + 1} of {len(images)})..."
+            try:
+                for text, new_tokens in captioner.stream(
+                    image, instruction, max_new_tokens, do_sample, temperature, top_p
+                ):
+                    rows[index][2] = text
+                    yield text if len(images) == 1 else "\n".join(captions + [text]), captions_table(rows), status
+            except Exception as error:  # the request fails with a message; the server carries on
+                raise gr.Error(f"Generation failed on {name}: {type(error).__name__}: {error}") from error
             captions.append(text)
-            tokens += captioner.last_new_tokens
+            tokens += new_tokens
         seconds = time.perf_counter() - start
         mode = "greedy" if not do_sample else f"sampling, temperature {temperature:g}, top-p {top_p:g}"
         noun = "image" if len(images) == 1 else "images"
-        yield (
-            captions[0] if len(images) == 1 else "\n".join(captions),
-            captions_table(rows),
-            f"Captioned {len(images)} {noun} in {seconds:.2f} s: {tokens} new tokens, {mode}.",
-        )
+        status = f"Captioned {len(images)} {noun} in {seconds:.2f} s: {tokens} new tokens, {mode}."
+        if not all(captions):
+            status += " An empty caption means the model ended its answer at once."
+        yield "\n".join(captions), captions_table(rows), status
+
+    return caption
+
+
+def build_demo(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT_MAX_IMAGES, examples_dir=EXAMPLES_DIR,
+               model_name=""):
+    """The Gradio Blocks page around a loaded `Captioner` (call `.queue()` on it before launching)."""
+    import gradio as gr
+
+    default_instruction = captioner.default_instruction
+    caption = caption_handler(captioner, max_pixels, max_images)
 
     with gr.Blocks(title="MQwen captioning") as demo:
         intro = "# MQwen image captioning\nDrop, paste or upload one or several images, then press **Caption**."
@@ -444,7 +488,7 @@ def main(argv=None):
     if model is None:
         print(NO_MODEL_HELP, file=sys.stderr)
         return 2
-    print(f"Loading {model} ...", flush=True)
+    print(f"Loading model {model} ...", flush=True)
     captioner = Captioner.load(model, device=args.device, dtype=args.dtype)
     print(f"Loaded on {captioner.device} ({captioner.model.dtype}).", flush=True)
     demo = build_demo(captioner, max_pixels=args.max_pixels, max_images=args.max_images, model_name=model)
