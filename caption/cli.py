@@ -8,6 +8,7 @@ anything was skipped.
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -19,9 +20,10 @@ EXAMPLES = """examples:
   python -m mqwen.caption photo.jpg --model ./mqwen-shapes
 
 output:
-  one "PATH<TAB>CAPTION" line per image on stdout, or with --jsonl one {"image": PATH, "caption": CAPTION}
-  object per line. Unreadable files are reported on stderr (and, with --jsonl, as {"image": PATH, "error":
-  MESSAGE}) and skipped.
+  one "PATH<TAB>CAPTION" line per image on stdout, tabs, line breaks and backslashes inside a caption
+  written as Python escapes (\\t, \\n, \\\\); or with --jsonl one {"image": PATH, "caption": CAPTION}
+  object per line. Unreadable files are reported on stderr (and, with --jsonl, as {"image": PATH,
+  "error": MESSAGE}) and skipped; the others are still captioned.
 
 exit status:
   0 every image was captioned; 1 some files could not be read; 2 bad arguments, no images, or the model
@@ -128,6 +130,15 @@ def caption_batch(model, processor, images, prompt, max_new_tokens):
     return processor.decode_captions(generated, inputs["input_ids"].shape[1])
 
 
+# Characters that would end a line for `str.splitlines` (or split a TSV field), and the escape character.
+_LINE_BREAKING = re.compile("[\\\\\t\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def one_line(caption):
+    """A caption on one line: tabs, line breaks and backslashes written as Python escapes (\\t, \\n, \\\\ ...)."""
+    return _LINE_BREAKING.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), caption)
+
+
 def _batches(paths, size):
     for start in range(0, len(paths), size):
         yield paths[start : start + size]
@@ -190,7 +201,7 @@ def main(argv=None):
                 elif args.jsonl:
                     print(json.dumps({"image": str(path), "caption": results[path]}), file=out)
                 else:
-                    print(f"{path}\t{results[path]}", file=out)
+                    print(f"{path}\t{one_line(results[path])}", file=out)
             out.flush()
             bar.update(len(chunk))
     if skipped:

@@ -1,0 +1,110 @@
+"""The synthetic shapes data: deterministic per seed, captions exactly in the grammar and true to the pixels."""
+
+import re
+
+import numpy as np
+import pytest
+
+from mqwen.demo.shapes import (
+    COLOURS,
+    HELD_OUT,
+    SHAPES,
+    caption_for,
+    held_out_in,
+    make_example,
+    make_split,
+    parse_caption,
+)
+
+# The grammar written out independently of the module under test.
+PHRASE = r"a (?:red|green|blue|yellow) (?:circle|square|triangle)"
+GRAMMAR = re.compile(rf"^(?:{PHRASE}|{PHRASE} and {PHRASE}|{PHRASE}, {PHRASE} and {PHRASE})$")
+
+
+def _pixels(example):
+    return np.asarray(example.image).copy()
+
+
+def test_same_seed_same_data_other_seed_other_data():
+    first = make_split("train", 12, seed=7)
+    again = make_split("train", 12, seed=7)
+    other = make_split("train", 12, seed=8)
+    assert [e.caption for e in first] == [e.caption for e in again]
+    assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(first, again))
+    assert [e.caption for e in first] != [e.caption for e in other]
+    assert not all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(first, other))
+
+
+def test_example_does_not_depend_on_split_length_and_splits_differ():
+    short, longer = make_split("validation", 3, seed=1), make_split("validation", 9, seed=1)
+    assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(short, longer))
+    train, validation = make_split("train", 10, seed=1), make_split("validation", 10, seed=1)
+    assert [e.caption for e in train] != [e.caption for e in validation]
+
+
+def test_captions_follow_the_grammar_and_parse_back():
+    examples = make_split("train", 150, seed=0) + make_split("test", 50, seed=0)
+    counts = set()
+    for example in examples:
+        assert GRAMMAR.match(example.caption), example.caption
+        parsed = parse_caption(example.caption)
+        assert parsed == [(s.colour, s.shape) for s in example.shapes]
+        assert caption_for(parsed) == example.caption
+        counts.add(len(parsed))
+    assert counts == {1, 2, 3}
+    assert caption_for([("red", "circle")]) == "a red circle"
+    assert caption_for([("red", "circle"), ("blue", "square")]) == "a red circle and a blue square"
+    assert (caption_for([("red", "circle"), ("blue", "square"), ("green", "triangle")])
+            == "a red circle, a blue square and a green triangle")
+
+
+@pytest.mark.parametrize("bad", [
+    "a red circle.", "A red circle", "a purple circle", "a red circle, a blue square",
+    "a red circle and a blue square and a green triangle", "a red circle,a blue square and a green triangle",
+    "a red circle ", "", "a red circle, a blue square, a green triangle and a red square",
+])
+def test_parse_rejects_anything_outside_the_grammar(bad):
+    with pytest.raises(ValueError, match="Not a shapes caption"):
+        parse_caption(bad)
+
+
+def test_shapes_are_left_to_right_disjoint_and_drawn_as_captioned():
+    for example in make_split("train", 60, seed=3) + make_split("test", 20, seed=3):
+        image = _pixels(example).astype(int)
+        size = image.shape[0]
+        boxes = [s.box for s in example.shapes]
+        for (x0, y0, x1, y1), nxt in zip(boxes, boxes[1:] + [None]):
+            assert 0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size
+            if nxt is not None:
+                assert x1 < nxt[0], "shapes must be separated horizontally, in caption order"
+        for spec in example.shapes:  # the centre of every box lies inside its shape, in its colour
+            x0, y0, x1, y1 = spec.box
+            pixel = image[(y0 + y1) // 2, (x0 + x1) // 2]
+            assert np.abs(pixel - np.array(COLOURS[spec.colour])).max() <= 30, (example.caption, spec, pixel)
+        corner = image[0, 0]
+        assert corner.min() >= 200, "the background is light"
+        # A square fills its box corner; a circle and a triangle leave it background.
+        for spec in example.shapes:
+            x0, y0, x1, y1 = spec.box
+            inner_corner = image[y0 + 1, x0 + 1]
+            filled = np.abs(inner_corner - np.array(COLOURS[spec.colour])).max() <= 40
+            assert filled == (spec.shape == "square"), (example.caption, spec, inner_corner)
+
+
+def test_held_out_combinations_only_in_test():
+    train = make_split("train", 300, seed=0)
+    validation = make_split("validation", 100, seed=0)
+    test = make_split("test", 100, seed=0)
+    assert not any(held_out_in(e.shapes) for e in train + validation)
+    assert all(held_out_in(e.shapes) for e in test)
+    # Every held-out colour-shape pair is still seen in training, in some other slot.
+    seen = {(slot, s.colour, s.shape) for e in train for slot, s in enumerate(e.shapes)}
+    for slot, colour, shape in HELD_OUT:
+        assert any((other, colour, shape) in seen for other in range(3) if other != slot)
+    assert {s.colour for e in train for s in e.shapes} == set(COLOURS)
+    assert {s.shape for e in train for s in e.shapes} == set(SHAPES)
+
+
+def test_unknown_split_is_a_clear_error():
+    with pytest.raises(ValueError, match="Unknown split 'dev'"):
+        make_example("dev", 0)
