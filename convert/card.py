@@ -70,7 +70,7 @@ def write_model_card(
         else "freshly initialised: **captions are meaningless until the projector is trained** (see `train/`)"
     )
     body = f"""
-# MQwen: {llm_name} + {vision.source}
+# MQwen: {llm_name} + {vision.name}
 
 An image-captioning vision-language model in the MQwen layout: the language model reads images through an
 OpenCLIP-layout ViT and a `{config.projector_type}` projector whose outputs replace the `<image>` placeholder
@@ -79,7 +79,7 @@ tokens of the prompt. Loads with `trust_remote_code=True` (the model code ships 
 | part | source | license |
 |---|---|---|
 | language model | {llm_id or llm_name} | {_license_label(llm_license)} |
-| vision tower | {vision.base_model or vision.source} | {_license_label(vision.license)} |
+| vision tower | {vision.base_model or vision.name} | {_license_label(vision.license)} |
 | projector | {projector_line} | |
 
 - Vision: {vc.image_size} px, patch {vc.patch_size}, {vc.layers} layers, width {vc.width}, {vc.hidden_act};

@@ -97,26 +97,34 @@ class SafetensorsFile:
 
 
 class PickleFile:
-    """A torch.save'd state dict, loaded with `weights_only=True` (memory-mapped when the format allows)."""
+    """A torch.save'd state dict, loaded with `weights_only=True`.
+
+    Zip-format files (torch >= 1.6) are memory-mapped and re-opened for each tensor, which is cheap and
+    keeps only that tensor resident; legacy files cannot be mapped and are held in memory until `close`.
+    """
 
     def __init__(self, path):
         self.path = Path(path)
-        self._state = None
+        self._cached = None
         self._info = {key: (value.dtype, tuple(value.shape)) for key, value in self._load().items()}
-        self.close()
 
     def _load(self):
-        if self._state is None:
-            try:
-                state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-                state = torch.load(self.path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-                state = state["state_dict"]
-            if not isinstance(state, dict):
-                raise ConvertError(f"{self.path} does not hold a state dict (got {type(state).__name__})")
-            self._state = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
-        return self._state
+        if self._cached is not None:
+            return self._cached
+        try:
+            state, mapped = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True), True
+        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+            state, mapped = torch.load(self.path, map_location="cpu", weights_only=True), False
+        except Exception as error:
+            raise ConvertError(f"Could not read {self.path} with torch.load(weights_only=True): {error}") from error
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ConvertError(f"{self.path} does not hold a state dict (got {type(state).__name__})")
+        state = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+        if not mapped:
+            self._cached = state
+        return state
 
     def keys(self):
         return list(self._info)
@@ -128,7 +136,7 @@ class PickleFile:
         return self._load()[key]
 
     def close(self):
-        self._state = None
+        self._cached = None
 
 
 def open_weights(path):

@@ -49,7 +49,8 @@ class VisionWeights:
     state_dict: dict  # OpenCLIP VisionTransformer names -> tensors
     resample: int = 3  # PIL resampling filter of the source's preprocessing (3 = bicubic)
     resize_mode: str = "shortest"  # "shortest" (resize + center crop) or "squash" (resize to a square)
-    source: str = ""  # human-readable description for logs and the model card
+    name: str = ""  # short name for the model card (no local paths)
+    source: str = ""  # human-readable description for logs
     base_model: str = None  # Hub id, when there is one
     license: dict = field(default_factory=dict)  # model-card license fields of the source, when known
 
@@ -189,7 +190,7 @@ def _openclip_named(name, tag, allow_pickle):
     file = Path(tag).expanduser()
     if file.is_file():
         checkpoint, pretrained_cfg, pretrained = file, {}, None
-        source, base_model = f"OpenCLIP {name} with weights {file}", None
+        source, base_model, short = f"OpenCLIP {name} with weights {file}", None, f"OpenCLIP {name}:{file.name}"
     elif "/" in tag or tag.endswith((".safetensors",) + PICKLE_SUFFIXES):
         raise ConvertError(f"Vision checkpoint file {tag} (from {name}:{tag}) does not exist.")
     else:
@@ -209,7 +210,7 @@ def _openclip_named(name, tag, allow_pickle):
                 "to open_clip's cache on first use: check the network, or pass a local checkpoint as NAME:FILE."
             ) from error
         pretrained = tag
-        source = f"OpenCLIP {name} (pretrained={tag})"
+        source = short = f"OpenCLIP {name}:{tag}"
         # open_clip writes the Hub location as "org/repo/" or "org/repo/filename"
         hub_parts = pretrained_cfg.get("hf_hub", "").strip("/").split("/")
         base_model = "/".join(hub_parts[:2]) if len(hub_parts) >= 2 else None
@@ -226,7 +227,7 @@ def _openclip_named(name, tag, allow_pickle):
         )
 
     weights = _openclip_weights(create, checkpoint, source)
-    weights.base_model = base_model
+    weights.name, weights.base_model = short, base_model
     if base_model:
         from .card import fetch_hub_license
 
@@ -256,7 +257,7 @@ def _openclip_hub(repo_id, allow_pickle):
         return open_clip.create_model(f"hf-hub:{repo_id}", load_weights=False, pretrained_text=False)
 
     weights = _openclip_weights(create, checkpoint, f"OpenCLIP hf-hub:{repo_id}")
-    weights.base_model = repo_id
+    weights.name, weights.base_model = f"OpenCLIP hf-hub:{repo_id}", repo_id
     weights.license = fetch_hub_license(repo_id)
     return weights
 
@@ -285,6 +286,7 @@ def _openclip_folder(folder, checkpoint, allow_pickle):
         return open_clip.create_model(f"local-dir:{folder}", load_weights=False, pretrained_text=False)
 
     weights = _openclip_weights(create, checkpoint, f"OpenCLIP checkpoint {checkpoint}")
+    weights.name = f"OpenCLIP {folder.name}/{checkpoint.name}"
     weights.license = read_card_license(folder / "README.md")
     return weights
 
@@ -462,6 +464,7 @@ def _hf_clip_folder(folder, allow_pickle, hub_id=None):
         resize_mode=resize_mode,
         source=source,
         base_model=hub_id,
+        name=f"CLIP {hub_id or folder.name}",
         license=read_card_license(folder / "README.md"),
     )
 

@@ -489,3 +489,38 @@ def test_help_has_examples():
         with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit):
             main(command)
         assert "examples:" in buffer.getvalue()
+
+
+def test_llm_hub_id_fetches_configs_tokenizer_and_only_the_safetensors_shards(sources, tmp_path, monkeypatch):
+    """A Hub id goes through the same weight choice as a folder; the download is served from the local source."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    from mqwen.convert.build import resolve_llm
+
+    repo = tmp_path / "repo"
+    shutil.copytree(sources["root"] / "qwen", repo)
+    torch.save({}, repo / "pytorch_model.bin")  # a pickle copy next to the safetensors must not be fetched
+    cache = tmp_path / "hub-cache" / "models--Org--tiny-qwen" / "snapshots" / "abc"
+    patterns = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        patterns.extend(allow_patterns)
+        for path in repo.iterdir():
+            if any(fnmatch.fnmatch(path.name, pattern) for pattern in allow_patterns):
+                cache.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, cache / path.name)
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
+                        lambda api, repo_id, revision=None, **kw: sorted(p.name for p in repo.iterdir()))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, name, **kw: str(repo / name))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    source = resolve_llm("Org/tiny-qwen")
+    assert source.hub_id == "Org/tiny-qwen" and source.folder == cache
+    fetched = {p.name for p in cache.iterdir()}
+    assert {p.name for p in source.files} == {p.name for p in repo.glob("model-*.safetensors")} <= fetched
+    assert {"config.json", "tokenizer.json", "generation_config.json", "README.md"} <= fetched
+    assert "pytorch_model.bin" not in fetched

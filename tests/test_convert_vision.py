@@ -273,3 +273,25 @@ def test_unsupported_transformers_vision_model(tmp_path):
     with pytest.raises(ConvertError, match="must be CLIP"):
         load_vision(tmp_path)
 
+
+
+def test_openclip_hf_hub_repo(tmp_path, monkeypatch):
+    """hf-hub:ORG/REPO goes through open_clip's own Hub loading; the download is served from a local save."""
+    from open_clip import factory, pretrained
+    from open_clip.push_to_hf_hub import save_for_hf
+
+    cfg = openclip_cfg(28, quick_gelu=True)
+    model = make_openclip(cfg, seed=6)
+    save_for_hf(model, _NoTokenizer(), cfg, tmp_path / "repo", safe_serialization="both")
+    requested = []
+
+    def fake_download(model_id, filename=None, revision=None, cache_dir=None):
+        requested.append((model_id, filename))
+        return str(tmp_path / "repo" / (filename or "open_clip_model.safetensors"))
+
+    monkeypatch.setattr(pretrained, "download_pretrained_from_hf", fake_download)
+    monkeypatch.setattr(factory, "download_pretrained_from_hf", fake_download)
+    weights = load_vision("hf-hub:someone/tiny-clip")
+    assert weights.base_model == "someone/tiny-clip" and ("someone/tiny-clip", None) in requested
+    pixels = torch.randn(1, 3, 28, 28)
+    assert_parity(openclip_outputs(model.visual, pixels), mqwen_outputs(weights, pixels))
