@@ -1,1 +1,13 @@
-"""Building and publishing MQwen checkpoints (`python -m convert --help`)."""
+"""Building and publishing MQwen checkpoints (`python -m convert --help`).
+
+- `tiny.py`       a tiny random checkpoint for tests and examples (`python -m convert tiny`)
+- `build.py`      `python -m convert build`: pretrained LLM + CLIP ViT -> Hub-ready MQwen folder
+- `vision.py`     every vision source -> OpenCLIP-layout weights + vision config (the one key mapping)
+- `llm.py`        the LLM's weights, vocabulary growth for `<image>`, and its tensor plan
+- `projector.py`  fresh or loaded (shape-checked) projector weights
+- `shards.py`     streaming, sharded safetensors reading and writing
+- `hub.py`        weight-file discovery and minimal Hub downloads
+- `staging.py`    write to a temporary folder, rename into place at the end
+- `card.py`       the model card
+- `push.py`       `python -m convert push`: one-commit upload with huggingface_hub
+"""

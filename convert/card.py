@@ -14,6 +14,10 @@ LICENSE_FIELDS = ("license", "license_name", "license_link")
 
 def read_card_license(readme):
     """The license fields of a model card file, or {} when there is no card or no license in it."""
+    from pathlib import Path
+
+    if not Path(readme).is_file():
+        return {}
     try:
         data = ModelCard.load(readme).data.to_dict()
     except Exception:  # no README, or one without front matter

@@ -376,8 +376,10 @@ def test_failed_build_leaves_nothing(tmp_path, sources, monkeypatch, failure):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_killed_build_leaves_no_out_dir(tmp_path, sources):
-    """SIGKILL in the middle of writing: OUT_DIR never appears; the next build clears the leftovers."""
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_build_leaves_no_out_dir(tmp_path, sources, how):
+    """Killed in the middle of writing: OUT_DIR never appears. SIGTERM cleans up at once; after SIGKILL the
+    next build next to it removes the leftovers."""
     marker, out = tmp_path / "first-shard-written", tmp_path / "out"
     script = (
         "import sys, time\n"
@@ -393,7 +395,8 @@ def test_killed_build_leaves_no_out_dir(tmp_path, sources):
     )
     argv = ["build", "--llm", str(sources["root"] / "qwen"), "--vision", str(sources["root"] / "clip"), str(out),
             "--max-shard-size", "60KB"]
-    process = subprocess.Popen([sys.executable, "-c", script, *argv], env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    process = subprocess.Popen([sys.executable, "-c", script, *argv], env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while not marker.exists():
@@ -402,16 +405,19 @@ def test_killed_build_leaves_no_out_dir(tmp_path, sources):
             time.sleep(0.1)
         leftovers = list(tmp_path.glob(".out.partial-*"))
         assert len(leftovers) == 1 and any(leftovers[0].glob("model-*.safetensors"))
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(30)
+        os.kill(process.pid, how)
+        assert process.wait(30) != 0
     finally:
         if process.poll() is None:
             process.kill()
     assert not out.exists()
-    from mqwen.convert.build import build
+    left = list(tmp_path.glob(".out.partial-*"))
+    assert len(left) == (1 if how == signal.SIGKILL else 0)
+    if left:
+        from mqwen.convert.build import build
 
-    build(sources["root"] / "qwen", sources["root"] / "clip", out)
-    assert (out / "config.json").is_file() and not list(tmp_path.glob(".out.partial-*"))
+        build(sources["root"] / "qwen", sources["root"] / "clip", out)
+        assert (out / "config.json").is_file() and not list(tmp_path.glob(".out.partial-*"))
 
 
 # ---------------------------------------------------------------------------------------------------------
