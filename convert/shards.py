@@ -38,6 +38,7 @@ for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), (
 _DTYPES = {code: dtype for dtype, code in _DTYPE_NAMES.items()}
 
 WEIGHTS_NAME = "model.safetensors"
+CHUNK_BYTES = 64 * 2**20
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -201,18 +202,19 @@ def write_safetensors(path, entries, progress=None, metadata=(("format", "pt"),)
         handle.write(_header(entries, metadata))
         for entry in entries:
             tensor = entry.load()
-            if tensor.dtype != entry.dtype:
-                tensor = tensor.to(entry.dtype)
             if tuple(tensor.shape) != tuple(entry.shape):
                 raise ConvertError(
                     f"{entry.name}: produced shape {tuple(tensor.shape)}, planned {tuple(entry.shape)}"
                 )
-            if tensor.numel():
-                data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-                handle.write(memoryview(data.numpy()))
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            # Converted piece by piece, so a dtype change never holds a second full copy of a large tensor.
+            step = max(1, CHUNK_BYTES // entry.dtype.itemsize)
+            for start in range(0, flat.numel(), step):
+                piece = flat[start : start + step].to(entry.dtype)
+                handle.write(memoryview(piece.view(torch.uint8).numpy()))
             if progress is not None:
                 progress.update(entry.nbytes)
-            del tensor
+            del tensor, flat
 
 
 def write_sharded(out_dir, entries, max_bytes, progress=None):
