@@ -1,0 +1,122 @@
+"""Figure 4: peak resident memory of loading a checkpoint and of `convert build`.
+
+Both are measured in fresh processes (`benchmarks/rss.py` explains the method), against the bytes of
+the safetensors files involved: loading should cost about one copy of the weights, and assembling a
+checkpoint shard by shard about one shard in and one out.
+"""
+
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+
+from .report import Row
+from .rss import measure
+from .timing import Stats
+
+MB = 1e6
+
+
+def safetensors_bytes(folder) -> int:
+    return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
+
+
+def largest_shard(folder) -> int:
+    return max(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
+
+
+def from_pretrained_figure(c, shapes, workdir):
+    """Peak RSS of `MQwenForCausalLM.from_pretrained` ÷ the checkpoint's bytes; the bare LM for context."""
+    rows = []
+    kinds = [("mqwen", c.mqwen, "MQwenForCausalLM.from_pretrained", "<= 1.15")]
+    if shapes.memory_context:
+        kinds.append(("lm", c.bare_lm, "AutoModelForCausalLM.from_pretrained (the LM alone, for context)", ""))
+    for kind, model, label, target in kinds:
+        folder = Path(workdir) / f"checkpoint-{kind}"
+        model.save_pretrained(folder, safe_serialization=True)
+        size = safetensors_bytes(folder)
+        report = measure(["load", kind, str(folder)])
+        rows.append(
+            Row(
+                "4",
+                f"peak RSS MB of from_pretrained above the imports ({report['seconds']:.1f} s to load; "
+                f"RSS after loading {report['after'] / MB:.0f} MB)",
+                label,
+                Stats([report["peak"] / MB]),
+                "safetensors MB",
+                Stats([size / MB]),
+                target,
+            )
+        )
+    return rows
+
+
+def build_available() -> bool:
+    """Whether `python -m convert build` exists in this checkout."""
+    return importlib.util.find_spec("mqwen.convert.build") is not None
+
+
+def write_sharded_lm(shapes, folder, seed=0):
+    """A random Qwen2 of about `shapes.build_lm_bytes`, saved in shards of `shapes.build_shard_bytes`.
+
+    The layer count is raised until the fp32 weights reach the size asked for; the other shapes are the
+    benchmark's.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    text = dict(shapes.text)
+    hidden, inter, vocab = text["hidden_size"], text["intermediate_size"], text["vocab_size"]
+    kv = text["num_key_value_heads"] * (hidden // text["num_attention_heads"])
+    per_layer = 4 * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter)
+    fixed = 4 * 2 * vocab * hidden
+    text["num_hidden_layers"] = max(1, round((shapes.build_lm_bytes - fixed) / per_layer))
+    config = AutoConfig.for_model(text.pop("model_type"), **text)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size=shapes.build_shard_bytes)
+    del model
+    return folder
+
+
+def build_figure(c, shapes, workdir):
+    """Peak RSS of `python -m convert build` (above a bare interpreter with torch and transformers
+    imported) ÷ the largest shard of the ~1 GB sharded language model it assembles."""
+    workdir = Path(workdir)
+    lm_dir = write_sharded_lm(shapes, workdir / "lm")
+    c.tokenizer.save_pretrained(lm_dir)
+    vision = workdir / "vision"  # a transformers CLIP folder: the LLaVA contender's ViT
+    c.llava.model.vision_tower.save_pretrained(vision, safe_serialization=True)
+    c.mqwen_processor.image_processor.save_pretrained(vision)
+    out = workdir / "built"
+    command = [sys.executable, "-m", "mqwen.convert", "build", "--llm", str(lm_dir), "--vision", str(vision), str(out)]
+    baseline = measure(["baseline"])["baseline"]
+    report = measure(["run", "--", *command])
+    if report["returncode"]:
+        raise RuntimeError(f"`{' '.join(command)}` failed with exit code {report['returncode']}")
+    shard = largest_shard(lm_dir)
+    total = safetensors_bytes(lm_dir)
+    return [
+        Row(
+            "4",
+            f"peak RSS MB of `convert build` above the imports ({total / MB:.0f} MB LM in "
+            f"{len(list(lm_dir.glob('*.safetensors')))} shards, {report['seconds']:.0f} s)",
+            "python -m convert build",
+            Stats([(report["peak"] - baseline) / MB]),
+            "largest LM shard MB",
+            Stats([shard / MB]),
+            "<= 2.0",
+        )
+    ]
+
+
+def memory_figures(c, shapes, include_build=True):
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory(prefix="mqwen-bench-") as workdir:
+        rows += from_pretrained_figure(c, shapes, workdir)
+        if include_build:
+            if build_available():
+                rows += build_figure(c, shapes, workdir)
+            else:
+                notes.append("4b (`convert build` peak RSS) not measured: convert/build.py is not in this checkout.")
+    return rows, notes

@@ -1,0 +1,148 @@
+"""The results table and the description of the machine it came from."""
+
+import datetime
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+from .timing import Stats
+
+
+@dataclass
+class Row:
+    """One figure: MQwen's samples against a reference's, and the target for the ratio of medians."""
+
+    figure: str
+    metric: str  # with its unit, e.g. "decode tokens/s"
+    ours: str
+    ours_stats: Stats
+    reference: str
+    reference_stats: Stats
+    target: str = ""  # e.g. ">= 0.98"; empty for figures without one
+    notes: list = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_stats.median / self.reference_stats.median
+
+    @property
+    def met(self):
+        if not self.target:
+            return None
+        op, value = self.target.split()
+        return self.ratio >= float(value) if op == ">=" else self.ratio <= float(value)
+
+
+def _fmt(x: float) -> str:
+    if x == 0:
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def _triple(stats: Stats) -> str:
+    if len(stats.samples) == 1:
+        return _fmt(stats.median)
+    return f"{_fmt(stats.min)} / **{_fmt(stats.median)}** / {_fmt(stats.max)}"
+
+
+def markdown_table(rows) -> str:
+    """min / **median** / max of each side, the ratio of medians (ours / reference) and the target."""
+    lines = [
+        "| # | metric | MQwen | min / **median** / max | reference | min / **median** / max "
+        "| ratio | target | met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        met = {True: "yes", False: "**no**", None: ""}[row.met]
+        lines.append(
+            f"| {row.figure} | {row.metric} | {row.ours} | {_triple(row.ours_stats)} | {row.reference} "
+            f"| {_triple(row.reference_stats)} | {row.ratio:.3f} | {row.target} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device) -> dict:
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    try:
+        import psutil
+
+        info["memory"] = f"{psutil.virtual_memory().total / 2**30:.0f} GiB"
+    except ImportError:
+        pass
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+    return info
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def render(rows, machine: dict, settings: dict, notes, load_before: str, load_after: str, elapsed_s: float) -> str:
+    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    parts = [
+        "# MQwen benchmark results",
+        "",
+        f"`{' '.join(['python -m benchmarks', *sys.argv[1:]])}`, {when}, {elapsed_s / 60:.1f} min.",
+        "",
+        "Machine: " + ", ".join(f"{key} {value}" for key, value in machine.items()) + ".",
+        f"Load average (1 / 5 / 15 min) before: {load_before}; after: {load_after}.",
+        "Settings: " + ", ".join(f"{key} {value}" for key, value in settings.items()) + ".",
+        "",
+        markdown_table(rows),
+        "",
+        "Ratios are MQwen's median over the reference's median. Contenders ran interleaved (round-robin, "
+        "rotating which one starts), after warm-up rounds that are not counted.",
+    ]
+    notes = [note for note in notes if note]
+    if notes:
+        parts += ["", "Notes:", ""] + [f"- {note}" for note in notes]
+    return "\n".join(parts) + "\n"
+
+
+def write_atomically(path, text: str) -> Path:
+    """Write to a temporary file next to `path`, then rename over it: readers never see half a table."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
