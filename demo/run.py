@@ -46,7 +46,7 @@ class DemoSettings:
 
 
 QUICK = dict(preset="quick", train_size=64, validation_size=8, test_size=8, max_steps=4, batch_size=8, show=4,
-             grid=4)
+             grid=4, max_new_tokens=8)
 
 
 def _atomic_write_json(path: Path, data):
@@ -216,7 +216,8 @@ def run(settings: DemoSettings, log=print):
         "reload": {"identical_captions": same, "images": len(truth), "model_class": reloaded["model_class"],
                    "pipeline_class": reloaded["pipeline_class"]},
         "loss": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
-        "samples": [{"file": f, "predicted": p, "true": t} for f, p, t in zip(files, reloaded_captions, truth)],
+        "samples": [{"file": f, "predicted": p, "in_process": q, "true": t}
+                    for f, p, q, t in zip(files, reloaded_captions, in_process, truth)],
         "files": {"model": str(model_dir), "captions_png": str(grid_path), "loss_png": str(loss_path),
                   "test_images": str(test_dir)},
     }

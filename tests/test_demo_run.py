@@ -1,0 +1,82 @@
+"""A short run of the main job: the saved model, both PNGs and results.json, and reload fidelity."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from mqwen.demo.run import QUICK, DemoSettings, run
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    results = run(DemoSettings(**QUICK, out_dir=str(out), progress=False), log=lambda *a: None)
+    return out, results
+
+
+def test_writes_model_figures_and_results(demo):
+    out, results = demo
+    model_dir = out / "model"
+    for name in ("config.json", "model.safetensors", "configuration_mqwen.py", "modeling_mqwen.py",
+                 "processing_mqwen.py", "tokenizer.json", "processor_config.json", "generation_config.json"):
+        assert (model_dir / name).is_file(), name
+    assert not list(out.glob(".*tmp*")), "no temporary files are left behind"
+    for name in ("captions.png", "loss.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.width > 200 and image.height > 200
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert on_disk["steps"] == QUICK["max_steps"]
+    assert len(on_disk["loss"]) >= 1 and all(entry["loss"] > 0 for entry in on_disk["loss"])
+    for key in ("exact_match", "bleu4", "cider"):
+        assert 0 <= on_disk["test"][key] <= (1 if key != "cider" else 10)
+    assert on_disk["test"]["images"] == QUICK["test_size"]
+    truth = [json.loads(line)["caption"] for line in (out / "data" / "test" / "captions.jsonl").read_text().splitlines()]
+    assert [s["true"] for s in on_disk["samples"]] == truth
+
+
+def test_reloaded_captions_equal_in_process_captions(demo):
+    out, results = demo
+    samples = results["samples"]
+    assert [s["predicted"] for s in samples] == [s["in_process"] for s in samples]
+    assert results["reload"]["identical_captions"] == len(samples) == QUICK["test_size"]
+    # The fresh process used the code files saved with the weights, through the custom pipeline.
+    assert results["reload"]["model_class"].startswith("transformers_modules.")
+    assert results["reload"]["pipeline_class"] == "MQwenImageToTextPipeline"
+
+
+def test_saved_weights_are_the_trained_ones(demo):
+    """Independently of the demo's own check: load the folder here and caption the test PNGs again."""
+    from mqwen import MQwenForCausalLM, MQwenProcessor
+    from mqwen.demo.model import PRESETS, build_shapes_model
+
+    out, results = demo
+    model = MQwenForCausalLM.from_pretrained(out / "model").eval()
+    processor = MQwenProcessor.from_pretrained(out / "model")
+    images = [Image.open(out / "data" / "test" / s["file"]).convert("RGB") for s in results["samples"]]
+    inputs = processor(images=images, return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=QUICK["max_new_tokens"])
+    assert processor.decode_captions(generated, inputs["input_ids"].shape[1]) == [s["predicted"] for s in results["samples"]]
+    # Training changed the weights (the saved model is not the initialisation).
+    initial, _ = build_shapes_model(PRESETS["quick"], seed=0)
+    trained, start = model.state_dict(), initial.state_dict()
+    assert trained.keys() == start.keys()
+    changed = [k for k in trained if not torch.equal(trained[k], start[k])]
+    assert any(k.startswith("vision_tower.") for k in changed)
+    assert any(k.startswith("language_model.") for k in changed)
+    assert any(k.startswith("multi_modal_projector.") for k in changed)
+
+
+def test_cli_quick_flag_and_validation():
+    from mqwen.demo.__main__ import parse_args
+
+    settings = parse_args(["--quick", "--max-steps", "2", "--out", "x"])
+    assert settings.preset == "quick" and settings.max_steps == 2 and settings.out_dir == "x"
+    assert parse_args([]).max_steps == DemoSettings().max_steps
+    with pytest.raises(SystemExit):
+        parse_args(["--max-steps", "0"])
