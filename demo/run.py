@@ -149,7 +149,7 @@ def run(settings: DemoSettings, log=print):
     write_split(splits["validation"], out_dir / "data" / "validation")
     timings["data_seconds"] = time.perf_counter() - t
     log(f"      train {len(splits['train'])}, validation {len(splits['validation'])}, test {len(splits['test'])} "
-        f"images; test images (each with a held-out slot/colour/shape combination) in {test_dir}")
+        f"images; test images (each with a held-out colour/shape/region combination) in {test_dir}")
 
     log(f"[2/6] Building a '{settings.preset}' MQwen from scratch ...")
     model, processor = build_shapes_model(PRESETS[settings.preset], seed=settings.seed)

@@ -17,10 +17,12 @@ with the phrases in the left-to-right order of the shapes, e.g. "a red circle, a
 triangle". `parse_caption` inverts `caption_for` and rejects anything outside the grammar.
 
 Splits: every split draws from its own seed stream (`numpy.random.default_rng([seed, split_id, index])`),
-so example `i` of a split is the same whatever the split's length. `HELD_OUT` lists (slot, colour, shape)
-combinations, slot 0 being the leftmost shape, that never occur in `train` or `validation`; every `test`
-image contains at least one of them. Test accuracy therefore measures whether the model composes colour,
-shape and position, rather than recalling captions it has seen.
+so example `i` of a split is the same whatever the split's length. `HELD_OUT` lists (colour, shape, region)
+combinations, the region being the third of the image ("left", "middle", "right") that holds the centre of
+the shape, that never occur in `train` or `validation`; every `test` image contains at least one of them.
+A red triangle, say, is seen in training only in the middle and on the right, and is tested on the left:
+test accuracy measures whether the model composes colour, shape and position rather than recalling
+combinations it has seen.
 """
 
 import re
@@ -38,9 +40,10 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 MAX_SHAPES = 3
 
-# (slot, colour, shape): slot k is the k-th shape from the left. One per slot, no colour or shape repeated,
-# so every colour-shape pair and every colour and shape in every slot still appears in training.
-HELD_OUT = frozenset({(0, "red", "triangle"), (1, "green", "circle"), (2, "blue", "square")})
+REGIONS = ("left", "middle", "right")
+# (colour, shape, region): one per region, no colour or shape repeated, so every colour-shape pair, and every
+# colour and every shape in every region, still appears in training.
+HELD_OUT = frozenset({("red", "triangle", "left"), ("green", "circle", "middle"), ("blue", "square", "right")})
 
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 
@@ -85,10 +88,16 @@ def parse_caption(text: str):
     return [(groups[i], groups[i + 1]) for i in range(0, len(groups), 2)]
 
 
-def held_out_in(objects) -> list:
-    """The `HELD_OUT` combinations present in a left-to-right list of (colour, shape) pairs or ShapeSpecs."""
-    pairs = [(o.colour, o.shape) if isinstance(o, ShapeSpec) else tuple(o) for o in objects]
-    return [(slot, *pair) for slot, pair in enumerate(pairs) if (slot, *pair) in HELD_OUT]
+def region_of(spec: ShapeSpec, image_size: int) -> str:
+    """The third of the image ("left", "middle", "right") that holds the centre of the shape's box."""
+    centre = (spec.box[0] + spec.box[2]) / 2
+    return REGIONS[min(2, int(3 * centre / image_size))]
+
+
+def held_out_in(shapes, image_size: int) -> list:
+    """The `HELD_OUT` (colour, shape, region) combinations among `shapes` (ShapeSpecs)."""
+    found = [(s.colour, s.shape, region_of(s, image_size)) for s in shapes]
+    return [combination for combination in found if combination in HELD_OUT]
 
 
 def sample_layout(rng: np.random.Generator, image_size: int):
@@ -141,7 +150,7 @@ def make_example(split: str, index: int, seed: int = 0, image_size: int = 64) ->
     rng = np.random.default_rng([seed, SPLITS[split], index])
     while True:  # rejection sampling keeps each split's distribution otherwise uniform
         shapes, background = sample_layout(rng, image_size)
-        if bool(held_out_in(shapes)) == (split == "test"):
+        if bool(held_out_in(shapes, image_size)) == (split == "test"):
             break
     return Example(render(shapes, background, image_size, rng), caption_for(shapes), shapes)
 

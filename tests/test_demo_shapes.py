@@ -8,12 +8,14 @@ import pytest
 from mqwen.demo.shapes import (
     COLOURS,
     HELD_OUT,
+    REGIONS,
     SHAPES,
     caption_for,
     held_out_in,
     make_example,
     make_split,
     parse_caption,
+    region_of,
 )
 
 # The grammar written out independently of the module under test.
@@ -95,14 +97,19 @@ def test_held_out_combinations_only_in_test():
     train = make_split("train", 300, seed=0)
     validation = make_split("validation", 100, seed=0)
     test = make_split("test", 100, seed=0)
-    assert not any(held_out_in(e.shapes) for e in train + validation)
-    assert all(held_out_in(e.shapes) for e in test)
-    # Every held-out colour-shape pair is still seen in training, in some other slot.
-    seen = {(slot, s.colour, s.shape) for e in train for slot, s in enumerate(e.shapes)}
-    for slot, colour, shape in HELD_OUT:
-        assert any((other, colour, shape) in seen for other in range(3) if other != slot)
+    assert not any(held_out_in(e.shapes, 64) for e in train + validation)
+    assert all(held_out_in(e.shapes, 64) for e in test)
+    for e in test:  # recomputed here from the boxes: centre x in thirds of the 64 px image
+        found = {(s.colour, s.shape, ("left", "middle", "right")[min(2, int((s.box[0] + s.box[2]) / 2 * 3 / 64))])
+                 for s in e.shapes}
+        assert found & HELD_OUT
+    # Every held-out colour-shape pair is still seen in training, in the other regions.
+    seen = {(s.colour, s.shape, region_of(s, 64)) for e in train for s in e.shapes}
+    for colour, shape, region in HELD_OUT:
+        assert {(colour, shape, other) for other in REGIONS if other != region} <= seen
     assert {s.colour for e in train for s in e.shapes} == set(COLOURS)
     assert {s.shape for e in train for s in e.shapes} == set(SHAPES)
+    assert {region_of(s, 64) for e in test for s in e.shapes} == set(REGIONS)
 
 
 def test_unknown_split_is_a_clear_error():
