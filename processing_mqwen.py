@@ -144,8 +144,9 @@ class MQwenProcessor(ProcessorMixin):
                 "content": [{"type": "image"}, {"type": "text", "text": instruction or self.caption_instruction}],
             }
         ]
+        template = self.chat_template["default"] if isinstance(self.chat_template, dict) else self.chat_template
         return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
 
     def __call__(self, images=None, text=None, padding=True, padding_side="left", return_tensors="pt", **kwargs):

@@ -21,7 +21,7 @@ import torch
 from .errors import ConvertError
 from .llm import Vocabulary, meta_state, plan_language_model, resolve_llm  # noqa: F401  (resolve_llm: API)
 from .shards import TensorPlan, open_weights, parse_size, write_sharded
-from .tokenizer import add_image_token
+from .tokenizer import add_image_token, forget_load_location
 from .vision import VISION_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def _load_text_side(source):
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        return AutoConfig.from_pretrained(source.folder), AutoTokenizer.from_pretrained(source.folder)
+        return AutoConfig.from_pretrained(source.folder), forget_load_location(AutoTokenizer.from_pretrained(source.folder))
     except Exception as error:
         raise ConvertError(
             f"transformers could not load the LLM's config or tokenizer from {source.folder}: {error}"

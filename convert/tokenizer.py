@@ -76,7 +76,18 @@ def wrap_as_transformers_tokenizer(tokenizer, chat_template=None):
         config = json.loads(config_file.read_text())
         config["tokenizer_class"] = "Qwen2Tokenizer"
         config_file.write_text(json.dumps(config, indent=2))
-        return AutoTokenizer.from_pretrained(tmp)
+        return forget_load_location(AutoTokenizer.from_pretrained(tmp))
+
+
+LOAD_TIME_KWARGS = ("is_local", "local_files_only", "name_or_path", "_commit_hash")
+
+
+def forget_load_location(tokenizer):
+    """Drop what transformers 5 records about where a tokenizer was loaded from (`is_local`,
+    `local_files_only`, the temporary path), so a published tokenizer_config.json does not carry it."""
+    for key in LOAD_TIME_KWARGS:
+        tokenizer.init_kwargs.pop(key, None)
+    return tokenizer
 
 
 def add_image_token(tokenizer) -> int:

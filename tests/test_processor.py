@@ -166,3 +166,22 @@ def test_tokenizer_without_image_token_is_refused(tiny):
     bare = PreTrainedTokenizerFast(tokenizer_object=train_qwen_style_tokenizer(), eos_token="<|im_end|>")
     with pytest.raises(ValueError, match="has no '<image>' token. Add it first"):
         MQwenProcessor(image_processor=processor.image_processor, tokenizer=bare)
+
+
+def test_named_chat_templates_use_the_default_one(tiny, make_image):
+    """A folder may carry several named templates (e.g. the LLM's own as "llm"); prompts use "default"."""
+    from mqwen import MQwenProcessor
+
+    _, processor = tiny
+    named = MQwenProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer,
+                           chat_template={"default": processor.chat_template, "llm": "{{ messages }}"},
+                           image_seq_length=processor.image_seq_length)
+    assert named.caption_prompt() == processor.caption_prompt()
+    assert torch.equal(named(images=[make_image(1)])["input_ids"], processor(images=[make_image(1)])["input_ids"])
+
+
+def test_published_tokenizer_config_has_no_load_location(tiny_dir):
+    import json
+
+    config = json.loads((tiny_dir / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & set(config)
