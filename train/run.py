@@ -113,6 +113,9 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in _TA_FIELDS else "gradient_checkpointing"
     args[checkpointing] = config.gradient_checkpointing
     args[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
+    if _world_size() > 1 and not torch.cuda.is_available():
+        # Without `use_cpu`, accelerate sees no GPU and runs every process undistributed on the whole data.
+        args["use_cpu"] = True
     if "warmup_ratio" in _TA_FIELDS:  # transformers 4.x
         args["warmup_ratio"] = config.warmup_ratio
     else:  # transformers 5: a float below 1 is a ratio
@@ -122,6 +125,11 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         raise ValueError(f"training_args has fields TrainingArguments does not know: {sorted(unknown)}")
     args.update(config.training_args)
     return TrainingArguments(**args)
+
+
+def _world_size() -> int:
+    """Processes of this run, as torchrun / accelerate launch announce them."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _dataset(spec, config, resample_bad=True):
@@ -143,6 +151,11 @@ def build_trainer(config: TrainConfig, model=None, processor=None, train_dataset
         raise ValueError("Pass training data (--data).")
     eval_dataset = _dataset(eval_dataset if eval_dataset is not None else config.eval_data, config)
     args = training_arguments(config, has_eval=eval_dataset is not None)
+    if _world_size() > 1 and args.world_size != _world_size():
+        raise RuntimeError(
+            f"Launched as {_world_size()} processes but the Trainer sees {args.world_size}: every process would "
+            "train on all the data on its own. Check the launcher (torchrun / accelerate launch) and the devices."
+        )
     model = prepare_model_for_stage(model, config)
     trainer = CaptionTrainer(
         model=model,
