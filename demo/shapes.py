@@ -17,15 +17,19 @@ with the phrases in the left-to-right order of the shapes, e.g. "a red circle, a
 triangle". `parse_caption` inverts `caption_for` and rejects anything outside the grammar.
 
 Splits: every split draws from its own seed stream (`numpy.random.default_rng([seed, split_id, index])`),
-so example `i` of a split is the same whatever the split's length. `HELD_OUT` lists (colour, shape, region)
-combinations, the region being the third of the image ("left", "middle", "right") that holds the centre of
-the shape, that never occur in `train` or `validation`; every `test` image contains at least one of them.
-A red triangle, say, is seen in training only in the middle and on the right, and is tested on the left:
-test accuracy measures whether the model composes colour, shape and position rather than recalling
-combinations it has seen.
+so example `i` of a split is the same whatever the split's length.
+
+Held-out arrangements: an image's arrangement is its left-to-right sequence of (colour, shape) pairs, i.e.
+its caption. About one in six arrangements of two or three shapes is held out (`is_held_out`: a fixed
+CRC-32 rule on the caption). `train` and `validation` never contain a held-out arrangement and every `test`
+image is one, so each test image shows colour-shape combinations in positions never seen together in
+training, while every colour-shape pair in every position, and every pair of neighbours, is still seen
+(`tests/test_demo_shapes.py` checks this over all 1,884 arrangements). Test accuracy therefore measures
+whether the model composes what it has seen, not whether it recalls captions.
 """
 
 import re
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,10 +44,8 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 MAX_SHAPES = 3
 
-REGIONS = ("left", "middle", "right")
-# (colour, shape, region): one per region, no colour or shape repeated, so every colour-shape pair, and every
-# colour and every shape in every region, still appears in training.
-HELD_OUT = frozenset({("red", "triangle", "left"), ("green", "circle", "middle"), ("blue", "square", "right")})
+HELD_OUT_ONE_IN = 6
+
 
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 
@@ -88,16 +90,9 @@ def parse_caption(text: str):
     return [(groups[i], groups[i + 1]) for i in range(0, len(groups), 2)]
 
 
-def region_of(spec: ShapeSpec, image_size: int) -> str:
-    """The third of the image ("left", "middle", "right") that holds the centre of the shape's box."""
-    centre = (spec.box[0] + spec.box[2]) / 2
-    return REGIONS[min(2, int(3 * centre / image_size))]
-
-
-def held_out_in(shapes, image_size: int) -> list:
-    """The `HELD_OUT` (colour, shape, region) combinations among `shapes` (ShapeSpecs)."""
-    found = [(s.colour, s.shape, region_of(s, image_size)) for s in shapes]
-    return [combination for combination in found if combination in HELD_OUT]
+def is_held_out(caption: str) -> bool:
+    """Whether the arrangement with this caption is held out of training (only for 2 or 3 shapes)."""
+    return " and " in caption and zlib.crc32(caption.encode()) % HELD_OUT_ONE_IN == 0
 
 
 def sample_layout(rng: np.random.Generator, image_size: int):
@@ -150,7 +145,7 @@ def make_example(split: str, index: int, seed: int = 0, image_size: int = 64) ->
     rng = np.random.default_rng([seed, SPLITS[split], index])
     while True:  # rejection sampling keeps each split's distribution otherwise uniform
         shapes, background = sample_layout(rng, image_size)
-        if bool(held_out_in(shapes, image_size)) == (split == "test"):
+        if is_held_out(caption_for(shapes)) == (split == "test"):
             break
     return Example(render(shapes, background, image_size, rng), caption_for(shapes), shapes)
 

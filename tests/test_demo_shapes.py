@@ -1,5 +1,6 @@
 """The synthetic shapes data: deterministic per seed, captions exactly in the grammar and true to the pixels."""
 
+import itertools
 import re
 
 import numpy as np
@@ -7,15 +8,12 @@ import pytest
 
 from mqwen.demo.shapes import (
     COLOURS,
-    HELD_OUT,
-    REGIONS,
     SHAPES,
     caption_for,
-    held_out_in,
+    is_held_out,
     make_example,
     make_split,
     parse_caption,
-    region_of,
 )
 
 # The grammar written out independently of the module under test.
@@ -93,23 +91,35 @@ def test_shapes_are_left_to_right_disjoint_and_drawn_as_captioned():
             assert filled == (spec.shape == "square"), (example.caption, spec, inner_corner)
 
 
-def test_held_out_combinations_only_in_test():
+def _all_arrangements():
+    pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+    return [list(a) for n in (1, 2, 3) for a in itertools.product(pairs, repeat=n)]
+
+
+def test_held_out_arrangements_only_in_test():
     train = make_split("train", 300, seed=0)
     validation = make_split("validation", 100, seed=0)
     test = make_split("test", 100, seed=0)
-    assert not any(held_out_in(e.shapes, 64) for e in train + validation)
-    assert all(held_out_in(e.shapes, 64) for e in test)
-    for e in test:  # recomputed here from the boxes: centre x in thirds of the 64 px image
-        found = {(s.colour, s.shape, ("left", "middle", "right")[min(2, int((s.box[0] + s.box[2]) / 2 * 3 / 64))])
-                 for s in e.shapes}
-        assert found & HELD_OUT
-    # Every held-out colour-shape pair is still seen in training, in the other regions.
-    seen = {(s.colour, s.shape, region_of(s, 64)) for e in train for s in e.shapes}
-    for colour, shape, region in HELD_OUT:
-        assert {(colour, shape, other) for other in REGIONS if other != region} <= seen
-    assert {s.colour for e in train for s in e.shapes} == set(COLOURS)
-    assert {s.shape for e in train for s in e.shapes} == set(SHAPES)
-    assert {region_of(s, 64) for e in test for s in e.shapes} == set(REGIONS)
+    assert not any(is_held_out(e.caption) for e in train + validation)
+    assert all(is_held_out(e.caption) for e in test)
+    assert not {e.caption for e in test} & {e.caption for e in train + validation}
+    assert {len(e.shapes) for e in test} == {2, 3}
+
+
+def test_held_out_arrangements_are_made_of_parts_seen_in_training():
+    """Over every possible arrangement: what is held out is the combination, never a part of it."""
+    arrangements = _all_arrangements()
+    assert len(arrangements) == 12 + 12**2 + 12**3
+    held = [a for a in arrangements if is_held_out(caption_for(a))]
+    seen = [a for a in arrangements if not is_held_out(caption_for(a))]
+    assert 0.1 < len(held) / (len(arrangements) - 12) < 0.25
+    assert all(len(a) >= 2 for a in held)
+    seen_in_slot = {(n, k, obj) for a in seen for n in [len(a)] for k, obj in enumerate(a)}
+    seen_neighbours = {(k, a[k], a[k + 1]) for a in seen for k in range(len(a) - 1)}
+    for a in held:
+        n = len(a)
+        assert all((n, k, obj) in seen_in_slot for k, obj in enumerate(a))
+        assert all((k, a[k], a[k + 1]) in seen_neighbours for k in range(n - 1))  # in 2- or 3-shape images
 
 
 def test_unknown_split_is_a_clear_error():
