@@ -34,8 +34,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES_DIR = HERE / "space" / "examples"
-# The model the main demo job trains (`python -m demo ...`), used when neither --model nor MQWEN_MODEL is given.
-DEFAULT_MODEL_DIR = HERE / "outputs" / "shapes-demo" / "model"
+# The main demo job (`python -m mqwen.demo`) writes its trained model to OUT/model, OUT being its --out
+# (default `mqwen-shapes-demo`, relative to where it ran). That is the model served without --model.
+DEMO_OUT_DEFAULT = "mqwen-shapes-demo"
 
 DEFAULT_MAX_PIXELS = 50_000_000  # about 8000 x 6000: every phone camera, and well under PIL's bomb check
 DEFAULT_MAX_IMAGES = 16
@@ -43,16 +44,18 @@ MAX_PROMPT_CHARS = 2000
 
 EPILOG = """examples:
   python -m convert tiny /tmp/mqwen-tiny && python app.py --model /tmp/mqwen-tiny
-  python app.py --model outputs/shapes-demo/model --port 8080
+  python -m mqwen.demo && python app.py          # train the shapes model, then serve it (the default)
+  python app.py --model mqwen-shapes-demo/model --port 8080
   python app.py --model user/mqwen-checkpoint --device cuda --dtype bfloat16
   MQWEN_MODEL=user/mqwen-checkpoint python app.py        # how a Space picks its model
 
 Open the printed URL, drop one or several images, press Caption.
 """
 
-NO_MODEL_HELP = f"""No model to serve: pass --model DIR_OR_REPO (or set MQWEN_MODEL).
-The default, {DEFAULT_MODEL_DIR}, does not exist yet. Ways to get a model:
-  - train the shapes demo model, which writes it there:  python -m demo  (see the README's demo section)
+NO_MODEL_HELP = """No model to serve: pass --model DIR_OR_REPO (or set MQWEN_MODEL).
+The shapes demo's trained model is not there yet (looked in: {looked}). Ways to get a model:
+  - train it (about 10 minutes on 2 CPU cores), then run this again from the same folder:
+        python -m mqwen.demo && python app.py
   - a tiny random checkpoint, to try the page out (its captions are gibberish):
         python -m convert tiny /tmp/mqwen-tiny && python app.py --model /tmp/mqwen-tiny
   - a published MQwen checkpoint on the Hub:  python app.py --model USER/REPO"""
@@ -456,7 +459,8 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=os.environ.get("MQWEN_MODEL"),
-                        help=f"checkpoint folder or Hub repo id (default: $MQWEN_MODEL, else {DEFAULT_MODEL_DIR})")
+                        help=f"checkpoint folder or Hub repo id (default: $MQWEN_MODEL, else the shapes demo's "
+                             f"model, {DEMO_OUT_DEFAULT}/model)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
@@ -474,11 +478,25 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def default_model_dirs():
+    """Where the main demo job leaves its model: OUT/model, under the working folder or this repository."""
+    try:  # the demo's own setting, when this checkout has it (a Space does not)
+        from mqwen.demo.run import DemoSettings
+
+        out = Path(DemoSettings().out_dir)
+    except Exception:
+        out = Path(DEMO_OUT_DEFAULT)
+    dirs = [out / "model"] if out.is_absolute() else [Path.cwd() / out / "model", HERE / out / "model"]
+    return list(dict.fromkeys(dirs))
+
+
 def resolve_model(model):
+    """--model / $MQWEN_MODEL if given, else the demo's trained model if it exists, else None."""
     if model:
         return str(model)
-    if DEFAULT_MODEL_DIR.is_dir():
-        return str(DEFAULT_MODEL_DIR)
+    for folder in default_model_dirs():
+        if (folder / "config.json").is_file():
+            return str(folder)
     return None
 
 
@@ -486,7 +504,7 @@ def main(argv=None):
     args = parse_args(argv)
     model = resolve_model(args.model)
     if model is None:
-        print(NO_MODEL_HELP, file=sys.stderr)
+        print(NO_MODEL_HELP.format(looked=", ".join(map(str, default_model_dirs()))), file=sys.stderr)
         return 2
     print(f"Loading model {model} ...", flush=True)
     captioner = Captioner.load(model, device=args.device, dtype=args.dtype)

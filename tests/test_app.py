@@ -212,13 +212,24 @@ def test_help_lists_options_and_examples():
 
 def test_without_a_model_it_says_how_to_get_one(app, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MQWEN_MODEL", raising=False)
-    monkeypatch.setattr(app, "DEFAULT_MODEL_DIR", tmp_path / "missing")
+    trained = tmp_path / "mqwen-shapes-demo" / "model"
+    monkeypatch.setattr(app, "default_model_dirs", lambda: [trained])
     assert app.main([]) == 2
     message = capsys.readouterr().err
-    assert "No model to serve" in message and "python -m convert tiny" in message and "--model" in message
+    assert "No model to serve" in message and str(trained) in message
+    assert "python -m mqwen.demo" in message and "python -m convert tiny" in message and "--model" in message
 
-    (tmp_path / "missing").mkdir()
-    assert app.resolve_model(None) == str(tmp_path / "missing")  # the trained demo model, once it exists
+    trained.mkdir(parents=True)
+    (trained / "config.json").write_text("{}")
+    assert app.resolve_model(None) == str(trained)  # the trained demo model, once it exists
+    assert app.resolve_model("user/repo") == "user/repo"
+
+
+def test_default_model_is_where_the_demo_job_writes_it(app, tmp_path, monkeypatch):
+    demo_run = pytest.importorskip("mqwen.demo.run")
+    monkeypatch.chdir(tmp_path)
+    out = demo_run.DemoSettings().out_dir
+    assert tmp_path / out / "model" in app.default_model_dirs()
 
 
 def test_examples_are_shapes_test_images_labelled_with_their_captions(app):

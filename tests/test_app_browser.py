@@ -48,6 +48,7 @@ try:
     from playwright.sync_api import expect, sync_playwright
 except ImportError:
     _missing("playwright is not installed: pip install playwright (never `playwright install`: Debian's chromium is used)")
+expect.set_options(timeout=TIMEOUT_MS)  # its default is 5 s, short for a busy CI machine
 CHROMIUM = os.environ.get("MQWEN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
     _missing(f"no chromium at {CHROMIUM}: apt-get install -y chromium (or set MQWEN_CHROMIUM)")
