@@ -343,8 +343,7 @@ def _from_llava(entries, root):
     for position, entry in enumerate(entries):
         image = entry.get("image")
         turns = [
-            {"role": ROLES.get(turn.get("from", turn.get("role")), None), "content": turn.get("value",
-                                                                                               turn.get("content"))}
+            {"role": ROLES.get(turn.get("from", turn.get("role"))), "content": turn.get("value", turn.get("content"))}
             for turn in entry.get("conversations", [])
         ]
         if image is None or not any(t["role"] == "assistant" for t in turns):
