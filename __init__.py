@@ -24,3 +24,11 @@ def __getattr__(name):
     if name in _EXPORTS and __package__:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __package__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __package__:  # imported as the package: make AutoConfig (and so AutoTokenizer) know model_type "mqwen"
+    from transformers import AutoConfig as _AutoConfig
+
+    from .configuration_mqwen import MQwenConfig as _MQwenConfig
+
+    _AutoConfig.register("mqwen", _MQwenConfig, exist_ok=True)

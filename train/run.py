@@ -41,20 +41,6 @@ class TrainResult:
     trainer: Any
 
 
-def register_auto_classes():
-    """Make AutoConfig know `mqwen` in this process.
-
-    `MQwenProcessor.from_pretrained` loads its tokenizer through AutoTokenizer, which reads the folder's
-    config.json; for an unregistered model type with an `auto_map`, transformers 5 then asks on stdin
-    whether to run the folder's code. The classes are installed here, so no remote code is needed.
-    """
-    from transformers import AutoConfig
-
-    from mqwen import MQwenConfig
-
-    AutoConfig.register(MQwenConfig.model_type, MQwenConfig, exist_ok=True)
-
-
 def load_model_and_processor(model, processor=None, dtype=torch.float32):
     """An `MQwenForCausalLM` + `MQwenProcessor` from a folder / Hub id, or the objects given.
 
@@ -62,7 +48,6 @@ def load_model_and_processor(model, processor=None, dtype=torch.float32):
     """
     from mqwen import MQwenForCausalLM, MQwenProcessor
 
-    register_auto_classes()
     if isinstance(model, (str, os.PathLike)):
         if processor is None:
             processor = MQwenProcessor.from_pretrained(str(model))
@@ -295,7 +280,6 @@ def load_trained(path, dtype=None, device=None):
     (`--keep-adapter`, whose base model is read from `adapter_config.json`)."""
     from mqwen import MQwenForCausalLM, MQwenProcessor
 
-    register_auto_classes()
     path = Path(path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     adapter_config = path / "adapter_config.json"
