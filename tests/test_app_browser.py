@@ -164,10 +164,15 @@ def set_max_new_tokens(page, value):
     page.get_by_text("Generation settings").click()
 
 
+def wait_uploaded(page, *names):
+    """Until each file is in the list as a finished upload (a download link; "Uploading..." shows the name too)."""
+    for name in names:
+        expect(page.locator(f"#images a[href$='/{name}']")).to_have_count(1)
+
+
 def upload(page, *paths):
     page.locator("#images input[type=file]").set_input_files([str(p) for p in paths])
-    for path in paths:  # the file list shows each name once its upload is done
-        expect(page.locator("#images")).to_contain_text(Path(path).stem)
+    wait_uploaded(page, *(Path(p).name for p in paths))
 
 
 def caption_and_wait(page, expected_status):
@@ -231,7 +236,7 @@ def test_pasted_images_join_the_dropped_ones_and_give_a_table(page, tiny, make_i
         }""",
         base64.b64encode(pasted.read_bytes()).decode("ascii"),
     )
-    expect(page.locator("#images")).to_contain_text("clip")
+    wait_uploaded(page, "dropped.png", "clip.png")
     caption_and_wait(page, "Captioned 2 images")
 
     assert page.locator("#caption textarea").input_value() == "\n".join(expected)
