@@ -442,6 +442,7 @@ def launch_kwargs(args):
         server_name=args.host,
         server_port=args.port,
         share=False,
+        allowed_paths=[str(EXAMPLES_DIR)],  # the examples must load whatever folder the app is started from
         max_file_size=args.max_file_size,
         show_error=True,
         theme=theme,

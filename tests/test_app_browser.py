@@ -203,7 +203,7 @@ def test_text_file_is_refused_then_an_image_is_captioned_in_the_same_page(page, 
     caption_and_wait(page, "Cannot caption")
     message = "notes.txt is not an image file this demo can read"
     expect(page.locator("#status")).to_contain_text(message)
-    expect(page.get_by_text(message).first).to_be_visible()
+    expect(page.locator(".toast-body").filter(has_text=message)).to_be_visible()  # the pop-up, too
     assert page.locator("#caption textarea").input_value() == ""
     page.screenshot(path=str(artifacts_dir() / "app-not-an-image.png"), full_page=True)
 
@@ -263,3 +263,15 @@ def test_two_visitors_at_once_each_get_their_own_caption(browser_context, server
         expect(page.locator("#status")).to_contain_text("Captioned 1 image")
         assert page.locator("#caption textarea").input_value() == caption
         page.close()
+
+
+def test_an_example_is_one_click_away(page, tiny):
+    example = next((REPO / "space" / "examples").glob("02_*.png"))
+    label = example.stem.split("_", 1)[1].replace("_", " ")
+    expected = reference(tiny, example, max_new_tokens=16)
+
+    page.get_by_text(label, exact=True).click()
+    wait_uploaded(page, example.name)
+    set_max_new_tokens(page, 16)
+    caption_and_wait(page, "Captioned 1 image")
+    assert page.locator("#caption textarea").input_value() == expected
