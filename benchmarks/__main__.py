@@ -5,6 +5,7 @@ figure's target) and writes it, with the machine it came from, to benchmarks/RES
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ EXAMPLES = """examples:
   python -m benchmarks --quick                    # tiny shapes, seconds: checks that everything runs
   python -m benchmarks                            # mid-size shapes on CPU (~15 min on 2 cores)
   python -m benchmarks --figures decode caption   # only figures 1 and 2
+  python -m benchmarks --clock cpu                # on a busy shared machine: CPU time, not wall time
   python -m benchmarks --device cuda --dtype bf16 # Qwen2.5-7B + ViT-L/14 shapes on a GPU, adds figure 5
 
 figures: decode (1: tokens/s vs the bare LM), caption (2: latency vs LLaVA-HF, pooled prefill),
@@ -48,14 +50,27 @@ def parse_args(argv=None):
         help="figure 3's optimizer (default adamw; sgd on cuda, where two 7B AdamW states do not fit)",
     )
     parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time (default); cpu: this process's CPU time, for machines shared with other jobs "
+        "(sets OMP_WAIT_POLICY=PASSIVE so idle threads do not spin)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per core)"
+    )
+    parser.add_argument(
         "--output",
         type=Path,
         default=None,
-        help=f"where to write the table (default {DEFAULT_OUTPUT.name} next to this file; quick runs: none)",
+        help=f"where to write the table, and every sample beside it as .json (default {DEFAULT_OUTPUT.name} "
+        "next to this file; quick runs: none)",
     )
     args = parser.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         parser.error(f"--reps must be at least 1, got {args.reps}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.warmup is not None and args.warmup < 0:
         parser.error(f"--warmup must be 0 or more, got {args.warmup}")
     return args
@@ -64,6 +79,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.clock == "cpu":
+        # Must be set before OpenMP starts (the first parallel region), so before torch runs anything.
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     import torch
 
     from .contenders import build_all, check_same_logits
@@ -71,9 +89,15 @@ def main(argv=None):
     from .memory import memory_figures
     from .report import load_average, machine_description, markdown_table, render, write_atomically
     from .shapes import pick
+    from .timing import use_clock
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible to torch. Run on a GPU machine, or use --device cpu.")
+    if args.clock == "cpu" and args.device == "cuda":
+        sys.exit("--clock cpu measures host CPU time, which misses GPU work; use --clock wall with --device cuda.")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    use_clock(args.clock)
     device = torch.device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")])
     shapes = pick(device.type, args.quick)
@@ -94,21 +118,29 @@ def main(argv=None):
         f"{error:.1e}); the bare LM is MQwen's own `language_model`.",
     ]
 
-    rows = []
+    rows, durations = [], {}
     timing = dict(reps=reps, warmup=warmup)
+
+    def timed(name, fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        durations[name] = time.perf_counter() - start
+        return result
+
     if "decode" in figures:
-        rows += decode_figure(contenders, shapes, device, dtype, **timing)
+        rows += timed("1 decode", decode_figure, contenders, shapes, device, dtype, **timing)
     if "caption" in figures:
         for batch in shapes.caption_batches:
-            rows += caption_figure(contenders, shapes, device, dtype, batch=batch, **timing)
+            rows += timed(f"2 caption b{batch}", caption_figure, contenders, shapes, device, dtype, batch=batch, **timing)
     if "train" in figures:
-        rows += train_figure(contenders, shapes, device, dtype, optimizer=optimizer, **timing)
+        rows += timed("3 train", train_figure, contenders, shapes, device, dtype, optimizer=optimizer, **timing)
     if "bandwidth" in figures:
-        rows += bandwidth_figure(contenders, shapes, device, dtype, **timing)
+        rows += timed("5 bandwidth", bandwidth_figure, contenders, shapes, device, dtype, **timing)
     if "memory" in figures:
-        memory_rows, memory_notes = memory_figures(contenders, shapes)
+        memory_rows, memory_notes = timed("4 memory", memory_figures, contenders, shapes)
         rows += memory_rows
         notes += memory_notes
+    notes.append("Wall time per figure: " + ", ".join(f"{k} {v:.0f} s" for k, v in durations.items()) + ".")
 
     print(markdown_table(rows))
     output = args.output or (None if args.quick else DEFAULT_OUTPUT)
@@ -118,6 +150,9 @@ def main(argv=None):
             "vision": shapes.vision,
             "text": {k: v for k, v in shapes.text.items() if k not in ("bos_token_id", "eos_token_id")},
             "device": device,
+            "clock": {"wall": "wall clock", "cpu": "CPU time of the benchmark process (OMP_WAIT_POLICY=PASSIVE)"}[
+                args.clock
+            ],
             "dtype": str(dtype).replace("torch.", ""),
             "repetitions": reps,
             "warm-up rounds": warmup,
@@ -132,6 +167,8 @@ def main(argv=None):
             time.perf_counter() - started,
         )
         print(f"wrote {write_atomically(output, text)}", file=sys.stderr)
+        raw = {"machine": machine_description(device), "rows": [row.to_dict() for row in rows]}
+        print(f"wrote {write_atomically(output.with_suffix('.json'), json.dumps(raw, indent=1, default=str))}", file=sys.stderr)
     return 0
 
 

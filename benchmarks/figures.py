@@ -10,7 +10,7 @@ import torch
 
 from .contenders import greedy_config
 from .report import Row
-from .timing import StepClock, Stats, interleave, synchronize
+from .timing import StepClock, Stats, interleave, now, synchronize, unit
 
 
 def random_photos(n, size, seed=0):
@@ -33,7 +33,7 @@ def _generate(model, inputs, generation_config, device):
     """One `generate` call; returns (output ids, seconds to the first token, seconds per decode step)."""
     clock = StepClock()
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     out = model.generate(**inputs, generation_config=generation_config, streamer=clock)
     synchronize(device)
     new = out.shape[1] - inputs["input_ids"].shape[1]
@@ -73,7 +73,7 @@ def decode_figure(c, shapes, device, dtype, reps, warmup):
     return [
         Row(
             "1",
-            f"decode tokens/s, batch 1, context {context} (incl. {c.mqwen.config.image_seq_length} image tokens), "
+            f"decode tokens/{unit()}, batch 1, context {context} (incl. {c.mqwen.config.image_seq_length} image tokens), "
             f"{shapes.decode_tokens} new",
             "MQwen",
             stats["MQwen"]["decode tokens/s"],
@@ -94,13 +94,13 @@ def _caption_run(model, processor, photos, prompts, config, device, dtype):
 
     def once():
         synchronize(device)
-        start = time.perf_counter()
+        start = now()
         batch = processor(images=photos, text=prompts, padding=True, padding_side="left", return_tensors="pt")
         inputs = _to(batch, device, dtype)
-        preprocessed = time.perf_counter()
+        preprocessed = now()
         out, prefill, step = _generate(model, inputs, config, device)
         processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        end = time.perf_counter()
+        end = now()
         return {"latency s": end - start, "prefill s": prefill, "preprocess s": preprocessed - start}
 
     return once
@@ -124,7 +124,7 @@ def caption_figure(c, shapes, device, dtype, reps, warmup, batch):
     rows = [
         Row(
             "2",
-            f"caption latency s, batch {batch} (preprocess + prefill + {shapes.caption_tokens} new tokens)",
+            f"caption latency {unit()}, batch {batch} (preprocess + prefill + {shapes.caption_tokens} new tokens)",
             "MQwen",
             stats["MQwen"]["latency s"],
             llava,
@@ -133,7 +133,7 @@ def caption_figure(c, shapes, device, dtype, reps, warmup, batch):
         ),
         Row(
             "2",
-            f"prefill s (time to first token), batch {batch}",
+            f"prefill {unit()} (time to first token), batch {batch}",
             "MQwen",
             stats["MQwen"]["prefill s"],
             llava,
@@ -147,7 +147,7 @@ def caption_figure(c, shapes, device, dtype, reps, warmup, batch):
         rows.append(
             Row(
                 "2",
-                f"prefill s, batch {batch}, {pooled_tokens} vs {c.mqwen.config.image_seq_length} image tokens",
+                f"prefill {unit()}, batch {batch}, {pooled_tokens} vs {c.mqwen.config.image_seq_length} image tokens",
                 "MQwen, image_token_pooling=2",
                 stats["MQwen pool 2"]["prefill s"],
                 llava,
@@ -166,21 +166,21 @@ def vision_row(c, photos, device, dtype, reps, warmup):
 
     def mqwen():
         synchronize(device)
-        start = time.perf_counter()
+        start = now()
         c.mqwen.get_image_features(pixel_values)
         synchronize(device)
-        return {"s": time.perf_counter() - start}
+        return {"s": now() - start}
 
     def llava():
         synchronize(device)
-        start = time.perf_counter()
+        start = now()
         c.llava.model.get_image_features(
             pixel_values,
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         )
         synchronize(device)
-        return {"s": time.perf_counter() - start}
+        return {"s": now() - start}
 
     with torch.inference_mode():
         stats = interleave({"MQwen": mqwen, "LLaVA": llava}, reps=reps, warmup=warmup, desc="2 vision")
@@ -188,7 +188,7 @@ def vision_row(c, photos, device, dtype, reps, warmup):
     used = c.mqwen.config.vision_feature_layer % (layers + 1)
     return Row(
         "2",
-        f"image features s, batch {len(photos)} (ViT + projector; MQwen runs {used} of {layers} blocks)",
+        f"image features {unit()}, batch {len(photos)} (ViT + projector; MQwen runs {used} of {layers} blocks)",
         "MQwen",
         stats["MQwen"]["s"],
         "LlavaForConditionalGeneration",
@@ -262,7 +262,7 @@ def train_figure(c, shapes, device, dtype, reps, warmup, optimizer="adamw"):
         rows.append(
             Row(
                 "3",
-                f"training samples/s, {stage} ({trained} trained, vision frozen), batch {shapes.train_batch}, "
+                f"training samples/{unit()}, {stage} ({trained} trained, vision frozen), batch {shapes.train_batch}, "
                 f"{batch['input_ids'].shape[1]} tokens, {optimizer}",
                 "MQwen",
                 stats["MQwen"]["samples/s"],
@@ -284,7 +284,7 @@ def _train_run(model, batch, optimizer, device):
     def once():
         model.train()
         synchronize(device)
-        start = time.perf_counter()
+        start = now()
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
@@ -292,7 +292,7 @@ def _train_run(model, batch, optimizer, device):
         synchronize(device)
         if not torch.isfinite(loss):
             raise RuntimeError(f"{type(model).__name__} training loss is {loss.item()}")
-        return {"samples/s": n / (time.perf_counter() - start)}
+        return {"samples/s": n / (now() - start)}
 
     return once
 
@@ -308,11 +308,11 @@ def measured_bandwidth(device, nbytes=1 << 30, reps=10) -> float:
     dst = torch.empty_like(src)
     dst.copy_(src)
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     for _ in range(reps):
         dst.copy_(src)
     synchronize(device)
-    return 2 * src.numel() * src.element_size() * reps / (time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() * reps / (now() - start)
 
 
 def decode_bytes_per_token(lm, context: int) -> int:
@@ -346,7 +346,7 @@ def bandwidth_figure(c, shapes, device, dtype, reps, warmup):
     return [
         Row(
             "5",
-            f"{str(dtype).replace('torch.', '')} decode tokens/s, batch 1, vs bound = copy bandwidth "
+            f"{str(dtype).replace('torch.', '')} decode tokens/{unit()}, batch 1, vs bound = copy bandwidth "
             f"{bandwidth / 1e9:.0f} GB/s ÷ {per_token / 1e9:.2f} GB per token",
             "MQwen",
             stats["MQwen"]["tokens/s"],

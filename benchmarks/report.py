@@ -31,6 +31,19 @@ class Row:
     def ratio(self) -> float:
         return self.ours_stats.median / self.reference_stats.median
 
+    def to_dict(self) -> dict:
+        return {
+            "figure": self.figure,
+            "metric": self.metric,
+            "ours": self.ours,
+            "ours_samples": self.ours_stats.samples,
+            "reference": self.reference,
+            "reference_samples": self.reference_stats.samples,
+            "ratio_of_medians": self.ratio,
+            "target": self.target,
+            "met": self.met,
+        }
+
     @property
     def met(self):
         if not self.target:

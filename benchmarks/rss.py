@@ -1,22 +1,23 @@
 """Peak resident memory of loading a checkpoint, or of a whole command, each in a fresh process.
 
-Method. Peak RSS is the larger of two readings: the kernel's high-water mark (`getrusage` `ru_maxrss`,
-exact but since process start) and psutil samples every millisecond (which also see RSS of file pages
-the process maps, as `ru_maxrss` does). What the Python interpreter and the imports of torch,
-transformers and mqwen occupy is subtracted, so the figure is what loading itself costs:
+Method. The peak is the kernel's high-water mark of resident memory, `VmHWM` in /proc/PID/status:
+exact, and counting file pages a process maps (safetensors are memory-mapped) as well as the memory
+it allocates. (`getrusage().ru_maxrss` would be wrong here: Linux carries it across `exec`, so a child
+forked from a large benchmark process inherits the parent's size.) What the interpreter and the
+imports of torch, transformers and mqwen occupy is subtracted, so the figure is what the work costs:
 
-- `load KIND DIR`: imports, records RSS (the baseline), then `from_pretrained(DIR)`; prints the peak
-  above the baseline and the RSS after loading, as JSON.
+- `load KIND DIR`: imports, records RSS (the baseline), runs `from_pretrained(DIR)`, then reads every
+  weight once (transformers 5 may leave weights memory-mapped and not yet resident; the first forward
+  would bring them in). Prints the peak above the baseline after loading and after that first read.
 - `baseline`: the RSS of a fresh interpreter after the same imports, for commands measured from outside.
-- `run -- CMD ...`: runs CMD as this process's only child and reports the child's peak RSS: its
-  `ru_maxrss` from `getrusage(RUSAGE_CHILDREN)` (this wrapper imports no torch and has no other child,
-  so nothing else can set that mark) and psutil samples of the child and its descendants.
+- `run -- CMD ...`: runs CMD as this process's only child and polls the child's `VmHWM` (and the RSS
+  of any grandchildren) every millisecond until it exits; `VmHWM` never decreases, so the last poll
+  holds the peak up to a millisecond before exit.
 """
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -39,7 +40,7 @@ class _Sampler(threading.Thread):
     def _rss(self):
         import psutil
 
-        total = self.process.memory_info().rss
+        total = vm_hwm(self.process.pid)
         if self.tree:
             for child in self.process.children(recursive=True):
                 try:
@@ -54,7 +55,7 @@ class _Sampler(threading.Thread):
         while not self._halt.is_set():
             try:
                 self.peak = max(self.peak, self._rss())
-            except psutil.Error:
+            except (psutil.Error, OSError, RuntimeError):  # the process has exited (or is a zombie)
                 return
             time.sleep(self.interval)
 
@@ -62,6 +63,15 @@ class _Sampler(threading.Thread):
         self._halt.set()
         self.join()
         return self.peak
+
+
+def vm_hwm(pid="self") -> int:
+    """Peak resident set size of a live process, in bytes (Linux `VmHWM`)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/{pid}/status has no VmHWM line; peak RSS needs Linux")
 
 
 def _imports():
@@ -81,24 +91,26 @@ def load(kind, path):
     _imports()
     import gc
 
+    import torch
     from transformers import AutoModelForCausalLM
 
     from mqwen import MQwenForCausalLM
 
     gc.collect()
     baseline = _current_rss()
-    sampler = _Sampler(os.getpid())
-    sampler.start()
     cls = MQwenForCausalLM if kind == "mqwen" else AutoModelForCausalLM
     start = time.perf_counter()
     model = cls.from_pretrained(path)
     seconds = time.perf_counter() - start
-    sampled = sampler.stop()
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_load = vm_hwm() - baseline
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.float().sum()  # read every byte once, as a first forward would
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "baseline": baseline,
-        "peak": max(sampled, maxrss) - baseline,
+        "peak_load": peak_load,
+        "peak": vm_hwm() - baseline,
         "after": _current_rss() - baseline,
         "param_bytes": params,
         "seconds": seconds,
@@ -119,9 +131,8 @@ def run(command):
     sampler = _Sampler(child.pid, tree=True)
     sampler.start()
     returncode = child.wait()
-    sampled = sampler.stop()
-    maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return {"peak": max(sampled, maxrss), "returncode": returncode, "seconds": time.perf_counter() - start}
+    peak = sampler.stop()
+    return {"peak": peak, "returncode": returncode, "seconds": time.perf_counter() - start}
 
 
 def measure(args, env=None, cwd=None):

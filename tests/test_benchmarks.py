@@ -4,7 +4,9 @@ Speed targets are not asserted here (they live in benchmarks/RESULTS.md); these 
 benchmark runs, reports what it measured, and that its contenders really compute the same thing.
 """
 
+import json
 import re
+import statistics
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ def test_quick_run_prints_and_writes_the_table(tmp_path, capsys):
     assert cli.main(["--quick", "--output", str(output)]) == 0
     printed = capsys.readouterr().out
     rows = [ROW.match(line) for line in printed.splitlines() if line.startswith("| ") and "---" not in line]
-    rows = [row for row in rows[1:]]  # the header is not a data row
+    rows = rows[1:]  # the header is not a data row
     assert rows and all(rows), printed
     figures = {row.group(1) for row in rows}
     assert figures >= {"1", "2", "3", "4"}, printed
@@ -40,6 +42,12 @@ def test_quick_run_prints_and_writes_the_table(tmp_path, capsys):
     table = "\n".join(line for line in printed.splitlines() if line.startswith("|"))
     assert table in written
     assert "transformers" in written and "torch" in written and "cpu" in written
+    # every sample is kept beside the table, and the table's ratios are the samples' ratio of medians
+    raw = json.loads(output.with_suffix(".json").read_text())
+    assert len(raw["rows"]) == len(rows)
+    for row, line in zip(raw["rows"], rows):
+        ratio = statistics.median(row["ours_samples"]) / statistics.median(row["reference_samples"])
+        assert f"{ratio:.3f}" == line.group(7)
 
 
 def test_check_same_logits_catches_a_different_llava():
