@@ -157,10 +157,25 @@ def reference(tiny, path, max_new_tokens):
 
 
 def set_max_new_tokens(page, value):
+    """Type `value` into the slider's number box and wait until the page state holds it.
+
+    Right after the page loads, gradio may still re-render the settings and drop a typed value now and then
+    on a busy machine, so the value is typed again until the slider (which follows the page state) shows it.
+    """
     page.get_by_text("Generation settings").click()
     box = page.locator("#max-new-tokens input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
+    slider = page.locator("#max-new-tokens input[type=range]")
+    for _ in range(10):
+        box.fill(str(value))
+        box.press("Enter")
+        box.blur()
+        try:
+            expect(slider).to_have_value(str(value), timeout=3000)
+            break
+        except AssertionError:
+            continue
+    expect(slider).to_have_value(str(value))
+    expect(box).to_have_value(str(value))
     page.get_by_text("Generation settings").click()
 
 
