@@ -304,9 +304,13 @@ document.addEventListener("paste", (event) => {
 
 CSS = """
 .mqwen-table { width: 100%; border-collapse: collapse; }
-.mqwen-table td, .mqwen-table th { padding: 6px 10px; border-bottom: 1px solid var(--border-color-primary); text-align: left; }
+.mqwen-table td, .mqwen-table th {
+  padding: 6px 10px; border-bottom: 1px solid var(--border-color-primary); text-align: left;
+}
 .mqwen-table img { max-width: 128px; max-height: 128px; }
-.mqwen-table td.mqwen-name { font-size: 0.85em; color: var(--body-text-color-subdued); word-break: break-all; width: 20%; }
+.mqwen-table td.mqwen-name {
+  font-size: 0.85em; color: var(--body-text-color-subdued); word-break: break-all; width: 20%;
+}
 .mqwen-table td.mqwen-caption { width: 60%; }
 """
 
@@ -420,8 +424,13 @@ def build_demo(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT_MAX_
                 table = gr.HTML(elem_id="table")
         rows, labels = example_sets(examples_dir)
         if rows:
-            gr.Examples(rows, inputs=[files], label="Examples: test images of the shapes task, labelled with their true captions (click one, then Caption)",
-                        example_labels=labels, examples_per_page=12)
+            gr.Examples(
+                rows,
+                inputs=[files],
+                label="Examples: shapes-task test images, labelled with their true captions (click, then Caption)",
+                example_labels=labels,
+                examples_per_page=12,
+            )
         run.click(
             caption,
             inputs=[files, prompt, max_new_tokens, do_sample, temperature, top_p],

@@ -47,7 +47,7 @@ if importlib.util.find_spec("gradio") is None:  # the app imports it; this proce
 try:
     from playwright.sync_api import expect, sync_playwright
 except ImportError:
-    _missing("playwright is not installed: pip install playwright (never `playwright install`: Debian's chromium is used)")
+    _missing("playwright is not installed: pip install playwright (not `playwright install`: Debian's chromium runs)")
 expect.set_options(timeout=TIMEOUT_MS)  # its default is 5 s, short for a busy CI machine
 CHROMIUM = os.environ.get("MQWEN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
@@ -86,7 +86,8 @@ def server(tiny_dir, tmp_path_factory):
         OMP_NUM_THREADS=str(torch.get_num_threads()),
     )
     env.pop("MQWEN_MODEL", None)
-    command = [sys.executable, str(REPO / "app.py"), "--model", str(tiny_dir), "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, str(REPO / "app.py"), "--model", str(tiny_dir), "--host", "127.0.0.1"]
+    command += ["--port", str(port)]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
