@@ -64,7 +64,7 @@ def loss_curve(log_history, path, title="training loss"):
     ax.plot(steps, losses, marker="." if len(points) < 50 else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy on caption tokens")
-    if min(losses) > 0:
+    if min(losses) > 0 and max(losses) / min(losses) > 10:  # from ~6 nats at the start to ~0.01
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.set_title(title)

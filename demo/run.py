@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .model import PRESETS, build_shapes_model
-from .shapes import HELD_OUT_ONE_IN, make_split, write_split
+from .shapes import HELD_OUT_ONE_IN, lazy_split, make_split, write_split
 
 
 @dataclass
@@ -139,12 +139,11 @@ def run(settings: DemoSettings, log=print):
 
     log(f"[1/6] Generating shapes data (seed {settings.seed}) ...")
     t = time.perf_counter()
-    splits = {
-        name: make_split(name, size, seed=settings.seed, image_size=PRESETS[settings.preset].image_size,
-                         progress=settings.progress)
-        for name, size in (("train", settings.train_size), ("validation", settings.validation_size),
-                           ("test", settings.test_size))
-    }
+    image_size = PRESETS[settings.preset].image_size
+    # Training images are drawn when the data loader asks for them; the held-out splits are kept and saved.
+    splits = {"train": lazy_split("train", settings.train_size, settings.seed, image_size, settings.progress)}
+    for name, size in (("validation", settings.validation_size), ("test", settings.test_size)):
+        splits[name] = make_split(name, size, settings.seed, image_size, settings.progress)
     test_dir = write_split(splits["test"], out_dir / "data" / "test")
     write_split(splits["validation"], out_dir / "data" / "validation")
     timings["data_seconds"] = time.perf_counter() - t
@@ -160,7 +159,7 @@ def run(settings: DemoSettings, log=print):
         f"{torch.get_num_threads()} CPU threads")
 
     log(f"[3/6] Training for {settings.max_steps} steps of {settings.batch_size} ...")
-    train_pairs = [(example.image, example.caption) for example in splits["train"]]
+    train_pairs = [(example, example.caption) for example in splits["train"]]
     trainer, model_dir, timings["train_seconds"] = train_model(settings, model, processor, train_pairs, out_dir)
     model = trainer.model.eval()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

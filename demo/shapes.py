@@ -138,16 +138,45 @@ def render(shapes, background, image_size: int, rng: np.random.Generator = None)
     return image.resize((image_size, image_size), Image.LANCZOS)
 
 
-def make_example(split: str, index: int, seed: int = 0, image_size: int = 64) -> Example:
-    """Example `index` of `split` ("train", "validation" or "test"), a pure function of its arguments."""
+def _layout(split, index, seed, image_size):
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; choose one of {list(SPLITS)}")
     rng = np.random.default_rng([seed, SPLITS[split], index])
     while True:  # rejection sampling keeps each split's distribution otherwise uniform
         shapes, background = sample_layout(rng, image_size)
         if is_held_out(caption_for(shapes)) == (split == "test"):
-            break
+            return shapes, background, rng
+
+
+def make_example(split: str, index: int, seed: int = 0, image_size: int = 64) -> Example:
+    """Example `index` of `split` ("train", "validation" or "test"), a pure function of its arguments."""
+    shapes, background, rng = _layout(split, index, seed, image_size)
     return Example(render(shapes, background, image_size, rng), caption_for(shapes), shapes)
+
+
+class LazyExample:
+    """Example `index` of `split` with its caption known now and its image drawn only when called.
+
+    A training set of a hundred thousand images then costs memory for captions only; the image is drawn
+    (about a millisecond) each time the data loader asks for it, identical every time.
+    """
+
+    __slots__ = ("split", "index", "seed", "image_size", "caption")
+
+    def __init__(self, split, index, seed=0, image_size=64):
+        self.split, self.index, self.seed, self.image_size = split, index, seed, image_size
+        self.caption = caption_for(_layout(split, index, seed, image_size)[0])
+
+    def __call__(self):
+        return make_example(self.split, self.index, self.seed, self.image_size).image
+
+
+def lazy_split(split: str, n: int, seed: int = 0, image_size: int = 64, progress: bool = False) -> list:
+    """The first `n` examples of `split` as `LazyExample`s (captions only, images on demand)."""
+    from tqdm.auto import tqdm
+
+    indices = tqdm(range(n), desc=f"sampling {split} captions", unit="img", disable=not progress, leave=False)
+    return [LazyExample(split, i, seed, image_size) for i in indices]
 
 
 def make_split(split: str, n: int, seed: int = 0, image_size: int = 64, progress: bool = False) -> list:

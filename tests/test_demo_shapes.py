@@ -11,6 +11,7 @@ from mqwen.demo.shapes import (
     SHAPES,
     caption_for,
     is_held_out,
+    lazy_split,
     make_example,
     make_split,
     parse_caption,
@@ -33,6 +34,12 @@ def test_same_seed_same_data_other_seed_other_data():
     assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(first, again))
     assert [e.caption for e in first] != [e.caption for e in other]
     assert not all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(first, other))
+
+
+def test_lazy_examples_draw_the_same_images():
+    eager, lazy = make_split("test", 6, seed=2), lazy_split("test", 6, seed=2)
+    assert [e.caption for e in eager] == [e.caption for e in lazy]
+    assert all(np.array_equal(_pixels(e), np.asarray(l())) for e, l in zip(eager, lazy))
 
 
 def test_example_does_not_depend_on_split_length_and_splits_differ():
