@@ -3,6 +3,7 @@
 Each figure function runs its contenders interleaved (`timing.interleave`) and returns table rows.
 """
 
+import contextlib
 import time
 
 import numpy as np
@@ -245,32 +246,47 @@ def make_optimizer(params, kind):
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {kind!r}")
 
 
-def train_figure(c, shapes, device, dtype, reps, warmup, optimizer="adamw"):
-    """Samples/s of one optimizer step (forward, backward, update) for MQwen and LLaVA-HF, per stage."""
+def train_figure(c, shapes, device, dtype, reps, warmup, optimizer="adamw", patch=None):
+    """Samples/s of one optimizer step (forward, backward, update) for MQwen and LLaVA-HF, per stage.
+
+    With `patch` (see `patches.py`), a third contender runs MQwen with that change applied.
+    """
+    from .patches import applied, check_same_loss
+
     batch = training_batch(c, shapes, device, dtype)
     rows = []
+    contenders = [("MQwen", c.mqwen), ("LLaVA", c.llava)] + ([("MQwen + patch", c.mqwen)] if patch else [])
     for stage in STAGES:
-        runs = {}
-        for name, model in (("MQwen", c.mqwen), ("LLaVA", c.llava)):
-            # set on both before building either optimizer: the language model is shared
+        for _, model in contenders:
+            # set on every model before building any optimizer: the language model is shared
             _trainable(model, stage)
-        for name, model in (("MQwen", c.mqwen), ("LLaVA", c.llava)):
+        if patch:
+            check_same_loss(c.mqwen, batch, patch)
+        runs = {}
+        for name, model in contenders:
             params = [p for p in model.parameters() if p.requires_grad]
-            runs[name] = _train_run(model, batch, make_optimizer(params, optimizer), device)
+            context = (lambda: applied(patch)) if name == "MQwen + patch" else contextlib.nullcontext
+            runs[name] = _train_run(model, batch, make_optimizer(params, optimizer), device, context)
         stats = interleave(runs, reps=reps, warmup=warmup, desc=f"3 train {stage}")
         trained = " + ".join(STAGES[stage][:2])
-        rows.append(
-            Row(
-                "3",
-                f"training samples/{unit()}, {stage} ({trained} trained, vision frozen), batch {shapes.train_batch}, "
-                f"{batch['input_ids'].shape[1]} tokens, {optimizer}",
-                "MQwen",
-                stats["MQwen"]["samples/s"],
-                "LlavaForConditionalGeneration",
-                stats["LLaVA"]["samples/s"],
-                ">= 1.0",
-            )
+        metric = (
+            f"training samples/{unit()}, {stage} ({trained} trained, vision frozen), batch {shapes.train_batch}, "
+            f"{batch['input_ids'].shape[1]} tokens, {optimizer}"
         )
+        llava = "LlavaForConditionalGeneration"
+        rows.append(Row("3", metric, "MQwen", stats["MQwen"]["samples/s"], llava, stats["LLaVA"]["samples/s"], ">= 1.0"))
+        if patch:
+            rows.append(
+                Row(
+                    "3",
+                    metric,
+                    f"MQwen + patch {patch}",
+                    stats["MQwen + patch"]["samples/s"],
+                    llava,
+                    stats["LLaVA"]["samples/s"],
+                    ">= 1.0",
+                )
+            )
     for model in (c.mqwen, c.llava):
         model.eval()
         for param in model.parameters():
@@ -278,14 +294,15 @@ def train_figure(c, shapes, device, dtype, reps, warmup, optimizer="adamw"):
     return rows
 
 
-def _train_run(model, batch, optimizer, device):
+def _train_run(model, batch, optimizer, device, context=contextlib.nullcontext):
     n = batch["input_ids"].shape[0]
 
     def once():
         model.train()
         synchronize(device)
         start = now()
-        loss = model(**batch).loss
+        with context():
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -6,6 +6,7 @@ checkpoint shard by shard about one shard in and one out.
 """
 
 import importlib.util
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -35,14 +36,16 @@ def from_pretrained_figure(c, shapes, workdir):
         folder = Path(workdir) / f"checkpoint-{kind}"
         model.save_pretrained(folder, safe_serialization=True)
         size = safetensors_bytes(folder)
-        report = measure(["load", kind, str(folder)])
+        reports = [measure(["load", kind, str(folder)]) for _ in range(shapes.memory_reps)]
+        load_only = max(report["peak_load"] for report in reports)
+        seconds = max(report["seconds"] for report in reports)
         rows.append(
             Row(
                 "4",
                 f"peak RSS MB of from_pretrained + first read of every weight, above the imports "
-                f"(from_pretrained alone: {report['peak_load'] / MB:.0f} MB, {report['seconds']:.1f} s)",
+                f"(from_pretrained alone: <= {load_only / MB:.0f} MB, <= {seconds:.1f} s)",
                 label,
-                Stats([report["peak"] / MB]),
+                Stats([report["peak"] / MB for report in reports]),
                 "safetensors MB",
                 Stats([size / MB]),
                 target,
@@ -65,7 +68,7 @@ def write_sharded_lm(shapes, folder, seed=0):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    text = dict(shapes.text)
+    text = dict(shapes.build_text or shapes.text)
     hidden, inter, vocab = text["hidden_size"], text["intermediate_size"], text["vocab_size"]
     kv = text["num_key_value_heads"] * (hidden // text["num_attention_heads"])
     per_layer = 4 * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter)
@@ -90,19 +93,24 @@ def build_figure(c, shapes, workdir):
     c.mqwen_processor.image_processor.save_pretrained(vision)
     out = workdir / "built"
     command = [sys.executable, "-m", "mqwen.convert", "build", "--llm", str(lm_dir), "--vision", str(vision), str(out)]
-    baseline = measure(["baseline"])["baseline"]
-    report = measure(["run", "--", *command])
-    if report["returncode"]:
-        raise RuntimeError(f"`{' '.join(command)}` failed with exit code {report['returncode']}")
+    peaks, seconds = [], 0.0
+    for _ in range(shapes.memory_reps):
+        shutil.rmtree(out, ignore_errors=True)
+        baseline = measure(["baseline"])["baseline"]
+        report = measure(["run", "--", *command])
+        if report["returncode"]:
+            raise RuntimeError(f"`{' '.join(command)}` failed with exit code {report['returncode']}")
+        peaks.append((report["peak"] - baseline) / MB)
+        seconds = max(seconds, report["seconds"])
     shard = largest_shard(lm_dir)
     total = safetensors_bytes(lm_dir)
     return [
         Row(
             "4",
             f"peak RSS MB of `convert build` above the imports ({total / MB:.0f} MB LM in "
-            f"{len(list(lm_dir.glob('*.safetensors')))} shards, {report['seconds']:.0f} s)",
+            f"{len(list(lm_dir.glob('*.safetensors')))} shards, <= {seconds:.0f} s)",
             "python -m convert build",
-            Stats([(report["peak"] - baseline) / MB]),
+            Stats(peaks),
             "largest LM shard MB",
             Stats([shard / MB]),
             "<= 2.0",

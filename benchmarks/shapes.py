@@ -32,6 +32,8 @@ class Shapes:
     # figure 4b: the sharded LM checkpoint written for `convert build`
     build_lm_bytes: int = 1 << 30
     build_shard_bytes: int = 256 << 20
+    build_text: dict = None  # the sharded LM's shapes in figure 4b (default `text`, with more layers)
+    memory_reps: int = 3  # fresh processes per memory figure
     memory_context: bool = True  # figure 4 also loads the bare LM, to show transformers' own overhead
     extra: dict = field(default_factory=dict)
 
@@ -64,6 +66,7 @@ QUICK = Shapes(
     build_lm_bytes=4 << 20,
     build_shard_bytes=1 << 20,
     memory_context=False,
+    memory_reps=1,
 )
 
 MID = Shapes(
@@ -89,6 +92,7 @@ GPU_7B = Shapes(
     text=dict(QWEN25_7B_INSTRUCT, eos_token_id=None, bos_token_id=None),
     decode_tokens=64,
     train_batch=4,
+    build_text=MID.text,  # figure 4b is a CPU figure at ~1 GB whatever the device: 7B embeddings alone are 4 GB
 )
 
 
