@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up a virtual environment, then build, train, save, reload and evaluate the shapes captioner.
 #
-#   bash scripts/demo.sh                 # full run (about 10 minutes of training on 2 CPU cores)
+#   bash scripts/demo.sh                 # full run (trains on CPU; see the README for measured figures)
 #   bash scripts/demo.sh --help          # the demo's own options
 set -euo pipefail
 cd "$(dirname "$0")/.."
