@@ -156,6 +156,17 @@ def caption_figure(c, shapes, device, dtype, reps, warmup, batch):
                 "<= 0.5",
             )
         )
+        rows.append(
+            Row(
+                "2",
+                f"caption latency {unit()}, batch {batch}, {pooled_tokens} vs {c.mqwen.config.image_seq_length} "
+                "image tokens",
+                "MQwen, image_token_pooling=2",
+                stats["MQwen pool 2"]["latency s"],
+                llava,
+                stats["LLaVA"]["latency s"],
+            )
+        )
     return rows
 
 
