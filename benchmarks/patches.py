@@ -5,7 +5,7 @@
 in and out around each call, so the other contenders never see it).
 
 labelled-logits: in training, run the LM head only where a next token is scored. A caption sample is
-mostly image placeholders and prompt, all labelled -100 (here 300 of 332 positions); their logits are
+mostly image placeholders and prompt, all labelled -100 (here 291 of 332 positions); their logits are
 computed, upcast to fp32 by the loss and thrown away. With 1D `logits_to_keep` (supported by
 transformers' causal LMs on 4.57 and 5.x) the head sees only the positions some sample in the batch
 scores, and the loss is the LM's own `loss_function` on the same tokens, via `shift_labels`. The loss is
