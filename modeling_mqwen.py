@@ -349,8 +349,21 @@ class MQwenModel(MQwenPreTrainedModel):
         return BaseModelOutputWithPast(**outputs) if not isinstance(outputs, BaseModelOutputWithPast) else outputs
 
 
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions whose logits a causal-LM loss on `labels` reads: p where some sample labels token p + 1.
+
+    Training passes them as `MQwenForCausalLM.forward(..., labels=labels, logits_to_keep=...)`.
+    """
+    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    return (shift_labels != -100).any(dim=0).nonzero().squeeze(-1)
+
+
 class MQwenForCausalLM(MQwenModel, GenerationMixin):
     """MQwen with the language model's head: captioning, chat, training with labels, and `generate()`."""
+
+    # Tells train/ that `forward(labels=..., logits_to_keep=scored_positions(labels))` gives the full loss
+    # (checkpoints published with older code lack it, and train/ then computes every position's logits).
+    loss_from_kept_logits = True
 
     def forward(
         self,
@@ -367,10 +380,26 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
 
         With `labels`, the loss is the language model's causal-LM loss; positions labelled -100 and every
         `<image>` position are ignored, so `labels=input_ids` is safe.
+
+        `logits_to_keep` is the language model's: an int keeps the last that many positions (0: all), a 1D
+        tensor keeps those positions. With labels and a tensor, the loss is computed from the kept logits
+        alone, so training can pass `scored_positions(labels)` and skip the LM head (and the loss's fp32
+        copy of the logits) at the image and prompt positions, which are most of a caption sample.
+        The loss is the same; `outputs.logits` then holds the kept positions only.
         """
         inputs_embeds = self._embed(input_ids, pixel_values, inputs_embeds, kwargs)
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+        if labels is not None and torch.is_tensor(logits_to_keep) and logits_to_keep.dim() == 1:
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+            loss = self._loss_at_kept_positions(outputs.logits, labels, logits_to_keep, kwargs)
+            return type(outputs)(loss=loss, **outputs)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -378,6 +407,27 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
             labels=labels,
             logits_to_keep=logits_to_keep,
             **kwargs,
+        )
+
+    def _loss_at_kept_positions(self, logits, labels, kept, kwargs):
+        """The causal-LM loss of `labels` from logits at the positions `kept` only (see `forward`)."""
+        shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        kept = kept.to(labels.device)
+        scored = shift_labels != -100
+        scored[:, kept] = False
+        if scored.any():
+            missing = scored.any(0).nonzero().squeeze(-1).tolist()
+            raise ValueError(
+                f"logits_to_keep leaves out position(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} whose "
+                "next token is labelled, so the loss would drop them. Pass logits_to_keep=scored_positions(labels) "
+                "(from modeling_mqwen), or 0 to compute every position's logits."
+            )
+        return self.language_model.loss_function(
+            logits=logits,
+            labels=None,
+            shift_labels=shift_labels[:, kept],
+            vocab_size=logits.shape[-1],
+            num_items_in_batch=kwargs.get("num_items_in_batch"),
         )
 
     def prepare_inputs_for_generation(self, *args, pixel_values=None, **kwargs):

@@ -53,12 +53,6 @@ def parse_args(argv=None):
         help="figure 3's optimizer (default adamw; sgd on cuda, where two 7B AdamW states do not fit)",
     )
     parser.add_argument(
-        "--patch",
-        choices=["labelled-logits"],
-        default=None,
-        help="also time MQwen with a proposed modeling change applied in this process (benchmarks/patches.py)",
-    )
-    parser.add_argument(
         "--clock",
         choices=["wall", "cpu"],
         default="wall",
@@ -151,7 +145,7 @@ def main(argv=None):
     if "train" in figures:
         rows += timed(
             "3 train",
-            train_figure, contenders, shapes, device, dtype, optimizer=optimizer, patch=args.patch, **timing
+            train_figure, contenders, shapes, device, dtype, optimizer=optimizer, **timing
         )
     if "bandwidth" in figures:
         rows += timed("5 bandwidth", bandwidth_figure, contenders, shapes, device, dtype, **timing)

@@ -3,7 +3,6 @@
 Each figure function runs its contenders interleaved (`timing.interleave`) and returns table rows.
 """
 
-import contextlib
 import time
 
 import numpy as np
@@ -257,47 +256,40 @@ def make_optimizer(params, kind):
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {kind!r}")
 
 
-def train_figure(c, shapes, device, dtype, reps, warmup, optimizer="adamw", patch=None):
+def train_figure(c, shapes, device, dtype, reps, warmup, optimizer="adamw"):
     """Samples/s of one optimizer step (forward, backward, update) for MQwen and LLaVA-HF, per stage.
 
-    With `patch` (see `patches.py`), a third contender runs MQwen with that change applied.
+    MQwen runs twice: as train/'s CaptionTrainer calls it (`logits_to_keep=scored_positions(labels)`, the LM
+    head only where a caption token is scored; same loss, checked here) and as a plain `model(**batch)`.
     """
-    from .patches import applied, check_same_loss
+    from mqwen.modeling_mqwen import scored_positions
 
     batch = training_batch(c, shapes, device, dtype)
+    scored = dict(batch, logits_to_keep=scored_positions(batch["labels"]))
+    c.mqwen.train()
+    with torch.no_grad():
+        full_loss, scored_loss = c.mqwen(**batch).loss, c.mqwen(**scored).loss
+    if not torch.allclose(full_loss.float(), scored_loss.float(), rtol=1e-4):
+        raise RuntimeError(f"the loss from scored positions differs: {scored_loss.item()} vs {full_loss.item()}")
     rows = []
-    contenders = [("MQwen", c.mqwen), ("LLaVA", c.llava)] + ([("MQwen + patch", c.mqwen)] if patch else [])
+    contenders = [("MQwen (train/)", c.mqwen, scored), ("LLaVA", c.llava, batch), ("MQwen (plain)", c.mqwen, batch)]
     for stage in STAGES:
-        for _, model in contenders:
+        for _, model, _ in contenders:
             # set on every model before building any optimizer: the language model is shared
             _trainable(model, stage)
-        if patch:
-            check_same_loss(c.mqwen, batch, patch)
         runs = {}
-        for name, model in contenders:
+        for name, model, inputs in contenders:
             params = [p for p in model.parameters() if p.requires_grad]
-            context = (lambda: applied(patch)) if name == "MQwen + patch" else contextlib.nullcontext
-            runs[name] = _train_run(model, batch, make_optimizer(params, optimizer), device, context)
+            runs[name] = _train_run(model, inputs, make_optimizer(params, optimizer), device)
         stats = interleave(runs, reps=reps, warmup=warmup, desc=f"3 train {stage}")
         trained = " + ".join(STAGES[stage][:2])
         metric = (
             f"training samples/{unit()}, {stage} ({trained} trained, vision frozen), batch {shapes.train_batch}, "
-            f"{batch['input_ids'].shape[1]} tokens, {optimizer}"
+            f"{batch['input_ids'].shape[1]} tokens ({len(scored['logits_to_keep'])} scored), {optimizer}"
         )
         llava = "LlavaForConditionalGeneration"
-        rows.append(Row("3", metric, "MQwen", stats["MQwen"]["samples/s"], llava, stats["LLaVA"]["samples/s"], ">= 1.0"))
-        if patch:
-            rows.append(
-                Row(
-                    "3",
-                    metric,
-                    f"MQwen + patch {patch}",
-                    stats["MQwen + patch"]["samples/s"],
-                    llava,
-                    stats["LLaVA"]["samples/s"],
-                    ">= 1.0",
-                )
-            )
+        for name, label in (("MQwen (train/)", "MQwen as train/ runs it"), ("MQwen (plain)", "MQwen, plain forward")):
+            rows.append(Row("3", metric, label, stats[name]["samples/s"], llava, stats["LLaVA"]["samples/s"], ">= 1.0"))
     for model in (c.mqwen, c.llava):
         model.eval()
         for param in model.parameters():
@@ -305,15 +297,14 @@ def train_figure(c, shapes, device, dtype, reps, warmup, optimizer="adamw", patc
     return rows
 
 
-def _train_run(model, batch, optimizer, device, context=contextlib.nullcontext):
+def _train_run(model, batch, optimizer, device):
     n = batch["input_ids"].shape[0]
 
     def once():
         model.train()
         synchronize(device)
         start = now()
-        with context():
-            loss = model(**batch).loss
+        loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

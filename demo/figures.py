@@ -35,18 +35,22 @@ def caption_grid(images, predicted, truth, path, columns=4, title=None):
         raise ValueError(f"caption_grid needs as many captions as images (got {n}, {len(predicted)}, {len(truth)})")
     columns = min(columns, n)
     rows = -(-n // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.6 * rows), squeeze=False)
+    # Each cell is an image with up to four caption lines below it (two predicted, two true); the row
+    # spacing leaves room for them so a caption never runs into the next row's image.
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.9 * rows), squeeze=False,
+                             gridspec_kw=dict(hspace=0.3, wspace=0.08, top=0.93 if title else 0.98, bottom=0.07))
     for ax in axes.flat:
         ax.axis("off")
+    wrap = lambda s: "\n".join(textwrap.wrap(s, 34)) or "(empty)"  # noqa: E731
     for ax, image, pred, true in zip(axes.flat, images, predicted, truth):
         ax.imshow(image, interpolation="nearest")
         ok = pred == true
-        wrap = lambda s: "\n".join(textwrap.wrap(s, 30)) or "(empty)"  # noqa: E731
-        ax.set_title(f"pred: {wrap(pred)}", fontsize=8, color="green" if ok else "red", loc="left")
-        ax.text(0, -0.02, f"true: {wrap(true)}", fontsize=8, transform=ax.transAxes, va="top")
+        pred_text = ax.text(0, -0.03, f"pred: {wrap(pred)}", fontsize=8, transform=ax.transAxes, va="top",
+                            color="green" if ok else "red")
+        lines = pred_text.get_text().count("\n") + 1
+        ax.text(0, -0.03 - 0.075 * lines, f"true: {wrap(true)}", fontsize=8, transform=ax.transAxes, va="top")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     try:
         return _save(fig, path)
     finally:

@@ -87,23 +87,3 @@ def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(["--reps", "0"])
     assert "--reps must be at least 1" in capsys.readouterr().err
-
-
-def test_labelled_logits_patch_keeps_the_loss_and_drops_unscored_logits():
-    from mqwen.benchmarks.figures import training_batch
-    from mqwen.benchmarks.patches import applied, check_same_loss
-
-    contenders = build_all(QUICK)
-    model = contenders.mqwen
-    batch = training_batch(contenders, QUICK, "cpu", torch.float32)
-    before, after = check_same_loss(model, batch, "labelled-logits")
-    assert before == pytest.approx(after, rel=1e-5)
-    model.train()
-    with torch.no_grad(), applied("labelled-logits"):
-        logits = model(**batch).logits
-    scored = (batch["labels"][:, 1:] != -100).any(0).sum().item()
-    assert logits.shape[1] == scored < batch["input_ids"].shape[1]
-    # outside the block (and in eval mode) the model is untouched: full logits
-    model.eval()
-    with torch.no_grad():
-        assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]

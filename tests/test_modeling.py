@@ -83,6 +83,63 @@ def test_loss_ignores_image_positions(tiny, make_image):
     torch.testing.assert_close(out.loss, reference)
 
 
+def _captioned_batch(processor, make_image):
+    """Two right-padded caption samples of different lengths; labels only on the caption tokens."""
+    prompt = processor.caption_prompt()
+    texts = [prompt + "a red circle<|im_end|>", prompt + "a blue square and a green triangle<|im_end|>"]
+    batch = processor(images=[make_image(20), make_image(21)], text=texts, padding_side="right")
+    prompt_length = len(processor(images=[make_image(20)], text=[prompt])["input_ids"][0])
+    labels = batch["input_ids"].clone()
+    labels[:, :prompt_length] = -100
+    labels[batch["attention_mask"] == 0] = -100
+    batch["labels"] = labels
+    return batch
+
+
+def test_loss_from_scored_positions_equals_the_full_loss_with_the_same_gradients(make_image):
+    from mqwen.modeling_mqwen import scored_positions
+
+    model, processor = build_tiny(seed=2)
+    model.train()
+    batch = _captioned_batch(processor, make_image)
+    kept = scored_positions(batch["labels"])
+    # exactly the positions whose next token some sample labels, far fewer than all of them
+    shifted = batch["labels"][:, 1:] != -100
+    assert kept.tolist() == shifted.any(0).nonzero().squeeze(-1).tolist()
+    assert 0 < len(kept) < batch["input_ids"].shape[1] // 2
+
+    def run(**kwargs):
+        model.zero_grad()
+        out = model(**batch, **kwargs)
+        out.loss.backward()
+        return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    full, full_grads = run()
+    part, part_grads = run(logits_to_keep=kept)
+    torch.testing.assert_close(part.loss, full.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(part.logits, full.logits[:, kept])
+    assert part_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(part_grads[name], full_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    # num_items_in_batch (what Trainer passes under gradient accumulation) divides the same sum
+    with torch.no_grad():
+        n = torch.tensor(7)
+        torch.testing.assert_close(
+            model(**batch, logits_to_keep=kept, num_items_in_batch=n).loss,
+            model(**batch, num_items_in_batch=n).loss,
+        )
+
+
+def test_kept_positions_that_drop_a_labelled_token_are_an_error(tiny, make_image):
+    from mqwen.modeling_mqwen import scored_positions
+
+    model, processor = tiny
+    batch = _captioned_batch(processor, make_image)
+    kept = scored_positions(batch["labels"])
+    with pytest.raises(ValueError, match=rf"leaves out position\(s\) \[{kept[-1].item()}\].*scored_positions"):
+        model(**batch, logits_to_keep=kept[:-1])
+
+
 def test_cached_generation_equals_uncached(tiny, make_image):
     model, processor = tiny
     inputs = processor(images=[make_image(5)])

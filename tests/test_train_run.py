@@ -94,6 +94,30 @@ def test_lora_wraps_only_language_model_modules(tmp_path, tiny_dir, pairs):
         build_trainer(config(tmp_path, tiny_dir, pairs, stage="lora", lora_target_modules=("c_fc",)))
 
 
+@pytest.mark.parametrize("stage", ["full", "lora"])
+def test_training_runs_the_lm_head_only_where_a_caption_token_is_scored(tmp_path, tiny_dir, pairs, stage):
+    trainer = build_trainer(config(tmp_path, tiny_dir, pairs, stage=stage, per_device_train_batch_size=3))
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch = {k: v for k, v in batch.items() if k != "skipped"}
+    lm_head = next(m for n, m in trainer.model.named_modules() if n.endswith("lm_head"))
+    positions = []
+    handle = lm_head.register_forward_hook(lambda module, args, out: positions.append(out.shape[1]))
+    trainer.model.train()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        full = trainer.model(**batch).loss
+    handle.remove()
+    scored = (batch["labels"][:, 1:] != -100).any(0).sum().item()
+    assert positions == [scored, batch["input_ids"].shape[1]]
+    assert scored < batch["input_ids"].shape[1] / 2  # most of a caption sample is image and prompt
+    torch.testing.assert_close(loss, full)
+    # evaluation keeps every position's logits (a compute_metrics may read them)
+    trainer.model.eval()
+    with torch.no_grad():
+        _, outputs = trainer.compute_loss(trainer.model, dict(batch), return_outputs=True)
+    assert outputs.logits.shape[1] == batch["input_ids"].shape[1]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------

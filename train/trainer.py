@@ -7,6 +7,8 @@ checkpoints and resuming, DDP / DeepSpeed / FSDP through accelerate) is the stoc
 import torch
 from transformers import Trainer
 
+from mqwen.modeling_mqwen import scored_positions
+
 from .data import SkipReport
 from .stages import projector_param_groups
 
@@ -45,6 +47,10 @@ class CaptionTrainer(Trainer):
         # even when images load in DataLoader workers.
         inputs = dict(inputs)
         self.skip_report.update(inputs.pop("skipped", None))
+        if model.training and "labels" in inputs and "logits_to_keep" not in inputs and _loss_from_kept_logits(model):
+            # The LM head runs only where a caption token is scored (the loss is the same; see
+            # MQwenForCausalLM.forward): a caption sample is mostly image and prompt positions.
+            inputs["logits_to_keep"] = scored_positions(inputs["labels"])
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     def log(self, logs, *args, **kwargs):
@@ -63,3 +69,10 @@ class CaptionTrainer(Trainer):
             for other in gathered:
                 report.merge(other)
         return report
+
+
+def _loss_from_kept_logits(model) -> bool:
+    """Whether the (possibly DDP- or PEFT-wrapped) model computes its loss from `logits_to_keep` positions."""
+    while hasattr(model, "module"):  # DistributedDataParallel and friends
+        model = model.module
+    return bool(getattr(model, "loss_from_kept_logits", False))
