@@ -43,6 +43,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-train-minutes", type=float,
                         help="stop training after this many minutes even if --max-steps is not reached")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--loader-workers", type=int,
+                        help=f"processes drawing training images (default: {DEFAULTS.loader_workers}; 0: in the "
+                             "training process)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
     settings = dict(QUICK) if args.quick else {}

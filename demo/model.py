@@ -21,13 +21,14 @@ class ModelSize:
     patch_size: int = 8
     vision_width: int = 128
     vision_layers: int = 3
-    vision_heads: int = 4
+    vision_heads: int = 8
     hidden_size: int = 128
     intermediate_size: int = 384
     text_layers: int = 2
     attention_heads: int = 4
     kv_heads: int = 2
-    image_token_pooling: int = 2
+    image_token_pooling: int = 1
+    sincos_positions: float = 1.0  # scale of a 2D sin-cos initialisation of the ViT's position embedding
     extra: dict = field(default_factory=dict)
 
     def to_dict(self):
@@ -37,7 +38,7 @@ class ModelSize:
 PRESETS = {
     "full": ModelSize(),
     "quick": ModelSize(vision_width=32, vision_layers=1, vision_heads=2, hidden_size=32, intermediate_size=64,
-                       text_layers=1, attention_heads=2, kv_heads=1),
+                       text_layers=1, attention_heads=2, kv_heads=1, image_token_pooling=2),
 }
 
 
@@ -50,6 +51,22 @@ def tokenizer_corpus(caption_instruction, system_prompt):
     captions = [caption_for(phrases[i : i + k]) for k in (1, 2, 3) for i in range(0, len(phrases) - k + 1)]
     prompt = ["system\n" + system_prompt, "user\n", "\n" + caption_instruction, "assistant\n"]
     return captions + prompt * 20
+
+
+def sincos_2d(grid: int, width: int):
+    """(grid * grid, width) fixed 2D sin-cos position codes (as in MAE): half the channels encode the row,
+    half the column, each as sines and cosines over geometrically spaced frequencies."""
+    import torch
+
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    codes = []
+    for position in (rows.flatten(), cols.flatten()):
+        angles = position[:, None] * omega[None, :]
+        codes += [angles.sin(), angles.cos()]
+    return torch.cat(codes, dim=1).float()
 
 
 def build_shapes_model(size: ModelSize = PRESETS["full"], seed: int = 0):
@@ -83,7 +100,7 @@ def build_shapes_model(size: ModelSize = PRESETS["full"], seed: int = 0):
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
-    return build_tiny(
+    model, processor = build_tiny(
         seed=seed,
         vision=vision,
         text=text,
@@ -92,3 +109,11 @@ def build_shapes_model(size: ModelSize = PRESETS["full"], seed: int = 0):
         image_token_pooling=size.image_token_pooling,
         **size.extra,
     )
+    if size.sincos_positions:
+        import torch
+
+        positions = model.vision_tower.positional_embedding
+        with torch.no_grad():
+            positions[0].zero_()
+            positions[1:] = size.sincos_positions * sincos_2d(size.image_size // size.patch_size, size.vision_width)
+    return model, processor

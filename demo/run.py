@@ -26,7 +26,7 @@ from .shapes import HELD_OUT_ONE_IN, lazy_split, make_split, write_split
 class DemoSettings:
     out_dir: str = "mqwen-shapes-demo"
     preset: str = "full"
-    train_size: int = 20000
+    train_size: int = 100000
     validation_size: int = 200
     test_size: int = 300
     max_steps: int = 2000
@@ -41,6 +41,7 @@ class DemoSettings:
     show: int = 8
     grid: int = 16
     threads: int = None
+    loader_workers: int = 1  # draws the next batch's images while the model trains on this one
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -97,6 +98,7 @@ def train_model(settings, model, processor, train_pairs, out_dir):
         logging_steps=max(1, settings.max_steps // 100),
         seed=settings.seed,
         disable_tqdm=not settings.progress,
+        dataloader_num_workers=settings.loader_workers,
         training_args={"save_strategy": "no"},
     )
     progress, extra_callbacks = _progress_callbacks(settings.max_train_minutes)
