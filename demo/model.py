@@ -2,10 +2,17 @@
 
 - Tokenizer: Qwen2's byte-level BPE pipeline and special tokens (`mqwen.convert.tokenizer`), trained on the
   shapes captions and the default caption prompt, so every word the model reads or writes is one token.
-- Vision: an OpenCLIP-layout ViT (`MQwenVisionConfig`) sized for 64 px images with 8 px patches.
-  `vision_feature_layer=-1`: trained from scratch, the last block is as good a feature as any, and taking it
-  means no block is computed for nothing. 2x2 pooling turns the 8x8 patch grid into 16 image tokens.
-- Language model: a small Qwen2 (tied embeddings, a vocabulary of a few hundred tokens).
+- Vision: an OpenCLIP-layout ViT (`MQwenVisionConfig`) sized for 64 px images with 8 px patches: 64 image
+  tokens. `vision_feature_layer=-1`: trained from scratch, the last block is as good a feature as any, and
+  taking it means no block is computed for nothing. Its position embedding starts as 2D sin-cos codes
+  (`sincos_2d`, as in MAE) instead of near-zero noise, and it has 8 heads of 16 channels.
+- Language model: a small Qwen2 (a vocabulary of a few hundred tokens).
+
+Why these choices (measured with 800-step runs and ViT-only shape-classification probes, see the README):
+telling circles from squares is the hard part of the task, and the ViT learns it from the caption loss
+alone. Averaging 2x2 patches before the language model (16 tokens) cost more accuracy than it saved time
+(8% vs 19% test exact match after 800 steps); a learning rate of 3e-3 was much worse than 1e-3, 5e-4 no
+better; 8 heads and the sin-cos start each helped the probe.
 
 `PRESETS["full"]` is what the main job trains; `PRESETS["quick"]` is a smaller one for tests and smoke runs.
 """

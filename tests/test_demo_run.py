@@ -80,3 +80,22 @@ def test_cli_quick_flag_and_validation():
     assert parse_args([]).max_steps == DemoSettings().max_steps
     with pytest.raises(SystemExit):
         parse_args(["--max-steps", "0"])
+
+
+def test_sincos_positions_encode_row_and_column_separately():
+    import math
+
+    from mqwen.demo.model import PRESETS, build_shapes_model, sincos_2d
+
+    codes = sincos_2d(4, 16).view(4, 4, 16)  # rows, columns, channels
+    assert torch.equal(codes[1, 0, :8], codes[1, 3, :8]) and torch.equal(codes[0, 2, 8:], codes[3, 2, 8:])
+    assert not torch.equal(codes[1, 0, :8], codes[2, 0, :8])
+    assert codes[2, 3, 0].item() == pytest.approx(math.sin(2)) and codes[2, 3, 8 + 5].item() == pytest.approx(
+        math.cos(3 / 10000 ** (1 / 4))
+    )
+    size = PRESETS["quick"].__class__(**{**PRESETS["quick"].to_dict(), "sincos_positions": 0.5})
+    model, _ = build_shapes_model(size)
+    grid = size.image_size // size.patch_size
+    positions = model.vision_tower.positional_embedding.detach()
+    assert torch.equal(positions[0], torch.zeros(size.vision_width))  # the class token's row
+    torch.testing.assert_close(positions[1:], 0.5 * sincos_2d(grid, size.vision_width))
