@@ -349,13 +349,17 @@ class MQwenModel(MQwenPreTrainedModel):
         return BaseModelOutputWithPast(**outputs) if not isinstance(outputs, BaseModelOutputWithPast) else outputs
 
 
+def _next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels[:, p + 1] at position p (-100 at the end): what the logits at p are scored against."""
+    return F.pad(labels, (0, 1), value=-100)[:, 1:]
+
+
 def scored_positions(labels: torch.Tensor) -> torch.Tensor:
     """The positions whose logits a causal-LM loss on `labels` reads: p where some sample labels token p + 1.
 
     Training passes them as `MQwenForCausalLM.forward(..., labels=labels, logits_to_keep=...)`.
     """
-    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
-    return (shift_labels != -100).any(dim=0).nonzero().squeeze(-1)
+    return (_next_token_labels(labels) != -100).any(dim=0).nonzero().squeeze(-1)
 
 
 class MQwenForCausalLM(MQwenModel, GenerationMixin):
@@ -411,7 +415,7 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
 
     def _loss_at_kept_positions(self, logits, labels, kept, kwargs):
         """The causal-LM loss of `labels` from logits at the positions `kept` only (see `forward`)."""
-        shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        shift_labels = _next_token_labels(labels)
         kept = kept.to(labels.device)
         scored = shift_labels != -100
         scored[:, kept] = False
