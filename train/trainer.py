@@ -47,7 +47,10 @@ class CaptionTrainer(Trainer):
         # even when images load in DataLoader workers.
         inputs = dict(inputs)
         self.skip_report.update(inputs.pop("skipped", None))
-        if model.training and "labels" in inputs and "logits_to_keep" not in inputs and _loss_from_kept_logits(model):
+        unwrapped = self.accelerator.unwrap_model(model)  # PEFT models pass the attribute lookup through
+        if model.training and "labels" in inputs and "logits_to_keep" not in inputs and getattr(
+            unwrapped, "loss_from_kept_logits", False
+        ):
             # The LM head runs only where a caption token is scored (the loss is the same; see
             # MQwenForCausalLM.forward): a caption sample is mostly image and prompt positions.
             inputs["logits_to_keep"] = scored_positions(inputs["labels"])
@@ -70,9 +73,3 @@ class CaptionTrainer(Trainer):
                 report.merge(other)
         return report
 
-
-def _loss_from_kept_logits(model) -> bool:
-    """Whether the (possibly DDP- or PEFT-wrapped) model computes its loss from `logits_to_keep` positions."""
-    while hasattr(model, "module"):  # DistributedDataParallel and friends
-        model = model.module
-    return bool(getattr(model, "loss_from_kept_logits", False))
