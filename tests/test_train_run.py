@@ -78,6 +78,29 @@ def test_full_stage_gives_the_projector_its_own_learning_rate(tmp_path, tiny_dir
     assert not any(id(p) in lr_of for p in model.vision_tower.parameters())
 
 
+def test_vision_tower_gets_its_own_learning_rate(tmp_path, tiny_dir, pairs):
+    trainer = build_trainer(config(tmp_path, tiny_dir, pairs, stage="full", learning_rate=1e-5, vision_lr=3e-4,
+                                   train_vision_tower=True, weight_decay=0.1))
+    lr_of = {id(p): (group["lr"], group["weight_decay"])
+             for group in trainer.create_optimizer().param_groups for p in group["params"]}
+    model = trainer.model
+    tower = dict(model.vision_tower.named_parameters())
+    assert tower and all(lr_of[id(p)][0] == 3e-4 for p in tower.values())
+    assert lr_of[id(model.vision_tower.conv1.weight)] == (3e-4, 0.1)
+    assert lr_of[id(model.multi_modal_projector.linear_1.weight)] == (1e-5, 0.1)  # projector_lr unset: the LM's
+    assert lr_of[id(model.language_model.lm_head.weight)] == (1e-5, 0.1)
+    assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
+
+    lora = build_trainer(config(tmp_path, tiny_dir, pairs, stage="lora", vision_lr=3e-4, train_vision_tower=True))
+    rates = {n: g["lr"] for g in lora.create_optimizer().param_groups for p in g["params"]
+             for n, q in lora.model.named_parameters() if q is p}
+    assert any("vision_tower" in n for n in rates)
+    assert all((rate == 3e-4) == ("vision_tower" in n) for n, rate in rates.items())
+
+    with pytest.raises(ValueError, match="vision tower is frozen"):
+        config(tmp_path, tiny_dir, pairs, stage="full", vision_lr=3e-4)
+
+
 def test_lora_wraps_only_language_model_modules(tmp_path, tiny_dir, pairs):
     trainer = build_trainer(config(tmp_path, tiny_dir, pairs, stage="lora", lora_target_modules="q_proj,v_proj"))
     names = [n for n, _ in trainer.model.named_modules()]

@@ -67,6 +67,8 @@ class TrainConfig:
                                           default=None)
     train_vision_tower: bool = _help("also train the vision tower (full) or put LoRA on it (lora)",
                                      default=False)
+    vision_lr: Optional[float] = _help("learning rate of the vision tower (or its LoRA weights) when it trains "
+                                       "(default: --learning-rate)", default=None)
     lora_r: int = _help("LoRA rank", default=16)
     lora_alpha: int = _help("LoRA alpha", default=32)
     lora_dropout: float = _help("LoRA dropout", default=0.05)
@@ -109,6 +111,9 @@ class TrainConfig:
             raise ValueError("Choose one of bf16 and fp16, not both.")
         if self.keep_adapter and self.stage != "lora":
             raise ValueError(f"keep_adapter only applies to stage='lora' (got stage={self.stage!r}).")
+        if self.vision_lr is not None and not self.train_vision_tower:
+            raise ValueError(f"vision_lr={self.vision_lr} is set but the vision tower is frozen; add "
+                             "train_vision_tower=True (--train-vision-tower) or drop vision_lr.")
         if isinstance(self.instructions, str):
             self.instructions = (self.instructions,)
         self.instructions = tuple(self.instructions)

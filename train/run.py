@@ -151,6 +151,7 @@ def build_trainer(config: TrainConfig, model=None, processor=None, train_dataset
         processing_class=processor,
         callbacks=callbacks,
         projector_lr=config.projector_learning_rate,
+        vision_lr=config.vision_lr,
     )
     trainer.mqwen_config = config
     trainer.mqwen_processor = processor

@@ -7,7 +7,7 @@
   `train_vision_tower`), plus the projector, which peft trains and saves as a `modules_to_save` copy.
 - `full`: projector + language model (and the vision tower with `train_vision_tower`).
 
-The projector's own learning rate comes from `projector_param_groups`, used by `CaptionTrainer`.
+Per-part learning rates (projector, vision tower) come from `part_param_groups`, used by `CaptionTrainer`.
 """
 
 import re
@@ -67,20 +67,28 @@ def prepare_model_for_stage(model, config):
     return model
 
 
-def projector_param_groups(model, lm_lr, projector_lr, weight_decay, decay_names):
-    """AdamW parameter groups: only trainable parameters, the projector at its own learning rate, and no
-    weight decay on biases and norms (`decay_names`, from `Trainer.get_decay_parameter_names`)."""
+def part_param_groups(model, lm_lr, weight_decay, decay_names, projector_lr=None, vision_lr=None):
+    """AdamW parameter groups: only trainable parameters, the projector and the vision tower each at its own
+    learning rate (`None`: the language model's), and no weight decay on biases and norms (`decay_names`,
+    from `Trainer.get_decay_parameter_names`).
+
+    A vision tower trained with the rest usually wants a lower rate than the parts that start from scratch
+    (LLaVA-NeXT trains an unfrozen CLIP at a fifth of the LM's rate); a tower trained from scratch may want
+    a higher one.
+    """
+    rates = {PROJECTOR: projector_lr, VISION_TOWER: vision_lr}
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        is_projector = PROJECTOR in name
+        part = next((p for p in (PROJECTOR, VISION_TOWER) if p in name), LANGUAGE_MODEL)
+        lr = rates.get(part)
         decays = name in decay_names
-        key = (is_projector, decays)
+        key = (part, decays)
         if key not in groups:
             groups[key] = {
                 "params": [],
-                "lr": projector_lr if is_projector else lm_lr,
+                "lr": lm_lr if lr is None else lr,
                 "weight_decay": weight_decay if decays else 0.0,
             }
         groups[key]["params"].append(param)

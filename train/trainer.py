@@ -1,4 +1,4 @@
-"""`CaptionTrainer`: transformers' Trainer with a projector learning rate and a count of skipped images.
+"""`CaptionTrainer`: transformers' Trainer with per-part learning rates and a count of skipped images.
 
 Everything else (mixed precision, gradient accumulation and checkpointing, warmup + cosine, logging,
 checkpoints and resuming, DDP / DeepSpeed / FSDP through accelerate) is the stock Trainer.
@@ -10,20 +10,23 @@ from transformers import Trainer
 from mqwen.modeling_mqwen import scored_positions
 
 from .data import SkipReport
-from .stages import projector_param_groups
+from .stages import part_param_groups
 
 
 class CaptionTrainer(Trainer):
     """Trainer for caption fine-tuning.
 
     Args (besides Trainer's):
-        projector_lr: learning rate of the `multi_modal_projector` parameters (others use
-            `args.learning_rate`). Only parameters with `requires_grad` reach the optimizer.
+        projector_lr: learning rate of the `multi_modal_projector` parameters;
+        vision_lr: learning rate of the `vision_tower` parameters, when they train. Both default to
+            `args.learning_rate`, which the language model uses. Only parameters with `requires_grad` reach
+            the optimizer.
     """
 
-    def __init__(self, *args, projector_lr=None, **kwargs):
+    def __init__(self, *args, projector_lr=None, vision_lr=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
+        self.vision_lr = vision_lr
         self.skip_report = SkipReport()
 
     def create_optimizer(self, model=None):
@@ -32,12 +35,13 @@ class CaptionTrainer(Trainer):
         opt_model = self.model if model is None else model
         if self.optimizer is None:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            groups = projector_param_groups(
+            groups = part_param_groups(
                 opt_model,
                 lm_lr=self.args.learning_rate,
-                projector_lr=self.projector_lr if self.projector_lr is not None else self.args.learning_rate,
                 weight_decay=self.args.weight_decay,
                 decay_names=set(self.get_decay_parameter_names(opt_model)),
+                projector_lr=self.projector_lr,
+                vision_lr=self.vision_lr,
             )
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return super().create_optimizer() if model is None else super().create_optimizer(model)
