@@ -29,8 +29,8 @@ class DemoSettings:
     train_size: int = 100000
     validation_size: int = 200
     test_size: int = 300
-    max_steps: int = 2000
-    batch_size: int = 32
+    max_steps: int = 4400
+    batch_size: int = 16
     learning_rate: float = 1e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
