@@ -8,7 +8,7 @@
   (`sincos_2d`, as in MAE) scaled to 0.3, instead of near-zero noise, and it has 8 heads of 16 channels.
 - Language model: a small Qwen2 (a vocabulary of a few hundred tokens).
 
-Why these choices (measured with 800-step runs and ViT-only shape-classification probes, see the README):
+Why these choices (measured with 800-step runs and ViT-only shape-classification probes):
 telling circles from squares is the hard part of the task, and the ViT learns it from the caption loss
 alone. Averaging 2x2 patches before the language model (16 tokens) cost more accuracy than it saved time
 (8% vs 19% test exact match after 800 steps); a learning rate of 3e-3 was much worse than 1e-3, 5e-4 no
@@ -16,7 +16,9 @@ better; 8 heads and the sin-cos start each helped the probe.
 
 Training has a plateau: colours, counts and grammar are learnt in the first few hundred steps, then the loss
 sits at the value of guessing every shape (about 0.28) until the ViT's features and the language model's
-read-out of them start to agree. The plateau's length, in samples, is what the defaults shorten (measured
+read-out of them start to agree (at step 1000 of a 1000-step run, shapes were at chance in the captions
+while a linear probe on the ViT's features, pooled over each shape, told them apart 72 % of the time; 63 %
+at initialisation). The plateau's length, in samples, is what the defaults shorten (measured
 with 1000-step runs of the 2000-step schedule, step at which the running loss falls under 0.25): 880 steps
 of 32 at first; 670 with the sin-cos codes scaled to 0.3 (at 1.0 they outweigh the patch embedding about
 three to one in RMS); 720 with 8 language-model heads instead of 4, but 740 with both, so that one was not
