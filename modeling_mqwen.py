@@ -394,24 +394,19 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
         inputs_embeds = self._embed(input_ids, pixel_values, inputs_embeds, kwargs)
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
-        if labels is not None and torch.is_tensor(logits_to_keep) and logits_to_keep.dim() == 1:
-            outputs = self.language_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                logits_to_keep=logits_to_keep,
-                **kwargs,
-            )
-            loss = self._loss_at_kept_positions(outputs.logits, labels, logits_to_keep, kwargs)
-            return type(outputs)(loss=loss, **outputs)
-        return self.language_model(
+        loss_from_kept = labels is not None and torch.is_tensor(logits_to_keep) and logits_to_keep.dim() == 1
+        outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            labels=labels,
+            labels=None if loss_from_kept else labels,
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+        if loss_from_kept:
+            loss = self._loss_at_kept_positions(outputs.logits, labels, logits_to_keep, kwargs)
+            return type(outputs)(loss=loss, **outputs)
+        return outputs
 
     def _loss_at_kept_positions(self, logits, labels, kept, kwargs):
         """The causal-LM loss of `labels` from logits at the positions `kept` only (see `forward`)."""

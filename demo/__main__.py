@@ -7,7 +7,7 @@ from dataclasses import fields
 from .run import QUICK, DemoSettings, run
 
 EXAMPLES = """examples:
-  python -m mqwen.demo                                  # the full run: about 9.5 minutes of training on 2 CPU cores
+  python -m mqwen.demo                                  # the full run: about 9 minutes of training on 2 CPU cores
   python -m mqwen.demo --out /tmp/shapes --max-steps 500  # shorter training, lower accuracy
   python -m mqwen.demo --quick                          # smoke test: a very small model, a few steps (~30 s)
   mqwen-caption mqwen-shapes-demo/data/test --model mqwen-shapes-demo/model   # use the trained model afterwards

@@ -127,10 +127,6 @@ class TrainConfig:
     def lm_learning_rate(self) -> float:
         return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATES[self.stage]
 
-    @property
-    def projector_learning_rate(self) -> float:
-        return self.projector_lr if self.projector_lr is not None else self.lm_learning_rate
-
     def to_dict(self) -> dict:
         """JSON-friendly view (objects passed in Python are shown by type)."""
         out = {}

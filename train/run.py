@@ -150,7 +150,7 @@ def build_trainer(config: TrainConfig, model=None, processor=None, train_dataset
         eval_dataset=eval_dataset,
         processing_class=processor,
         callbacks=callbacks,
-        projector_lr=config.projector_learning_rate,
+        projector_lr=config.projector_lr,
         vision_lr=config.vision_lr,
     )
     trainer.mqwen_config = config

@@ -67,6 +67,11 @@ def prepare_model_for_stage(model, config):
     return model
 
 
+def part_of(name: str) -> str:
+    """The top-level part a parameter or module name belongs to: projector, vision tower or language model."""
+    return next((p for p in (PROJECTOR, VISION_TOWER) if p in name), LANGUAGE_MODEL)
+
+
 def part_param_groups(model, lm_lr, weight_decay, decay_names, projector_lr=None, vision_lr=None):
     """AdamW parameter groups: only trainable parameters, the projector and the vision tower each at its own
     learning rate (`None`: the language model's), and no weight decay on biases and norms (`decay_names`,
@@ -81,7 +86,7 @@ def part_param_groups(model, lm_lr, weight_decay, decay_names, projector_lr=None
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        part = next((p for p in (PROJECTOR, VISION_TOWER) if p in name), LANGUAGE_MODEL)
+        part = part_of(name)
         lr = rates.get(part)
         decays = name in decay_names
         key = (part, decays)
@@ -101,7 +106,7 @@ def trainable_summary(model) -> dict:
     """Trainable / total parameter counts per top-level part (vision_tower, projector, language_model)."""
     summary = {}
     for name, param in model.named_parameters():
-        part = next((p for p in (VISION_TOWER, PROJECTOR, LANGUAGE_MODEL) if p in name), "other")
+        part = part_of(name)
         entry = summary.setdefault(part, {"trainable": 0, "total": 0})
         entry["total"] += param.numel()
         if param.requires_grad:

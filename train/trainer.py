@@ -76,4 +76,3 @@ class CaptionTrainer(Trainer):
             for other in gathered:
                 report.merge(other)
         return report
-
