@@ -87,3 +87,58 @@ def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(["--reps", "0"])
     assert "--reps must be at least 1" in capsys.readouterr().err
+
+
+def test_gpu_shapes_are_qwen25_7b_and_vit_l14():
+    """`--device cuda` cannot run in CI (no GPU): build its model on the meta device and check it is the
+    published size, 7,615,616,512 parameters for Qwen2.5-7B-Instruct and 303,966,208 for OpenAI's ViT-L/14
+    (hand counts below), in bf16; and that figure 5 charges a decode step for exactly those bytes."""
+    from mqwen.benchmarks.contenders import build_mqwen, make_tokenizer
+    from mqwen.benchmarks.figures import decode_bytes_per_token
+    from mqwen.benchmarks.shapes import GPU_7B, pick
+
+    assert pick("cuda", quick=False) is GPU_7B
+    model = build_mqwen(GPU_7B, make_tokenizer(), device="meta", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+    h, mlp, layers, vocab, kv_width = 3584, 18944, 28, 152064, 4 * 128
+    lm_layer = (h * h + h) + 2 * (h * kv_width + kv_width) + h * h + 3 * h * mlp + 2 * h
+    lm = layers * lm_layer + 2 * vocab * h + h  # untied embedding and head, final norm
+    assert sum(p.numel() for p in model.language_model.parameters()) == lm == 7_615_616_512
+
+    w, grid = 1024, 224 // 14
+    vit_block = (3 * w * w + 3 * w) + (w * w + w) + 4 * w + (w * 4 * w + 4 * w) + (4 * w * w + w)
+    vit = 3 * 14 * 14 * w + w + (grid * grid + 1) * w + 2 * w + 24 * vit_block + 2 * w + w * 768
+    assert sum(p.numel() for p in model.vision_tower.parameters()) == vit == 303_966_208
+    assert model.config.image_seq_length == grid * grid
+
+    context = 300
+    kv_cache = 2 * layers * kv_width * context  # keys and values, every layer, one sequence
+    expected = 2 * (lm - vocab * h) + 2 * h + 2 * kv_cache  # bf16: all weights but one embedding row
+    assert decode_bytes_per_token(model.language_model, context) == expected
+
+
+def test_bandwidth_figure_runs_and_divides_by_the_bound(monkeypatch):
+    """Figure 5's code, run on the CPU at tiny shapes (the CLI offers it only with --device cuda): the bound is
+    the measured copy bandwidth ÷ the bytes one decode step reads, and the ratio is decode tokens/s over it."""
+    from mqwen.benchmarks import figures
+
+    measured = []
+
+    def small_copy(device):
+        measured.append(real_bandwidth(device, nbytes=1 << 20))
+        return measured[-1]
+
+    real_bandwidth = figures.measured_bandwidth
+    monkeypatch.setattr(figures, "measured_bandwidth", small_copy)
+    contenders = build_all(QUICK)
+    (row,) = figures.bandwidth_figure(contenders, QUICK, torch.device("cpu"), torch.float32, reps=2, warmup=0)
+
+    processor = contenders.mqwen_processor
+    prompt = processor(images=random_photos(1, QUICK.image_size_in), text=[processor.caption_prompt()])
+    context = prompt["input_ids"].shape[1] + QUICK.decode_tokens // 2
+    bound = measured[0] / figures.decode_bytes_per_token(contenders.bare_lm, context)
+    assert row.figure == "5" and f"{measured[0] / 1e9:.0f} GB/s" in row.metric
+    assert row.reference_stats.samples == [pytest.approx(bound)]
+    assert len(row.ours_stats.samples) == 2 and all(s > 0 for s in row.ours_stats.samples)
+    assert row.ratio == pytest.approx(statistics.median(row.ours_stats.samples) / bound)
