@@ -40,3 +40,25 @@ def random_image(seed, size=(64, 80), mode="RGB"):
 @pytest.fixture
 def make_image():
     return random_image
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny matrices run many times faster on one thread than on two when
+    other processes share the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomize(module, seed):
+    """Random values everywhere (layer norms too), so that a swapped or dropped weight changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for submodule in module.modules():
+            for name, param in submodule.named_parameters(recurse=False):
+                noise = torch.randn(param.shape, generator=generator) * 0.2
+                is_scale = isinstance(submodule, torch.nn.LayerNorm) and name == "weight"
+                param.copy_(noise + 1.0 if is_scale else noise)
+    return module

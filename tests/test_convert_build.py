@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize
 
 from mqwen.convert.__main__ import main
 from mqwen.convert.errors import ConvertError
@@ -72,16 +73,6 @@ def make_llm(folder, rows, tie=False, seed=0):
     assert len(list(Path(folder).glob("model-*.safetensors"))) >= 3
     return model, tokenizer
 
-
-def randomize(module, seed):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for submodule in module.modules():
-            for name, param in submodule.named_parameters(recurse=False):
-                noise = torch.randn(param.shape, generator=generator) * 0.2
-                is_scale = isinstance(submodule, torch.nn.LayerNorm) and name == "weight"
-                param.copy_(noise + 1.0 if is_scale else noise)
-    return module
 
 
 def make_hf_clip(folder, image_size=28):

@@ -6,11 +6,13 @@ pooled output must equal the source library's in fp32.
 
 import json
 from dataclasses import asdict
+
 import pytest
 import torch
 
 open_clip = pytest.importorskip("open_clip")
 
+from conftest import randomize  # noqa: E402
 from mqwen import MQwenVisionConfig  # noqa: E402
 from mqwen.convert.errors import ConvertError  # noqa: E402
 from mqwen.convert.vision import load_vision  # noqa: E402
@@ -19,17 +21,6 @@ from mqwen.modeling_mqwen import MQwenVisionTransformer  # noqa: E402
 ATOL = 1e-5
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
-
-def randomize(module, seed):
-    """Random values everywhere (layer norms too), so that a swapped or dropped weight changes the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for submodule in module.modules():
-            for name, param in submodule.named_parameters(recurse=False):
-                noise = torch.randn(param.shape, generator=generator) * 0.2
-                is_scale = isinstance(submodule, torch.nn.LayerNorm) and name == "weight"
-                param.copy_(noise + 1.0 if is_scale else noise)
-    return module
 
 
 def openclip_cfg(image_size, quick_gelu):

@@ -12,12 +12,7 @@ from mqwen.train.metrics import caption_scores, tokenize_caption
 CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bleu4_matches_a_hand_computed_value():

@@ -14,13 +14,7 @@ CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a yellow squar
             "two blue circles", "a green square"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: one thread is many times faster than two when other processes share the CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
