@@ -99,3 +99,23 @@ def test_sincos_positions_encode_row_and_column_separately():
     positions = model.vision_tower.positional_embedding.detach()
     assert torch.equal(positions[0], torch.zeros(size.vision_width))  # the class token's row
     torch.testing.assert_close(positions[1:], 0.5 * sincos_2d(grid, size.vision_width))
+
+
+@pytest.mark.parametrize("std", [0.02, 0.08])
+def test_initializer_range_sets_the_random_weights_of_every_part(std):
+    """The demo's `initializer_range` reaches the ViT, the projector and the language model alike."""
+    from mqwen.demo.model import PRESETS, build_shapes_model
+
+    size = PRESETS["full"].__class__(**{**PRESETS["full"].to_dict(), "initializer_range": std})
+    model, _ = build_shapes_model(size)
+    weights = {
+        "patch embedding": model.vision_tower.conv1.weight,
+        "ViT MLP": model.vision_tower.transformer.resblocks[0].mlp.c_fc.weight,
+        "projector": model.multi_modal_projector.linear_1.weight,
+        "LM attention": model.language_model.model.layers[0].self_attn.q_proj.weight,
+        "LM MLP": model.language_model.model.layers[-1].mlp.down_proj.weight,
+        "token embeddings": model.language_model.get_input_embeddings().weight,
+        "LM head": model.language_model.get_output_embeddings().weight,
+    }
+    for name, weight in weights.items():
+        assert weight.std().item() == pytest.approx(std, rel=0.1), name
