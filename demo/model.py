@@ -30,8 +30,9 @@ same time, so the job uses 16.
 How long the plateau lasts depends on the seed (data, initialisation and order together), and the result
 with it. With the defaults, 4,400 steps of 16: seed 0 reached 94.0 % test exact match, seed 1 64.3 % and
 seed 2 86.7 %; the running loss fell under 0.25 at about step 1,540, 2,150 and 1,700, and the later it
-does, the less of the schedule is left for the shapes (seed 0 ends at a loss of 0.017, seed 1 at 0.08). Drawing the random weights at a larger standard deviation
-(`initializer_range`, 0.02 by default as in transformers, small for layers 128 wide) ends the plateau sooner
+does, the less of the schedule is left for the shapes (seed 0 ends at a loss of 0.017, seed 1 at 0.08).
+Drawing the random weights at a larger standard deviation (`initializer_range`, 0.02 by default as in
+transformers, small for layers 128 wide) ends the plateau sooner
 (seed 1: step 700 at 0.08, 900 at 0.05, 1,200 at 0.04) but the model then learns more slowly and ends worse:
 seed 0 reached 68.7 % at 0.08 and 72.0 % at 0.04, so the default stays 0.02. Redrawing only the language
 model's query/key weights, or only the ViT's, at 0.08 did not shorten the plateau (step 1,480 for seed 1);

@@ -1,5 +1,6 @@
 """A short run of the main job: the saved model, both PNGs and results.json, and reload fidelity."""
 
+import dataclasses
 import json
 
 import pytest
@@ -93,7 +94,7 @@ def test_sincos_positions_encode_row_and_column_separately():
     assert codes[2, 3, 0].item() == pytest.approx(math.sin(2)) and codes[2, 3, 8 + 5].item() == pytest.approx(
         math.cos(3 / 10000 ** (1 / 4))
     )
-    size = PRESETS["quick"].__class__(**{**PRESETS["quick"].to_dict(), "sincos_positions": 0.5})
+    size = dataclasses.replace(PRESETS["quick"], sincos_positions=0.5)
     model, _ = build_shapes_model(size)
     grid = size.image_size // size.patch_size
     positions = model.vision_tower.positional_embedding.detach()
@@ -106,7 +107,7 @@ def test_initializer_range_sets_the_random_weights_of_every_part(std):
     """The demo's `initializer_range` reaches the ViT, the projector and the language model alike."""
     from mqwen.demo.model import PRESETS, build_shapes_model
 
-    size = PRESETS["full"].__class__(**{**PRESETS["full"].to_dict(), "initializer_range": std})
+    size = dataclasses.replace(PRESETS["full"], initializer_range=std)
     model, _ = build_shapes_model(size)
     weights = {
         "patch embedding": model.vision_tower.conv1.weight,
