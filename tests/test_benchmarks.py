@@ -123,13 +123,12 @@ def test_bandwidth_figure_runs_and_divides_by_the_bound(monkeypatch):
     the measured copy bandwidth ÷ the bytes one decode step reads, and the ratio is decode tokens/s over it."""
     from mqwen.benchmarks import figures
 
-    measured = []
+    real_bandwidth, measured = figures.measured_bandwidth, []
 
     def small_copy(device):
         measured.append(real_bandwidth(device, nbytes=1 << 20))
         return measured[-1]
 
-    real_bandwidth = figures.measured_bandwidth
     monkeypatch.setattr(figures, "measured_bandwidth", small_copy)
     contenders = build_all(QUICK)
     (row,) = figures.bandwidth_figure(contenders, QUICK, torch.device("cpu"), torch.float32, reps=2, warmup=0)
