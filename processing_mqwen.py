@@ -372,9 +372,18 @@ def _image_and_prompt_of(item, prompt):
 def _load_image(image, timeout):
     """Strings that are not local files (http(s) URLs, base64) are read by transformers' `load_image`; paths and
     in-memory images go to the processor, which reads files itself and composites transparency on white."""
-    if isinstance(image, str) and not os.path.isfile(image):
+    if not isinstance(image, str) or os.path.isfile(image):
+        return image
+    try:
         return load_image(image, timeout=timeout)
-    return image
+    except ValueError as error:  # load_image's last resort is base64; a mistyped path lands here
+        if image.startswith(("http://", "https://", "data:")):
+            raise
+        shown = image if len(image) <= 200 else image[:200] + "..."
+        raise FileNotFoundError(
+            f"Image file not found: {shown!r}. A string must be a path to an image file, an http(s) URL or a "
+            "base64-encoded image."
+        ) from error
 
 
 MQwenProcessor.register_for_auto_class()
