@@ -335,7 +335,7 @@ class MQwenImageToTextPipeline(Pipeline):
         # Batches are left-padded, so every row's prompt ends at the same column. The new tokens are grouped per
         # prompt (num_return_sequences rows each), so that the pipeline's batch unpacking keeps them together.
         new_tokens = generated[:, input_ids.shape[1] :]
-        return {"new_tokens": new_tokens.reshape(input_ids.shape[0], -1, new_tokens.shape[-1])}
+        return {"new_tokens": new_tokens.unflatten(0, (input_ids.shape[0], -1))}
 
     def postprocess(self, model_outputs):
         captions = self.processor.decode_captions(model_outputs["new_tokens"].flatten(0, 1), 0)

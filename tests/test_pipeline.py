@@ -137,6 +137,13 @@ def test_sampling_keywords_reach_generate(captioner, tiny):
     assert sampled != captioner(image, max_new_tokens=8), "greedy decoding would not differ"
 
 
+def test_stop_strings_work_without_passing_the_tokenizer(captioner, tiny):
+    image, stop = random_image(1), dict(stop_strings=["roll"], max_new_tokens=8)
+    expected = generate_captions(tiny, [image], tokenizer=tiny[1].tokenizer, **stop)
+    assert expected[0]["generated_text"].endswith("roll"), "the tiny model's caption holds the stop string"
+    assert captioner(image, **stop) == expected != captioner(image, max_new_tokens=8)
+
+
 def test_beam_search_with_several_sequences_per_image(captioner, tiny, generate_calls):
     beams = dict(num_beams=3, num_return_sequences=2, max_new_tokens=NEW)
     expected = [generate_captions(tiny, [image], prompt, **beams) for image, prompt in zip(IMAGES[:3], PROMPTS[:3])]
