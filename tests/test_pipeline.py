@@ -9,17 +9,20 @@ import socket
 import threading
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
 from transformers import pipeline
+from transformers.pipelines.pt_utils import KeyDataset
 
 from conftest import random_image
 
 NEW = 6
 IMAGES = [random_image(30), random_image(31, size=(40, 90)), random_image(32), random_image(33), random_image(34)]
 # Prompts of different lengths, so that batches are padded; None is the default caption prompt.
-PROMPTS = [None, "Write one short caption for this picture, please, with the colours.", "Name the shapes.", None, "Count."]
+PROMPTS = [None, "Write one short caption for this picture, please, with the colours.", "Name the shapes.", None,
+           "Count."]
 TWO_IMAGES = "<|im_start|>user\n<image>\n<image>\nWhat differs?<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -29,7 +32,8 @@ def generate_captions(tiny, images, prompt=None, **generate_kwargs):
     inputs = processor(images=images, text=prompt)
     with torch.no_grad():
         generated = model.generate(**inputs, **generate_kwargs)
-    return [{"generated_text": caption} for caption in processor.decode_captions(generated, inputs["input_ids"].shape[1])]
+    captions = processor.decode_captions(generated, inputs["input_ids"].shape[1])
+    return [{"generated_text": caption} for caption in captions]
 
 
 @pytest.fixture(autouse=True)
@@ -82,9 +86,6 @@ def test_batched_list_equals_single_calls_and_generate(captioner, references, ge
 
 
 def test_generator_of_dicts_and_datasets_batch(captioner, references, generate_calls):
-    datasets = pytest.importorskip("datasets")
-    from transformers.pipelines.pt_utils import KeyDataset
-
     # dict items, also under the image-text-to-text pipeline's names ("images", "text")
     items = ({"images": [image], "text": prompt} for image, prompt in zip(IMAGES, PROMPTS))
     assert list(captioner(items, max_new_tokens=NEW, batch_size=2)) == references
@@ -92,7 +93,8 @@ def test_generator_of_dicts_and_datasets_batch(captioner, references, generate_c
 
     features = datasets.Features({"image": datasets.Image(), "prompt": datasets.Value("string"),
                                   "label": datasets.Value("int64")})
-    dataset = datasets.Dataset.from_dict({"image": IMAGES, "prompt": PROMPTS, "label": list(range(5))}, features=features)
+    columns = {"image": IMAGES, "prompt": PROMPTS, "label": list(range(5))}  # "label": a column the pipeline ignores
+    dataset = datasets.Dataset.from_dict(columns, features=features)
     generate_calls.clear()
     assert list(captioner(dataset, max_new_tokens=NEW, batch_size=3)) == references
     assert [rows for rows, _ in generate_calls] == [3, 2]
