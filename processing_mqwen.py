@@ -7,13 +7,18 @@ caption prompt (Qwen's ChatML) when images come without a prompt, and left-pads 
 The pipeline lives here (not in its own file) so that a Hub repo needs only the three MQwen files.
 """
 
+import difflib
+import inspect
 import os
+import types
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import transformers
-from transformers import Pipeline, ProcessorMixin
+from transformers import GenerationConfig, Pipeline, ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import load_image
 
 try:
     from PIL import Image
@@ -225,6 +230,20 @@ class MQwenImageToTextPipeline(Pipeline):
     Registered through `config.custom_pipelines`, which transformers consults before it rewrites the task
     name (5.x turns "image-to-text" into "image-text-to-text", which insists on a prompt). Without `prompt`,
     the processor's default caption prompt is used.
+
+    It behaves like transformers' image-to-text pipeline (4.x):
+    - Inputs: one image (a local path, an http(s) URL or base64 string read with transformers' `load_image`
+      and `timeout`, a PIL image, a numpy array or torch tensor), a list of them, a generator, a torch
+      `Dataset` (e.g. `KeyDataset`) or a 🤗 `datasets` dataset. An item may be a dict `{"image": ..., "prompt":
+      ...}` (`"images"`, `"text"` also accepted; other keys such as dataset columns are ignored), and a list of
+      images may come with a list of prompts, one per image. Several images for one prompt are one item: a list
+      of images whose prompt holds one `<image>` per image.
+    - Output: `[{"generated_text": ...}]` per item (`num_return_sequences` entries each); a list input gives a
+      list of those in input order, a generator or dataset an iterator.
+    - `batch_size` batches items: the pipeline's collate function pads them on the tokenizer's padding side,
+      which is set to left here, as generation needs (transformers' text-generation pipeline does the same).
+    - Generation parameters (`max_new_tokens`, `do_sample`, `temperature`, `num_beams`, ...) go to `generate`,
+      given directly or in `generate_kwargs`; an unknown keyword raises an error that names it.
     """
 
     _load_processor = True
@@ -233,23 +252,138 @@ class MQwenImageToTextPipeline(Pipeline):
     _load_feature_extractor = False
     _load_video_processor = False
 
-    def _sanitize_parameters(self, prompt=None, max_new_tokens=None, generate_kwargs=None, timeout=None, **kwargs):
-        preprocess = {"prompt": prompt}
-        forward = dict(generate_kwargs or {})
-        if max_new_tokens is not None:
-            forward["max_new_tokens"] = max_new_tokens
-        return preprocess, forward, {}
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.tokenizer is not None:
+            self.tokenizer.padding_side = "left"
 
-    def preprocess(self, image, prompt=None):
-        return self.processor(images=image, text=prompt, return_tensors="pt")
+    def __call__(self, inputs=None, **kwargs):
+        if "images" in kwargs:  # transformers' image-to-text pipeline accepts this name too
+            inputs = kwargs.pop("images")
+        if inputs is None:
+            raise ValueError("Pass the image(s) to caption: captioner(image), captioner([image, ...]) or a dataset.")
+        prompts = kwargs.get("prompt")
+        if isinstance(prompts, (list, tuple)):
+            if not isinstance(inputs, (list, tuple)) or len(inputs) != len(prompts):
+                raise ValueError(
+                    f"A list of {len(prompts)} prompts needs a list of as many images (one prompt per image); got "
+                    f"{len(inputs) if isinstance(inputs, (list, tuple)) else type(inputs).__name__}. For generators "
+                    "and datasets, give each item its prompt: {'image': image, 'prompt': prompt}."
+                )
+            inputs = [{"image": image, "prompt": prompt} for image, prompt in zip(inputs, kwargs.pop("prompt"))]
+        inputs = _as_pipeline_inputs(inputs)
+        if isinstance(inputs, list) and not inputs:
+            return []
+        return super().__call__(inputs, **kwargs)
+
+    def _sanitize_parameters(self, prompt=None, timeout=None, generate_kwargs=None, **kwargs):
+        preprocess = {}
+        if prompt is not None:
+            preprocess["prompt"] = prompt
+        if timeout is not None:
+            preprocess["timeout"] = timeout
+        generate = dict(generate_kwargs or {})
+        given_twice = sorted(set(generate) & set(kwargs))
+        if given_twice:
+            raise ValueError(f"{given_twice} given both directly and in `generate_kwargs`; pass each only once.")
+        generate.update(kwargs)
+        self._check_generation_parameters(generate)
+        if "stop_strings" in generate:  # generate() needs the tokenizer to match stop strings
+            generate.setdefault("tokenizer", self.processor.tokenizer)
+        return preprocess, generate, {}
+
+    def _check_generation_parameters(self, generate_kwargs):
+        known = {name for name in vars(GenerationConfig()) if not name.startswith("_")} - {"transformers_version"}
+        known |= set(inspect.signature(self.model.generate).parameters) - {"inputs", "kwargs"}
+        known |= {"tokenizer", "assistant_tokenizer"}  # generate() takes these through **kwargs
+        unknown = sorted(set(generate_kwargs) - known)
+        if unknown:
+            hints = [
+                f"{name!r} (did you mean {match[0]!r}?)" if (match := difflib.get_close_matches(name, known, n=1)) else
+                repr(name)
+                for name in unknown
+            ]
+            raise ValueError(
+                f"Unknown keyword argument(s) for the image-to-text pipeline: {', '.join(hints)}. It takes `prompt`, "
+                "`timeout`, `batch_size`, `num_workers`, `generate_kwargs`, and the parameters of `generate()` / "
+                "`GenerationConfig` (e.g. `max_new_tokens`, `do_sample`, `temperature`, `num_beams`)."
+            )
+
+    def preprocess(self, inputs, prompt=None, timeout=None):
+        if isinstance(inputs, dict):
+            inputs, prompt = _image_and_prompt_of(inputs, prompt)
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError(
+                f"`prompt` must be a string, got {type(prompt).__name__}. For one prompt per image, pass a list of "
+                "images and a list of prompts of the same length."
+            )
+        images = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        placeholders = prompt.count(self.processor.image_token) if prompt else 0
+        if len(images) != max(placeholders, 1):
+            raise ValueError(
+                f"One item holds {len(images)} image(s) but its prompt has {placeholders} "
+                f"`{self.processor.image_token}` placeholder(s). To caption images one by one, pass them as a flat "
+                f"list; to ask about several images at once, put one `{self.processor.image_token}` per image in "
+                f"the prompt, e.g. captioner([[image_a, image_b]], prompt=...)."
+            )
+        images = [_load_image(image, timeout) for image in images]
+        return self.processor(images=images, text=prompt, return_tensors="pt")
 
     def _forward(self, model_inputs, **generate_kwargs):
-        generated = self.model.generate(**model_inputs, **generate_kwargs)
-        return {"generated": generated, "prompt_length": model_inputs["input_ids"].shape[1]}
+        input_ids = model_inputs["input_ids"]
+        generated = self.model.generate(**model_inputs, **{**generate_kwargs, "return_dict_in_generate": False})
+        # Batches are left-padded, so every row's prompt ends at the same column. The new tokens are grouped per
+        # prompt (num_return_sequences rows each), so that the pipeline's batch unpacking keeps them together.
+        new_tokens = generated[:, input_ids.shape[1] :]
+        return {"new_tokens": new_tokens.unflatten(0, (input_ids.shape[0], -1))}
 
     def postprocess(self, model_outputs):
-        captions = self.processor.decode_captions(model_outputs["generated"], model_outputs["prompt_length"])
+        captions = self.processor.decode_captions(model_outputs["new_tokens"].flatten(0, 1), 0)
         return [{"generated_text": caption} for caption in captions]
+
+
+def _as_pipeline_inputs(inputs):
+    """What `Pipeline.__call__` batches: lists, generators and torch map-style datasets (`KeyDataset`) as they
+    are, other iterables (🤗 `datasets` datasets and columns) as generators; images and dicts stay single."""
+    if isinstance(inputs, tuple):
+        return list(inputs)
+    single = (str, bytes, os.PathLike, dict, np.ndarray) + ((Image.Image,) if Image is not None else ())
+    if isinstance(inputs, (list, types.GeneratorType) + single) or hasattr(inputs, "detach"):
+        return inputs
+    if isinstance(inputs, Iterable):
+        return (item for item in inputs)
+    return inputs
+
+
+def _image_and_prompt_of(item, prompt):
+    """`{"image": ..., "prompt": ...}` (or `"images"`, `"text"`) -> (image(s), prompt); the item's prompt wins."""
+    image_keys = [key for key in ("image", "images") if key in item]
+    if len(image_keys) != 1:
+        raise ValueError(
+            f"A dict input needs exactly one of the keys 'image' or 'images' (and optionally 'prompt' or 'text'); "
+            f"got keys {sorted(item)}."
+        )
+    prompt_keys = [key for key in ("prompt", "text") if item.get(key) is not None]
+    if len(prompt_keys) > 1:
+        raise ValueError(f"A dict input holds both 'prompt' and 'text'; give the prompt once. Got keys {sorted(item)}.")
+    return item[image_keys[0]], item[prompt_keys[0]] if prompt_keys else prompt
+
+
+def _load_image(image, timeout):
+    """Strings that are not local files (http(s) URLs, base64) are read by transformers' `load_image`; paths and
+    in-memory images go to the processor, which reads files itself and composites transparency on white."""
+    if not isinstance(image, str) or os.path.isfile(image):
+        return image
+    try:
+        return load_image(image, timeout=timeout)
+    except ValueError as error:  # load_image's last resort is base64; a mistyped path lands here
+        if image.startswith(("http://", "https://", "data:")):
+            raise
+        shown = image if len(image) <= 200 else image[:200] + "..."
+        raise FileNotFoundError(
+            f"Image file not found: {shown!r}. A string must be a path to an image file, an http(s) URL or a "
+            "base64-encoded image."
+        ) from error
 
 
 MQwenProcessor.register_for_auto_class()
