@@ -3,8 +3,8 @@
 v1 encodes with `tiktoken`: NFC-normalised text, split by v1's regex (the one Qwen2 kept, with single digits),
 byte-level BPE over the ranks in `qwen.tiktoken`, and 208 special tokens numbered after the ranks
 (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<|extra_0|>` ... `<|extra_204|>`), recognised inside text.
-transformers' `TikTokenConverter` turns ranks into a BPE vocabulary with merges; this module adds v1's
-normaliser and special tokens in v1's order, so every id equals v1's. Requires the `tiktoken` package.
+transformers' `TikTokenConverter` turns the ranks into a BPE vocabulary with merges and appends the special
+tokens in v1's order; with v1's NFC normaliser added, every id equals v1's. Requires the `tiktoken` package.
 """
 
 import os
@@ -35,7 +35,7 @@ def _no_tiktoken_cache():
 
 def qwen_v1_backend_tokenizer(tiktoken_file):
     """A `tokenizers.Tokenizer` that encodes exactly as v1's tiktoken encoding over `tiktoken_file`."""
-    from tokenizers import AddedToken, normalizers
+    from tokenizers import normalizers
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     try:
@@ -43,14 +43,17 @@ def qwen_v1_backend_tokenizer(tiktoken_file):
     except ImportError:
         raise ConvertError("Converting Qwen v1's qwen.tiktoken needs the `tiktoken` package: pip install tiktoken") \
             from None
+    specials = dict(  # the converter adds them, in order, after the ranks (the keyword is 4.x's or 5.x's)
+        additional_special_tokens=QWEN_V1_SPECIAL_TOKENS, extra_special_tokens=QWEN_V1_SPECIAL_TOKENS
+    )
     try:
         with _no_tiktoken_cache():
-            tokenizer = TikTokenConverter(vocab_file=str(tiktoken_file), pattern=QWEN_PRETOKENIZE_REGEX).converted()
+            converter = TikTokenConverter(vocab_file=str(tiktoken_file), pattern=QWEN_PRETOKENIZE_REGEX, **specials)
+            tokenizer = converter.converted()
     except Exception as error:
         raise ConvertError(f"Could not read {tiktoken_file} as tiktoken BPE ranks: {error}") from error
-    ranks = tokenizer.get_vocab_size(with_added_tokens=False)
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_V1_SPECIAL_TOKENS])
+    ranks = tokenizer.get_vocab_size(with_added_tokens=False)
     first = tokenizer.token_to_id(QWEN_V1_SPECIAL_TOKENS[0])
     if first != ranks or tokenizer.get_vocab_size() != ranks + len(QWEN_V1_SPECIAL_TOKENS):
         raise ConvertError(f"{tiktoken_file}: its {ranks} ranks are not numbered 0..{ranks - 1}, so v1's special "
