@@ -153,6 +153,7 @@ class QwenV1:
         """(Qwen2Config, tokenizer): the build's `_load_text_side` for a v1 folder."""
         from .qwen_v1_tokenizer import convert_qwen_v1_tokenizer
 
+        print("Tokenizer: converting qwen.tiktoken (151,643 BPE ranks; this takes up to a minute)")
         tokenizer = convert_qwen_v1_tokenizer(self.folder)
         text_config = self.text_config()
         text_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -187,8 +188,8 @@ class QwenV1:
         """Model-card text stating where the converted model's outputs equal v1's."""
         changes = [name for name in ("use_logn_attn", "use_dynamic_ntk") if self._get(name, False)]
         beyond = (
-            f"Beyond that, v1 switches on {' and '.join(f'`{n}`' for n in changes)}, which this Qwen2 model does not "
-            "reproduce: longer sequences give different outputs from the original."
+            f"Beyond that, v1 switches on {' and '.join(f'`{n}`' for n in changes)}, which this Qwen2 model does\n"
+            "not reproduce: longer sequences give different outputs from the original."
             if changes else "v1 has no length-dependent attention switched on in this checkpoint."
         )
         return f"""
@@ -198,7 +199,8 @@ The language model was converted from a Qwen v1 checkpoint (`QWenLMHeadModel`, `
 transformers' `Qwen2ForCausalLM`; weights are mapped exactly (fused `c_attn` split into q/k/v, `w2`/`w1` as
 gate/up) and the tokenizer was converted from `qwen.tiktoken` with v1's pre-tokenizer and special tokens
 (identical ids). **For sequences of up to {self.seq_length} tokens (v1's `seq_length`) its outputs equal the
-original model's.** {beyond}
+original model's.**
+{beyond}
 """
 
     def add_card_section(self, readme):
