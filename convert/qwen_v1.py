@@ -44,6 +44,13 @@ _RENAMES = {
     "mlp.w1.weight": "mlp.up_proj.weight",
     "mlp.c_proj.weight": "mlp.down_proj.weight",
 }
+# The first v1 releases (Aug 2023) wrote GPT-2 names, which their QWenConfig mapped through attribute_map.
+_FIRST_RELEASE_NAMES = {
+    "hidden_size": "n_embd",
+    "num_attention_heads": "n_head",
+    "num_hidden_layers": "n_layer",
+    "max_position_embeddings": "n_positions",
+}
 _TOP_LEVEL = {
     "transformer.wte.weight": "model.embed_tokens.weight",
     "transformer.ln_f.weight": "model.norm.weight",
@@ -66,7 +73,12 @@ class QwenV1:
 
     def __init__(self, folder, config):
         self.folder = Path(folder)
-        self.config = config
+        self.config = dict(config)
+        for name, first_release_name in _FIRST_RELEASE_NAMES.items():
+            if name not in self.config and first_release_name in config:
+                self.config[name] = config[first_release_name]
+        if config.get("padded_vocab_size"):  # the first releases' embedding rows; vocab_size counted tokens
+            self.config["vocab_size"] = config["padded_vocab_size"]
         self._check()
 
     @classmethod
@@ -118,6 +130,12 @@ class QwenV1:
                             "model then equals v1 with a full-precision cache)")
         if self._get("scale_attn_weights", True) is False:
             refusals.append("scale_attn_weights=false")
+        if self._get("pos_emb", "rotary") != "rotary":
+            refusals.append(f"pos_emb={self._get('pos_emb')!r}")
+        if self._get("apply_residual_connection_post_layernorm", False):
+            refusals.append("apply_residual_connection_post_layernorm=true")
+        if self._get("activation", "swiglu") != "swiglu":
+            refusals.append(f"activation={self._get('activation')!r}")
         if refusals:
             raise ConvertError(
                 f"This Qwen v1 checkpoint ({where}) uses features that transformers' Qwen2 cannot reproduce exactly: "

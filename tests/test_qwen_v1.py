@@ -432,6 +432,21 @@ def test_features_qwen2_cannot_reproduce_are_refused(v1_source, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+def test_first_release_config_names_map_the_same(tmp_path):
+    """The Aug 2023 v1 configs: GPT-2 names (n_embd, n_head, n_layer, n_positions), ffn_hidden_size, and
+    padded_vocab_size for the embedding rows next to vocab_size for the tokens."""
+    from mqwen.convert.qwen_v1 import QwenV1
+
+    renamed = {"hidden_size": "n_embd", "num_attention_heads": "n_head", "num_hidden_layers": "n_layer",
+               "max_position_embeddings": "n_positions", "intermediate_size": "ffn_hidden_size"}
+    first = {renamed.get(key, key): value for key, value in V1_CONFIG.items()}
+    first.update(vocab_size=151851, padded_vocab_size=151936, pos_emb="rotary", activation="swiglu",
+                 apply_residual_connection_post_layernorm=False)
+    assert QwenV1(tmp_path, first).text_config().to_dict() == QwenV1(tmp_path, V1_CONFIG).text_config().to_dict()
+    with pytest.raises(ConvertError, match="pos_emb='learned'"):
+        QwenV1(tmp_path, dict(first, pos_emb="learned"))
+
+
 def test_v1_folder_without_qwen_tiktoken(v1_source, tmp_path):
     from mqwen.convert.build import build
 
