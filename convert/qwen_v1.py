@@ -128,14 +128,10 @@ class QwenV1:
         if self._get("use_cache_quantization", False):
             refusals.append("use_cache_quantization=true (an 8-bit KV cache: set it to false; the converted "
                             "model then equals v1 with a full-precision cache)")
-        if self._get("scale_attn_weights", True) is False:
-            refusals.append("scale_attn_weights=false")
         if self._get("pos_emb", "rotary") != "rotary":
             refusals.append(f"pos_emb={self._get('pos_emb')!r}")
         if self._get("apply_residual_connection_post_layernorm", False):
             refusals.append("apply_residual_connection_post_layernorm=true")
-        if self._get("activation", "swiglu") != "swiglu":
-            refusals.append(f"activation={self._get('activation')!r}")
         if refusals:
             raise ConvertError(
                 f"This Qwen v1 checkpoint ({where}) uses features that transformers' Qwen2 cannot reproduce exactly: "

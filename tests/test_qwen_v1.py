@@ -440,7 +440,7 @@ def test_first_release_config_names_map_the_same(tmp_path):
     renamed = {"hidden_size": "n_embd", "num_attention_heads": "n_head", "num_hidden_layers": "n_layer",
                "max_position_embeddings": "n_positions", "intermediate_size": "ffn_hidden_size"}
     first = {renamed.get(key, key): value for key, value in V1_CONFIG.items()}
-    first.update(vocab_size=151851, padded_vocab_size=151936, pos_emb="rotary", activation="swiglu",
+    first.update(vocab_size=151851, padded_vocab_size=151936, pos_emb="rotary",
                  apply_residual_connection_post_layernorm=False)
     assert QwenV1(tmp_path, first).text_config().to_dict() == QwenV1(tmp_path, V1_CONFIG).text_config().to_dict()
     with pytest.raises(ConvertError, match="pos_emb='learned'"):
