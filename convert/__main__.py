@@ -23,6 +23,8 @@ examples:
   python -m convert build --llm Qwen/Qwen2.5-7B-Instruct --vision ViT-L-14:openai out/mqwen-7b
   python -m convert build --llm ~/models/Qwen2.5-7B-Instruct --vision ~/models/clip-vit-large-patch14 \\
       --dtype bf16 --image-token-pooling 2 out/mqwen-7b-pool2 --push-to-hub you/mqwen-7b-pool2
+  python -m convert build --llm ~/models/Qwen-7B-Chat --vision ViT-L-14:openai out/mqwen-v1-7b
+      (an original Qwen (v1) folder: converted to transformers' Qwen2, tokenizer from qwen.tiktoken)
 """
 
 PUSH_EXAMPLES = """examples:
@@ -52,7 +54,8 @@ def parse_args(argv=None):
         epilog=BUILD_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    build.add_argument("--llm", required=True, help="Hub id or local folder of a transformers causal LM")
+    build.add_argument("--llm", required=True,
+                       help="Hub id or local folder of a transformers causal LM (or an original Qwen v1 checkpoint)")
     build.add_argument("--vision", required=True, help="vision source (forms below)")
     build.add_argument("out_dir", metavar="OUT_DIR")
     build.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weight dtype (default: the LLM's own)")

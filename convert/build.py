@@ -20,6 +20,7 @@ import torch
 
 from .errors import ConvertError
 from .llm import Vocabulary, meta_state, plan_language_model, resolve_llm  # noqa: F401  (resolve_llm: API)
+from .qwen_v1 import QwenV1
 from .shards import TensorPlan, open_weights, parse_size, write_sharded
 from .tokenizer import add_image_token, forget_load_location
 from .vision import VISION_PREFIX
@@ -58,6 +59,7 @@ def build(
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     max_bytes = parse_size(max_shard_size)
     source = resolve_llm(llm, allow_pickle)
+    qwen_v1 = QwenV1.detect(source.folder)  # the original Qwen: converted to Qwen2 (qwen_v1.py); else None
     projector_state = read_projector(projector, allow_pickle) if projector else None
     if projector_state is not None:
         found_type = projector_type_of(projector_state)
@@ -65,6 +67,9 @@ def build(
             raise ConvertError(f"--projector {projector} is a {found_type} projector, not {projector_type}.")
         projector_type = found_type
     readers = [open_weights(file) for file in source.files]
+    if qwen_v1:
+        print(qwen_v1.notice())
+        readers = qwen_v1.wrap_readers(readers)
     target_dtype = DTYPES[dtype] if dtype else _source_dtype(readers)
 
     # 2. vision
@@ -73,7 +78,7 @@ def build(
     print(f"Vision: {vision_weights.source}")
 
     # 3. the language model's config and tokenizer, with `<image>`
-    text_config, tokenizer = _load_text_side(source)
+    text_config, tokenizer = qwen_v1.text_side() if qwen_v1 else _load_text_side(source)
     vocabulary = Vocabulary(len(tokenizer), text_config.vocab_size, add_image_token(tokenizer))
     text_config.vocab_size = vocabulary.rows
     text_config._name_or_path = source.hub_id or ""
@@ -118,7 +123,7 @@ def build(
 
     # 6. write, into a temporary folder renamed to OUT_DIR at the end
     processor = _processor(tokenizer, config, vision_weights)
-    generation_config = _generation_config(source, tokenizer)
+    generation_config = qwen_v1.generation_config(tokenizer) if qwen_v1 else _generation_config(source, tokenizer)
     total = sum(entry.nbytes for entry in plan)
     print(f"Writing {len(plan)} tensors ({total / 1e9:.2f} GB, {_dtype_name(target_dtype)}) to {out_dir}")
     from tqdm.auto import tqdm
@@ -144,6 +149,8 @@ def build(
             command=command or "mqwen.convert.build.build(...)",
             repo_id=push_to_hub,
         )
+        if qwen_v1:
+            qwen_v1.add_card_section(staging / "README.md")
     print(f"Built {out_dir}")
     if push_to_hub:
         from .push import push
