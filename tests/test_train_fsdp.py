@@ -1,7 +1,9 @@
 """train/ under FSDP2: 2 CPU processes (gloo, torchrun) give the model one process gives for the same global batch.
 
-Each run is a subprocess: `torchrun --nproc_per_node=2 WORKER ... --fsdp` or plain `python WORKER`, 4 examples per
-optimizer step either way (2 per process, or 4 in one), 4 steps, a checkpoint every 2.
+Each run is a subprocess: `python WORKER` (one process) or `torchrun --nproc_per_node=2 WORKER` (FSDP), or the
+README's command lines (`torchrun ... -m mqwen.train --fsdp`, `accelerate launch --config_file
+train/configs/fsdp_cpu.yaml -m mqwen.train`); 4 examples per optimizer step either way (2 per process, or 4 in
+one), 4 steps, a checkpoint every 2.
 """
 
 import json
@@ -9,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,10 @@ from mqwen.train import load_trained
 
 GLOBAL_BATCH = 4
 STEPS = 4
+FSDP_CPU_CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "fsdp_cpu.yaml"
+# The WORKER's settings as command-line flags.
+COMMON_FLAGS = dict(max_steps=STEPS, save_steps=2, logging_steps=1, learning_rate=1e-3, warmup_ratio=0.0, seed=0,
+                    disable_tqdm=True, max_shard_size="20KB")
 
 # `python WORKER MODEL DATA OUT STAGE SETTINGS_JSON`: one training run through the public `train()`. With
 # STOP_AT_STEP set, every process dies (no cleanup, like a killed job) once that step ends.
@@ -62,18 +69,34 @@ def setup(tmp_path_factory, tiny_dir):
     worker.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
 
-    def run(name, stage, processes, stop_at_step=None, expect_failure=False, **settings):
-        launcher = [sys.executable]
-        if processes > 1:
-            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-        command = launcher + [str(worker), str(tiny_dir), str(data), str(tmp / name), stage, json.dumps(settings)]
+    def run(name, stage, processes, launcher="worker", stop_at_step=None, expect_failure=False, **settings):
+        """launcher: "worker" (WORKER, under torchrun when processes > 1), or the command line as the README
+        gives it: "torchrun" (`torchrun -m mqwen.train --fsdp`) or "accelerate" (fsdp_cpu.yaml)."""
+        out = tmp / name
+        if launcher == "worker":
+            script = [str(worker), str(tiny_dir), str(data), str(out), stage, json.dumps(settings)]
+        else:
+            flags = dict(COMMON_FLAGS, model=tiny_dir, data=data, output_dir=out, stage=stage,
+                         per_device_train_batch_size=GLOBAL_BATCH // processes, **settings)
+            script = ["-m", "mqwen.train"] + [
+                part for key, value in flags.items()
+                for part in (["--" + key.replace("_", "-")] + ([] if value is True else [str(value)]))
+            ]
+        if launcher == "accelerate":
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU_CONFIG)]
+        elif processes > 1:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        else:
+            command = [sys.executable]
+        if launcher == "torchrun":
+            script.append("--fsdp")
         run_env = dict(env, STOP_AT_STEP=str(stop_at_step)) if stop_at_step else env
-        completed = subprocess.run(command, env=run_env, capture_output=True, text=True, timeout=300)
+        completed = subprocess.run(command + script, env=run_env, capture_output=True, text=True, timeout=300)
         if expect_failure:
             assert completed.returncode != 0
         else:
             assert completed.returncode == 0, completed.stderr[-4000:]
-        return tmp / name
+        return out
 
     return run, tmp
 
@@ -160,7 +183,8 @@ def test_fsdp_run_killed_midway_resumes_to_the_same_model(setup, full_runs):
 
 def test_fsdp_align_stage_equals_one_process(setup, tiny_dir):
     run, _ = setup
-    single, fsdp = run("align-1", "align", 1), run("align-fsdp", "align", 2)
+    single = run("align-1", "align", 1)
+    fsdp = run("align-fsdp", "align", 2, launcher="accelerate")  # accelerate launch, fsdp_cpu.yaml, the CLI
     want, got = _weights(single / "final"), _weights(fsdp / "final")
     _assert_same_weights(got, want)
     initial = load_file(tiny_dir / "model.safetensors")
@@ -170,9 +194,11 @@ def test_fsdp_align_stage_equals_one_process(setup, tiny_dir):
 
 def test_fsdp_lora_saves_adapter_and_projector_and_merges(setup, tiny_dir, make_image):
     run, _ = setup
-    single = run("lora-1", "lora", 1, keep_adapter=True)
-    adapter = run("lora-fsdp-adapter", "lora", 2, keep_adapter=True)
-    merged = run("lora-fsdp-merged", "lora", 2)
+    settings = dict(lora_dropout=0.0)  # dropout masks depend on how the batch is split
+    single = run("lora-1", "lora", 1, keep_adapter=True, **settings)
+    adapter = run("lora-fsdp-adapter", "lora", 2, keep_adapter=True, **settings)
+    # torchrun -m mqwen.train --fsdp, with activation checkpointing (the same numbers, recomputed)
+    merged = run("lora-fsdp-merged", "lora", 2, launcher="torchrun", gradient_checkpointing=True, **settings)
 
     want, got = load_file(single / "final" / "adapter_model.safetensors"), load_file(adapter / "final" / "adapter_model.safetensors")
     _assert_same_weights(got, want)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .collator import CaptionCollator
@@ -144,6 +144,7 @@ def build_trainer(config: TrainConfig, model=None, processor=None, train_dataset
             f"Launched as {_world_size()} processes but the Trainer sees {args.world_size}: every process would "
             "train on all the data on its own. Check the launcher (torchrun / accelerate launch) and the devices."
         )
+    set_seed(config.seed)  # LoRA's initial weights: the same in every process, and in every run of a seed
     model = prepare_model_for_stage(model, config)
     trainer = CaptionTrainer(
         model=model,
