@@ -72,6 +72,9 @@ def setup(tmp_path_factory, tiny_dir):
     worker = tmp / "worker.py"
     worker.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+    # DeepSpeed compiles its CPU communication op on first use; a cache per environment keeps each venv's build
+    # (the build depends on where deepspeed is installed, so a shared cache would be rebuilt on every switch).
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
     def run(name, stage, processes, launcher="worker", stop_at_step=None, expect_failure=False, **settings):
         """launcher: "worker" (WORKER, under torchrun when processes > 1), or the command line as the README
@@ -221,7 +224,7 @@ def test_fsdp_lora_saves_adapter_and_projector_and_merges(setup, tiny_dir, make_
 def test_deepspeed_zero3_full_stage_equals_one_process(setup, full_runs):
     """DeepSpeed's CPU accelerator (gloo) runs ZeRO-3 here: `torchrun -m train --deepspeed
     train/configs/deepspeed_zero3.json`. The first run on a machine compiles DeepSpeed's shared-memory
-    communication op (cached in ~/.cache/torch_extensions)."""
+    communication op (cached in the environment's folder, see `setup`)."""
     if importlib.util.find_spec("deepspeed") is None:
         if os.environ.get("MQWEN_REQUIRE_DEEPSPEED"):
             pytest.fail("MQWEN_REQUIRE_DEEPSPEED is set but deepspeed is not installed")

@@ -9,7 +9,9 @@
 
 A training vision tower trains only what captioning runs: the blocks up to `config.vision_feature_layer`.
 The blocks after it and OpenCLIP's pooled-embedding head (`ln_post`, `proj`) never get a gradient, so they
-stay frozen: DDP would stop on parameters without a gradient and FSDP could not resume their optimizer state.
+stay frozen: their weights are unchanged either way, and an FSDP checkpoint could not be resumed with
+optimizer state they never had (DDP without `find_unused_parameters` also expects a gradient for every
+trainable parameter).
 
 Per-part learning rates (projector, vision tower) come from `part_param_groups`, used by `CaptionTrainer`.
 """
