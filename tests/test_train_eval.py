@@ -87,4 +87,4 @@ def test_accelerate_configs_are_valid():
         config = ClusterConfig.from_yaml_file(str(path))  # raises on unknown keys
         kinds[path.stem] = (str(config.distributed_type).split(".")[-1], config.deepspeed_config.get("zero_stage"))
     assert kinds == {"ddp": ("MULTI_GPU", None), "deepspeed_zero2": ("DEEPSPEED", 2),
-                     "deepspeed_zero3": ("DEEPSPEED", 3), "fsdp": ("FSDP", None)}
+                     "deepspeed_zero3": ("DEEPSPEED", 3), "fsdp": ("FSDP", None), "fsdp_cpu": ("FSDP", None)}

@@ -79,7 +79,11 @@ def test_vision_tower_gets_its_own_learning_rate(tmp_path, tiny_dir, pairs):
              for group in trainer.create_optimizer().param_groups for p in group["params"]}
     model = trainer.model
     tower = dict(model.vision_tower.named_parameters())
-    assert tower and all(lr_of[id(p)][0] == 3e-4 for p in tower.values())
+    trained = {n for n, p in tower.items() if p.requires_grad}
+    # Only what captioning runs trains: not the last block (vision_feature_layer=-2) nor the pooled head.
+    last = len(model.vision_tower.transformer.resblocks) - 1
+    assert trained == {n for n in tower if not n.startswith(("ln_post", "proj", f"transformer.resblocks.{last}."))}
+    assert all(lr_of[id(tower[n])][0] == 3e-4 for n in trained)
     assert lr_of[id(model.vision_tower.conv1.weight)] == (3e-4, 0.1)
     assert lr_of[id(model.multi_modal_projector.linear_1.weight)] == (1e-5, 0.1)  # projector_lr unset: the LM's
     assert lr_of[id(model.language_model.lm_head.weight)] == (1e-5, 0.1)

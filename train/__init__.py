@@ -23,8 +23,9 @@ Names:
 - `evaluate_captions`, `generate_captions` (`mqwen.train.eval`), `caption_scores` (`mqwen.train.metrics`).
 
 Modules: config (TrainConfig), data (sources, lazy images, skip counting), collator (chat template, labels),
-stages (freezing, LoRA, optimizer groups), trainer (CaptionTrainer), run (train, saving), eval, metrics, cli.
-Accelerate configs for DDP, DeepSpeed ZeRO-2/ZeRO-3 and FSDP are in `train/configs/`.
+stages (freezing, LoRA, optimizer groups), trainer (CaptionTrainer), run (train, saving), distributed (FSDP
+for `--fsdp` and on CPU), eval, metrics, cli. Accelerate configs for DDP, DeepSpeed ZeRO-2/ZeRO-3 and FSDP (and
+FSDP on CPU, what the tests run) are in `train/configs/`.
 """
 
 import importlib

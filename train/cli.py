@@ -22,9 +22,10 @@ EXAMPLES = """examples:
   python -m train --model runs/align/final --data captions.jsonl --stage lora --keep-adapter \\
       --output-dir runs/lora --resume-from-checkpoint last
 
-  # several GPUs (see train/configs/*.yaml for DDP, DeepSpeed ZeRO-2/3 and FSDP)
+  # several GPUs: DDP, or FSDP2 with --fsdp (see train/configs/*.yaml and the README for what is tested)
   torchrun --nproc_per_node=8 -m train --model ... --data ... --stage full --output-dir runs/full --bf16
-  accelerate launch --config_file train/configs/deepspeed_zero3.yaml -m train --model ... --stage full ...
+  torchrun --nproc_per_node=8 -m train --fsdp --model ... --data ... --stage full --output-dir runs/full --bf16
+  accelerate launch --config_file train/configs/fsdp.yaml -m train --model ... --stage full ...
 
 The final model (Hub format, with its processor) is written to OUTPUT_DIR/final; a summary with the
 skipped-image count goes to OUTPUT_DIR/train_summary.json. Evaluate it with `python -m train.eval`.

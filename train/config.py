@@ -100,6 +100,10 @@ class TrainConfig:
     report_to: str = _help("where to log: none, tensorboard, wandb, ...", default="none")
     deepspeed: Optional[str] = _help("DeepSpeed JSON config (with torchrun; `accelerate launch` configs set "
                                      "it themselves)", default=None)
+    fsdp: bool = _help("shard weights, gradients and optimizer states across processes with PyTorch FSDP2, "
+                       "one unit per decoder layer / vision block (with torchrun; `accelerate launch "
+                       "--config_file train/configs/fsdp.yaml` sets it itself)", default=False)
+    max_shard_size: str = _help("largest safetensors file of the final model", default="5GB")
     disable_tqdm: bool = _help("hide the progress bar", default=False)
     training_args: dict = _help("any other transformers.TrainingArguments fields (Python only)",
                                 default_factory=dict)
@@ -109,6 +113,8 @@ class TrainConfig:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.bf16 and self.fp16:
             raise ValueError("Choose one of bf16 and fp16, not both.")
+        if self.fsdp and self.deepspeed:
+            raise ValueError("Choose one of fsdp and deepspeed, not both.")
         if self.keep_adapter and self.stage != "lora":
             raise ValueError(f"keep_adapter only applies to stage='lora' (got stage={self.stage!r}).")
         if self.vision_lr is not None and not self.train_vision_tower:

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .collator import CaptionCollator
 from .config import TrainConfig
 from .data import CaptionDataset, SkipReport, load_caption_dataset
+from .distributed import own_class, request_fsdp
 from .stages import prepare_model_for_stage, trainable_summary
 from .trainer import CaptionTrainer
 
@@ -135,12 +136,15 @@ def build_trainer(config: TrainConfig, model=None, processor=None, train_dataset
     if train_dataset is None:
         raise ValueError("Pass training data (--data).")
     eval_dataset = _dataset(eval_dataset if eval_dataset is not None else config.eval_data, config)
+    if config.fsdp:
+        request_fsdp(model)  # before the Trainer builds its Accelerator, which reads the request
     args = training_arguments(config, has_eval=eval_dataset is not None)
     if _world_size() > 1 and args.world_size != _world_size():
         raise RuntimeError(
             f"Launched as {_world_size()} processes but the Trainer sees {args.world_size}: every process would "
             "train on all the data on its own. Check the launcher (torchrun / accelerate launch) and the devices."
         )
+    set_seed(config.seed)  # LoRA's initial weights: the same in every process, and in every run of a seed
     model = prepare_model_for_stage(model, config)
     trainer = CaptionTrainer(
         model=model,
@@ -208,45 +212,43 @@ def save_final_model(trainer, config, out_dir=None) -> Path:
     """Write the trained model + processor in the Hub format to `out_dir` (default `OUTPUT_DIR/final`).
 
     LoRA is merged into the language model unless `config.keep_adapter`, which writes a peft adapter folder
-    (adapter + trained projector) that `load_trained` reads. Files go to a temporary folder first and are
-    renamed into place, so `out_dir` is never half-written. Call on every process.
+    (adapter + trained projector) that `load_trained` reads. Sharded weights (FSDP, ZeRO-3) are gathered
+    from every process; the main process alone writes safetensors files of at most `config.max_shard_size`.
+    Files go to a temporary folder first and are renamed into place, so `out_dir` is never half-written.
+    Call on every process.
     """
     from peft import PeftModel
 
     out_dir = Path(out_dir or Path(config.output_dir) / FINAL_DIR)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    processor = trainer.mqwen_processor
     main = trainer.is_world_process_zero()
     accelerator = trainer.accelerator
     if main and tmp.exists():
         shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(trainer.model)
-    is_peft = isinstance(model, PeftModel)
-    if is_peft and not config.keep_adapter:
-        if _sharded(trainer):
-            adapter_tmp = out_dir.with_name(f".{out_dir.name}.adapter.tmp")
-            trainer.save_model(str(adapter_tmp))
-            if main:
-                _merge_saved_adapter(config, adapter_tmp, tmp)
-                shutil.rmtree(adapter_tmp)
-        elif main:
-            merged = model.merge_and_unload()
-            merged.save_pretrained(tmp, safe_serialization=True)
-    elif _sharded(trainer) or is_peft:
-        trainer.save_model(str(tmp))  # gathers sharded weights; a PeftModel saves its adapter
-    elif main:
-        model.save_pretrained(tmp, safe_serialization=True)
+    # Every process takes part in gathering; only the main one keeps the full state dict.
+    state_dict = accelerator.get_state_dict(trainer.model_wrapped) if _sharded(trainer) else None
     if main:
-        processor.save_pretrained(tmp)
-        for leftover in ("training_args.bin",):
-            (tmp / leftover).unlink(missing_ok=True)
+        model = accelerator.unwrap_model(trainer.model)
+        save = dict(safe_serialization=True, max_shard_size=config.max_shard_size)
+        if not isinstance(model, PeftModel):
+            with own_class(model):
+                model.save_pretrained(tmp, state_dict=state_dict, **save)
+        elif config.keep_adapter:  # the adapter and the trained projector (modules_to_save)
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        elif state_dict is None:
+            model.merge_and_unload().save_pretrained(tmp, **save)
+        else:  # the model's own weights are shards: merge the gathered adapter into a fresh base model
+            adapter_tmp = out_dir.with_name(f".{out_dir.name}.adapter.tmp")
+            model.save_pretrained(adapter_tmp, state_dict=state_dict, safe_serialization=True)
+            _merge_saved_adapter(config, adapter_tmp, tmp, save)
+            shutil.rmtree(adapter_tmp)
+        trainer.mqwen_processor.save_pretrained(tmp)
         _replace_dir(tmp, out_dir)
     accelerator.wait_for_everyone()
     return out_dir
 
 
-def _merge_saved_adapter(config, adapter_dir, out_dir):
+def _merge_saved_adapter(config, adapter_dir, out_dir, save_kwargs):
     from peft import PeftModel
 
     from mqwen import MQwenForCausalLM
@@ -255,7 +257,7 @@ def _merge_saved_adapter(config, adapter_dir, out_dir):
         raise ValueError("Merging LoRA under ZeRO-3/FSDP reloads the base model: pass --model as a path or repo.")
     base = MQwenForCausalLM.from_pretrained(str(config.model))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(out_dir, safe_serialization=True)
+    merged.save_pretrained(out_dir, **save_kwargs)
 
 
 def _replace_dir(src: Path, dst: Path):

@@ -7,6 +7,12 @@
   `train_vision_tower`), plus the projector, which peft trains and saves as a `modules_to_save` copy.
 - `full`: projector + language model (and the vision tower with `train_vision_tower`).
 
+A training vision tower trains only what captioning runs: the blocks up to `config.vision_feature_layer`.
+The blocks after it and OpenCLIP's pooled-embedding head (`ln_post`, `proj`) never get a gradient, so they
+stay frozen: their weights are unchanged either way, and an FSDP checkpoint could not be resumed with
+optimizer state they never had (DDP without `find_unused_parameters` also expects a gradient for every
+trainable parameter).
+
 Per-part learning rates (projector, vision tower) come from `part_param_groups`, used by `CaptionTrainer`.
 """
 
@@ -55,16 +61,29 @@ def prepare_model_for_stage(model, config):
                 f"{sorted({n.rsplit('.', 1)[-1] for n, m in model.language_model.named_modules() if n})[:20]}"
             )
         model = get_peft_model(model, lora)
+        if config.train_vision_tower:
+            freeze_unused_vision_parts(model.get_base_model())
     else:
         model.multi_modal_projector.requires_grad_(True)
         if stage == "full":
             model.language_model.requires_grad_(True)
             if config.train_vision_tower:
                 model.vision_tower.requires_grad_(True)
+                freeze_unused_vision_parts(model)
     if config.gradient_checkpointing:
         # Frozen embeddings give the first checkpointed block inputs without grad; make them require it.
         model.enable_input_require_grads()
     return model
+
+
+def freeze_unused_vision_parts(model):
+    """Freeze the vision tower's parts that `get_image_features` never runs (see the module docstring)."""
+    tower = model.vision_tower
+    blocks = tower.transformer.resblocks
+    for block in blocks[model.config.vision_feature_layer % (len(blocks) + 1):]:
+        block.requires_grad_(False)
+    tower.ln_post.requires_grad_(False)
+    tower.proj.requires_grad_(False)
 
 
 def part_of(name: str) -> str:

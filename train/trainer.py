@@ -1,7 +1,8 @@
 """`CaptionTrainer`: transformers' Trainer with per-part learning rates and a count of skipped images.
 
 Everything else (mixed precision, gradient accumulation and checkpointing, warmup + cosine, logging,
-checkpoints and resuming, DDP / DeepSpeed / FSDP through accelerate) is the stock Trainer.
+checkpoints and resuming, DDP / DeepSpeed / FSDP through accelerate) is the stock Trainer; on CPU, FSDP is
+switched on where accelerate would leave it off (see `distributed`).
 """
 
 import torch
@@ -10,6 +11,7 @@ from transformers import Trainer
 from mqwen.modeling_mqwen import scored_positions
 
 from .data import SkipReport
+from .distributed import enable_fsdp_on_cpu
 from .stages import part_param_groups
 
 
@@ -28,6 +30,11 @@ class CaptionTrainer(Trainer):
         self.projector_lr = projector_lr
         self.vision_lr = vision_lr
         self.skip_report = SkipReport()
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if enable_fsdp_on_cpu(self.accelerator, getattr(self.args, "fsdp_plugin_args", None)):
+            self.is_fsdp_enabled = True
 
     def create_optimizer(self, model=None):
         # Build the optimizer here; the parent then only applies its wrappers (it skips creation when
