@@ -190,6 +190,9 @@ class MQwenProcessor(ProcessorMixin):
                 "given; pass exactly one image per placeholder, in order."
             )
         expanded = [t.replace(self.image_token, self.image_token * self.image_seq_length) for t in texts]
+        bos = self.tokenizer.bos_token
+        if bos and all(t.startswith(bos) for t in expanded):  # a chat template wrote it (Llama 3, SmolLM2 on 4.x)
+            kwargs.setdefault("add_special_tokens", False)  # so a tokenizer that adds a BOS does not add a second
         encoding = self.tokenizer(
             expanded, padding=padding, padding_side=padding_side, return_tensors=return_tensors, **kwargs
         )

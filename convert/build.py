@@ -79,7 +79,7 @@ def build(
     text_config._name_or_path = source.hub_id or ""
     _set_dtype(text_config, target_dtype)
     _adopt_chat_template(tokenizer)
-    ensure_pad_token(tokenizer)
+    ensure_pad_token(tokenizer, getattr(text_config, "pad_token_id", None))
 
     # 4. config + meta model: the single statement of what the checkpoint holds
     try:

@@ -112,8 +112,11 @@ def stop_token_ids(tokenizer) -> list:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-def ensure_pad_token(tokenizer):
-    """Give a tokenizer without a pad token its eos token as pad (batches need one; padding is masked out)."""
+def ensure_pad_token(tokenizer, pad_token_id=None):
+    """Give a tokenizer without a pad token one (batches need one; padding is masked out): `pad_token_id`, the
+    LLM config's, if given, else the eos token."""
+    if tokenizer.pad_token is None and pad_token_id is not None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_token_id)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             from .errors import ConvertError

@@ -85,7 +85,10 @@ def smollm2_folder() -> Path:
 
     transformers reads the GGUF (dequantized to float32) but will not `save_pretrained` a GGUF-loaded model, so
     the state dict, config, generation config and tokenizer are written here, once per machine and transformers
-    version (a tokenizer saved by one major version is not read the same by the other).
+    version (a tokenizer saved by one major version is not read the same by the other). transformers 4.57's GGUF
+    reader names `<|im_start|>` as eos and no pad token where the GGUF's metadata (and SmolLM2's Hub folder) say
+    `<|im_end|>` for both; the tokenizer is given the ids the model config read from the GGUF. (4.57's reader
+    also makes the tokenizer add `<|im_start|>` as a BOS, as Llama 3's does; that is kept.)
     """
     import transformers
     from safetensors.torch import save_file
@@ -100,6 +103,8 @@ def smollm2_folder() -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        for role in ("bos", "eos", "pad"):
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(getattr(model.config, f"{role}_token_id")))
         state = model.state_dict()
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight")  # the same tensor as the input embeddings
