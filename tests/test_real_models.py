@@ -214,3 +214,21 @@ def test_qwen3_caption_prompt_is_qwen3s_own_format(qwen3):
     inputs = qwen3["processor"](images=[photo("chelsea.png")])
     assert qwen3["processor"].tokenizer.decode(inputs["input_ids"][0]) == expected.replace(
         "<image>", "<image>" * qwen3["processor"].image_seq_length)
+
+
+@pytest.mark.parametrize("name", ["smol", "qwen3"])
+def test_training_batches_use_the_llms_own_rendering(name, request):
+    """train/'s collator renders through the same template: the inference prompt, then the learnt answer."""
+    from mqwen.train.collator import IGNORE_INDEX, CaptionCollator
+
+    built = request.getfixturevalue(name)
+    processor = built["processor"]
+    image = photo("rocket.jpg")
+    example = {"image": image, "instruction": "Describe this image.", "caption": "A rocket on its pad."}
+    batch = CaptionCollator(processor)([example])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    prompt = processor(images=[image], text=[processor.caption_prompt("Describe this image.")])["input_ids"][0]
+    assert ids[: len(prompt)].tolist() == prompt.tolist()  # the inference prompt, exactly
+    assert (labels[: len(prompt)] == IGNORE_INDEX).all()
+    learnt = processor.tokenizer.decode(ids[labels != IGNORE_INDEX])
+    assert learnt.endswith("A rocket on its pad.<|im_end|>")
