@@ -5,7 +5,8 @@ Order of work, chosen so that bad input fails before anything heavy runs and mem
 1. Check OUT_DIR, find the LLM's weights (safetensors, or pickle only with --allow-pickle), read --projector.
 2. Read the vision source into OpenCLIP layout (`vision.load_vision`) and derive its config.
 3. Load the LLM's config, tokenizer and generation config; add `<image>`; decide whether the embedding
-   matrices must grow (only if `<image>` falls outside the existing, padded rows).
+   matrices must grow (only if `<image>` falls outside the existing, padded rows); keep the LLM's chat
+   template, made to render image parts (`chat_template.py`).
 4. Build the MQwen model on the meta device: it names and shapes every tensor the checkpoint must hold,
    and the plan below is checked against it, so weight names cannot drift from the model code.
 5. Stream: vision tower and projector first, then the LLM tensors in source order, each read, converted
