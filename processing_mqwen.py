@@ -2,7 +2,7 @@
 
 The processor's one MQwen-specific job is the placeholder expansion: every `<image>` in a prompt becomes
 `image_seq_length` image tokens, one per image feature the model will splice in. It also builds the default
-caption prompt (Qwen's ChatML) when images come without a prompt, and left-pads batches for generation.
+caption prompt (through the folder's chat template) when images come without a prompt, and left-pads batches for generation.
 
 The pipeline lives here (not in its own file) so that a Hub repo needs only the three MQwen files.
 """
@@ -30,7 +30,8 @@ _TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 DEFAULT_CAPTION_INSTRUCTION = "Describe this image."
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
-# Qwen2.5's ChatML, with image content parts rendered as `<image>` and a newline. Every piece of output is
+# MQwen's own template (used where `convert build` cannot keep the LLM's, and by tiny test checkpoints): Qwen2.5's
+# ChatML, with image content parts rendered as `<image>` and a newline. Every piece of output is
 # an explicit string, so no newline depends on Jinja's whitespace handling.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -105,7 +106,8 @@ class MQwenProcessor(ProcessorMixin):
     Args:
         image_processor: a `CLIPImageProcessor` set to the vision tower's size and normalisation.
         tokenizer: the language model's tokenizer, with `image_token` added as a special token.
-        chat_template: ChatML with image parts; defaults to `CHAT_TEMPLATE`.
+        chat_template: a template that renders image parts; `convert build` saves the LLM's own behind a
+            preamble that flattens them (`convert/chat_template.py`). Defaults to MQwen's ChatML, `CHAT_TEMPLATE`.
         image_token: the placeholder string in prompts.
         image_seq_length: image tokens per `<image>`; must equal the model config's `image_seq_length`.
         caption_instruction: the user turn of the default caption prompt.
@@ -142,7 +144,8 @@ class MQwenProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
     def caption_prompt(self, instruction=None) -> str:
-        """The default prompt for one image: ChatML with the image, then the caption instruction."""
+        """The default prompt for one image: the chat template's rendering of a user turn holding the image, then
+        the caption instruction (with the template's default system prompt, if it has one)."""
         messages = [
             {
                 "role": "user",
@@ -195,6 +198,9 @@ class MQwenProcessor(ProcessorMixin):
                 "given; pass exactly one image per placeholder, in order."
             )
         expanded = [t.replace(self.image_token, self.image_token * self.image_seq_length) for t in texts]
+        bos = self.tokenizer.bos_token
+        if bos and all(t.startswith(bos) for t in expanded):  # a chat template wrote it (Llama 3, SmolLM2 on 4.x)
+            kwargs.setdefault("add_special_tokens", False)  # so a tokenizer that adds a BOS does not add a second
         encoding = self.tokenizer(
             expanded, padding=padding, padding_side=padding_side, return_tensors=return_tensors, **kwargs
         )

@@ -4,6 +4,8 @@
 - `build.py`      `python -m convert build`: pretrained LLM + CLIP ViT -> Hub-ready MQwen folder
 - `vision.py`     every vision source -> OpenCLIP-layout weights + vision config (the one key mapping)
 - `llm.py`        the LLM's weights, vocabulary growth for `<image>`, and its tensor plan
+- `chat_template.py` the LLM's own chat template, made to render image parts (or ChatML, with a warning)
+- `tokenizer.py`  `<image>`, stop and pad tokens; the small Qwen-style tokenizer of tiny checkpoints
 - `projector.py`  fresh or loaded (shape-checked) projector weights
 - `shards.py`     streaming, sharded safetensors reading and writing
 - `hub.py`        weight-file discovery and minimal Hub downloads

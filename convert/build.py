@@ -5,7 +5,8 @@ Order of work, chosen so that bad input fails before anything heavy runs and mem
 1. Check OUT_DIR, find the LLM's weights (safetensors, or pickle only with --allow-pickle), read --projector.
 2. Read the vision source into OpenCLIP layout (`vision.load_vision`) and derive its config.
 3. Load the LLM's config, tokenizer and generation config; add `<image>`; decide whether the embedding
-   matrices must grow (only if `<image>` falls outside the existing, padded rows).
+   matrices must grow (only if `<image>` falls outside the existing, padded rows); keep the LLM's chat
+   template, made to render image parts (`chat_template.py`).
 4. Build the MQwen model on the meta device: it names and shapes every tensor the checkpoint must hold,
    and the plan below is checked against it, so weight names cannot drift from the model code.
 5. Stream: vision tower and projector first, then the LLM tensors in source order, each read, converted
@@ -22,7 +23,7 @@ from .errors import ConvertError
 from .llm import Vocabulary, meta_state, plan_language_model, resolve_llm  # noqa: F401  (resolve_llm: API)
 from .qwen_v1 import QwenV1
 from .shards import TensorPlan, open_weights, parse_size, write_sharded
-from .tokenizer import add_image_token, forget_load_location
+from .tokenizer import add_image_token, ensure_pad_token, forget_load_location
 from .vision import VISION_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def build(
     text_config._name_or_path = source.hub_id or ""
     _set_dtype(text_config, target_dtype)
     _adopt_chat_template(tokenizer)
+    ensure_pad_token(tokenizer, getattr(text_config, "pad_token_id", None))
 
     # 4. config + meta model: the single statement of what the checkpoint holds
     try:
@@ -193,6 +195,7 @@ def _processor(tokenizer, config, vision_weights):
     from .tiny import build_processor
 
     processor = build_processor(tokenizer, config.vision_config, config.image_seq_length)
+    processor.chat_template = tokenizer.chat_template  # the LLM's own, image-aware (`_adopt_chat_template`)
     image_processor = processor.image_processor
     image_processor.resample = vision_weights.resample
     if vision_weights.resize_mode == "squash":
@@ -203,47 +206,33 @@ def _processor(tokenizer, config, vision_weights):
 
 
 def _generation_config(source, tokenizer):
-    """The LLM's own generation config (an instruct model's stop tokens and sampling defaults)."""
+    """The LLM's own generation config (an instruct model's stop tokens and sampling defaults), kept as is.
+
+    An LLM that ships none stops on its tokenizer's end-of-sequence token and on every end-of-turn / end-of-text
+    token its tokenizer has (`stop_token_ids`), and pads with its pad token.
+    """
     from transformers import GenerationConfig
 
-    from .tiny import generation_defaults
+    from .tokenizer import stop_token_ids
 
     try:
         return GenerationConfig.from_pretrained(source.folder)
-    except OSError:  # the LLM ships none: stop on ChatML's end of turn / end of text
-        return generation_defaults(tokenizer)
+    except OSError:
+        return GenerationConfig(eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
 
 
 def _adopt_chat_template(tokenizer):
-    """Give the tokenizer MQwen's image-aware ChatML template, warning if the LLM's own renders text differently.
+    """Give the tokenizer the LLM's own chat template, made to render image parts (`chat_template.py`).
 
-    transformers keeps one chat template per folder, shared by the tokenizer and the processor, and the
-    processor needs one that renders image parts; for ChatML models (Qwen2, Qwen2.5, Qwen3) text-only
-    conversations with a system prompt render exactly as before.
+    transformers keeps one chat template per folder, shared by the tokenizer and the processor: conversations
+    without images render byte-identically to the LLM's own template; where that template is missing or cannot
+    take an image part, MQwen's ChatML is used with a warning that says what changes.
     """
     from mqwen.processing_mqwen import CHAT_TEMPLATE
 
-    sample = [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "Hi."},
-        {"role": "assistant", "content": "Hello."},
-        {"role": "user", "content": "Describe it."},
-    ]
-    kwargs = dict(tokenize=False, add_generation_prompt=True)
-    ours = tokenizer.apply_chat_template(sample, chat_template=CHAT_TEMPLATE, **kwargs)
-    theirs = None
-    if tokenizer.chat_template:
-        try:
-            theirs = tokenizer.apply_chat_template(sample, **kwargs)
-        except Exception:  # a template that needs other arguments
-            pass
-    if theirs != ours:
-        logger.warning(
-            "The LLM's chat template %s MQwen's ChatML template, which the built folder uses (tokenizer and processor "
-            "share one template). Check that prompts suit this LLM.",
-            "renders conversations differently from" if theirs else "is missing or unusable; using",
-        )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    from .chat_template import image_aware_chat_template
+
+    tokenizer.chat_template = image_aware_chat_template(tokenizer, fallback=CHAT_TEMPLATE)
 
 
 def _save_metadata(folder, model, config, processor, generation_config):

@@ -195,8 +195,11 @@ def test_tokenizer_gains_exactly_image_and_decodes_the_source_text_identically(b
     ids = source(TEXT)["input_ids"]
     assert tokenizer(TEXT)["input_ids"] == ids
     assert tokenizer.decode(ids) == source.decode(ids) == TEXT
-    # One template per folder (shared with the processor): MQwen's image-aware ChatML, which renders
-    # text-only conversations exactly as the (ChatML) source template did.
+    # One template per folder (shared with the processor): the source's own behind the image-part preamble,
+    # which renders text-only conversations exactly as the source template does.
+    from mqwen.convert.chat_template import FLATTEN_IMAGE_PARTS
+
+    assert tokenizer.chat_template == built["processor"].chat_template == FLATTEN_IMAGE_PARTS + SOURCE_TEMPLATE
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."},
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye."}]
     render = dict(tokenize=False, add_generation_prompt=True)
