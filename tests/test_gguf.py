@@ -209,8 +209,8 @@ def test_settings_llama_cpp_cannot_express_are_refused(tmp_path, setting, messag
 
 
 def test_q8_0_refused_when_rows_are_not_multiples_of_32(tmp_path):
-    # The tiny checkpoint's ViT MLP is 32 wide but its patch count and LM vocabulary rows are fine; its
-    # 14 px patches give conv rows of 14 values, kept F16 anyway, so shrink the LM to 48 channels.
+    # A 48-channel language model: its weight rows (48 values) do not split into q8_0's blocks of 32. (The ViT's
+    # 14 px patch kernel is never quantized: llama.cpp's convolution takes F16 kernels.)
     folder = _save_tiny(tmp_path / "model", text=dict(hidden_size=48, intermediate_size=96,
                                                       num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(ConvertError, match=r"q8_0 needs every weight row to be a multiple of 32.*--outtype f16"):
@@ -279,3 +279,23 @@ def test_llama_cpp_captions_equal_mqwen_captions(trained, exports, mqwen_model, 
     print(f"MQwen exact match {accuracy['mqwen']:.0%}")
     assert accuracy["mqwen"] > 0.2  # the model has learnt something, so agreement is not agreement on noise
     assert abs(accuracy["q8_0"] - accuracy["mqwen"]) <= 0.02
+
+
+def test_llama_language_model_round_trips_through_transformers(tmp_path):
+    """A Llama LM: q/k rows are permuted into llama.cpp's rotary layout; transformers' reader undoes it."""
+    from transformers import AutoModelForCausalLM
+
+    from mqwen import MQwenForCausalLM
+
+    folder = _save_tiny(tmp_path / "model", text=dict(model_type="llama", num_attention_heads=4,
+                                                      num_key_value_heads=2))
+    lm, _ = export_gguf(folder, tmp_path / "out", "f32", progress=False)
+    fields, _ = read(lm)
+    assert fields["general.architecture"] == "llama"
+    model = MQwenForCausalLM.from_pretrained(folder).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(lm.parent, gguf_file=lm.name).eval()
+    ids = torch.tensor([[1, 2, 40, 77, 120, 200, 3]])
+    with torch.no_grad():
+        expected = model.language_model(input_ids=ids).logits
+        got = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
