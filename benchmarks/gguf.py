@@ -10,6 +10,7 @@ Writes benchmarks/RESULTS-gguf.md and RESULTS-gguf.json.
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -91,9 +92,18 @@ def main(argv=None):
                     f"{same}/{len(images)} | {exact} |")
     table = "\n".join(["| runtime | median caption latency (ms) | ÷ MQwen torch fp32 | files (MB) | captions equal "
                        "MQwen's | exact match |", "|---|---|---|---|---|---|", *rows])
-    machine = (f"{platform.processor() or platform.machine()}, {args.threads} thread(s), Python "
-               f"{platform.python_version()}; {len(images)} images from {args.images_dir}, greedy, at most "
-               f"{args.max_new_tokens} new tokens")
+    from safetensors import safe_open
+
+    parameters = 0
+    for file in Path(args.model_dir).glob("*.safetensors"):
+        with safe_open(file, "np") as f:
+            parameters += sum(int(__import__("numpy").prod(f.get_slice(k).get_shape())) for k in f.keys())
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} thread(s) "
+               f"for both runtimes, 1-minute load average {os.getloadavg()[0]:.1f} at the end (a shared machine: "
+               f"other jobs ran at the same time); Python {platform.python_version()}; model "
+               f"{Path(args.model_dir).resolve()} ({parameters / 1e6:.2f} M parameters); {len(images)} images from "
+               f"{args.images_dir}, greedy, at most {args.max_new_tokens} new tokens; latency per image excludes "
+               f"loading")
     report = f"# GGUF export: caption latency on CPU\n\n{table}\n\nMachine: {machine}.\n"
     print(report)
     Path(args.out).write_text(report)
