@@ -24,12 +24,13 @@ if "$VENV/bin/python" -c "import llama_cpp.mtmd_cpp" >/dev/null 2>&1; then
   exit 0
 fi
 work=$CACHE/.llama-cpp-build-$VERSION
-rm -rf "$work" "$VENV"
+rm -rf "$work" "$VENV" "$VENV.partial"
 mkdir -p "$work"
-"$PY" -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VERSION" -d "$work" >&2
+"$PY" -m venv "$VENV.partial"
+"$VENV.partial/bin/pip" download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VERSION" -d "$work" >&2
 tar xzf "$work/llama_cpp_python-$VERSION.tar.gz" -C "$work"
 src=$work/llama_cpp_python-$VERSION
-"$PY" - "$src/vendor/llama.cpp/tools/mtmd/models/llava.cpp" <<'PYEOF'
+"$VENV.partial/bin/python" - "$src/vendor/llama.cpp/tools/mtmd/models/llava.cpp" <<'PYEOF'
 import sys
 path = sys.argv[1]
 text = open(path).read()
@@ -43,7 +44,6 @@ cmake -S "$src" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATI
   -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
   -DLLAMA_BUILD_TOOLS=OFF >&2
 nice -n 10 cmake --build "$work/build" --target mtmd llama -j "${MQWEN_BUILD_JOBS:-2}" >&2
-"$PY" -m venv "$VENV.partial"
 "$VENV.partial/bin/pip" install -q "typing-extensions>=4.5.0" "numpy>=1.20.0" "diskcache>=5.6.1" "jinja2>=2.11.3" >&2
 site=$("$VENV.partial/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 cp -r "$src/llama_cpp" "$site/llama_cpp"
