@@ -46,9 +46,11 @@ class MQwenFolder:
     def names(self):
         return list(self._files)
 
-    def tensor(self, name):
-        """One weight as a float32 numpy array (bf16 and fp16 are widened)."""
-        import torch
+    def shape(self, name):
+        """A weight's shape, read from the safetensors header (no data is loaded)."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def _handle(self, name):
         from safetensors import safe_open
 
         if name not in self._files:
@@ -56,7 +58,13 @@ class MQwenFolder:
         file = self._files[name]
         if file not in self._handles:
             self._handles[file] = safe_open(file, "pt")
-        return self._handles[file].get_tensor(name).to(torch.float32).numpy()
+        return self._handles[file]
+
+    def tensor(self, name):
+        """One weight as a float32 numpy array (bf16 and fp16 are widened)."""
+        import torch
+
+        return self._handle(name).get_tensor(name).to(torch.float32).numpy()
 
     def tokenizer(self):
         from transformers import AutoTokenizer

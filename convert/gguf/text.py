@@ -154,13 +154,7 @@ def plan_text_tensors(source, config):
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads or text.num_attention_heads
     tied = getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
     plan = []
-    shapes = {}
-    from safetensors import safe_open
-
-    for name, file in source._files.items():
-        if name.startswith(prefix):
-            with safe_open(file, "pt") as f:
-                shapes[name] = tuple(f.get_slice(name).get_shape())
+    shapes = {name: source.shape(name) for name in source.names() if name.startswith(prefix)}
     for name, shape in shapes.items():
         hf_name = name[len(prefix):]
         if tied and hf_name == "lm_head.weight":
