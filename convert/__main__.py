@@ -1,4 +1,4 @@
-"""`python -m convert {tiny,build,push}`: make, assemble and publish MQwen checkpoints."""
+"""`python -m convert {tiny,build,push,gguf}`: make, assemble, publish and export MQwen checkpoints."""
 
 import argparse
 import sys
@@ -9,6 +9,7 @@ EXAMPLES = """examples:
   python -m convert build --llm ./Qwen2.5-7B-Instruct --vision openai/clip-vit-large-patch14-336 \\
       --image-token-pooling 2 --projector mm_projector.safetensors out/mqwen-7b-336
   python -m convert push out/mqwen-7b your-name/mqwen-7b --private
+  python -m convert gguf out/mqwen-7b out/mqwen-7b-gguf --outtype q8_0
 """
 
 BUILD_EXAMPLES = """VISION forms:
@@ -31,6 +32,37 @@ PUSH_EXAMPLES = """examples:
   python -m convert push out/mqwen-7b your-name/mqwen-7b
   python -m convert push out/mqwen-7b your-name/mqwen-7b --revision v0.1 --commit-message "first build"
 """
+
+
+GGUF_EXAMPLES = """examples:
+  python -m convert gguf out/mqwen-7b out/mqwen-7b-gguf                   # f16
+  python -m convert gguf out/mqwen-7b out/mqwen-7b-q8 --outtype q8_0
+  mqwen-convert gguf mqwen-shapes-demo/model /tmp/shapes-gguf --outtype f32
+
+then caption with llama.cpp's multimodal CLI (the prompt is MQwen's default caption prompt):
+  llama-mtmd-cli -m out/mqwen-7b-gguf/mqwen-7b-f16.gguf --mmproj out/mqwen-7b-gguf/mmproj-mqwen-7b-f16.gguf \\
+      --image photo.jpg --jinja --temp 0 -p $'<__media__>\\nDescribe this image.'
+"""
+
+
+def add_gguf_parser(sub):
+    gguf = sub.add_parser(
+        "gguf",
+        help="export a saved MQwen model to GGUF for llama.cpp (LM + mmproj)",
+        description="Write the language model GGUF (weights, tokenizer, chat template) and the mmproj GGUF (ViT + "
+        "projector) that llama.cpp's multimodal tools load. Settings llama.cpp cannot run as MQwen does "
+        "(pooled patches, a kept class token, the linear projector) are refused. Tensors are streamed one at a "
+        "time into a temporary folder that is renamed to OUT_DIR at the end.",
+        epilog=GGUF_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gguf.add_argument("model_dir", metavar="MODEL_DIR", help="a saved MQwen model folder")
+    gguf.add_argument("out_dir", metavar="OUT_DIR")
+    gguf.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default="f16",
+                      help="weight precision (default f16; q8_0 needs weight rows in multiples of 32)")
+    gguf.add_argument("--name", help="file name stem (default: MODEL_DIR's name)")
+    gguf.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR (once the export succeeds)")
+    gguf.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def parse_args(argv=None):
@@ -84,6 +116,7 @@ def parse_args(argv=None):
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.add_argument("--revision", help="branch to commit to (created if missing)")
     push.add_argument("--commit-message", help="commit title")
+    add_gguf_parser(sub)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
@@ -97,6 +130,8 @@ def main(argv=None):
         from .tiny import main as run
     elif args.command == "build":
         from .build import main as run
+    elif args.command == "gguf":
+        from .gguf import main as run
     else:
         from .push import main as run
     try:
