@@ -28,7 +28,7 @@ def greedy(model, inputs, **kwargs):
 @pytest.fixture(scope="module")
 def prompt(tiny):
     """One image in a short prompt, and the greedy continuation every generation path must reproduce."""
-    from tests.conftest import random_image
+    from conftest import random_image
 
     model, processor = tiny
     inputs = processor(images=[random_image(30)], text=["<image> describe the shapes and colours"])
