@@ -49,9 +49,8 @@ logger = logging.get_logger(__name__)
 
 # What the installed transformers calls the generation cache: `cache` (5.x) or `past_key_values` (4.x). forward
 # names `cache` (generate only forwards keywords a signature names) and hands it on under this name.
-CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else (
-    "past_key_values"
-)
+_GENERATION_KEYWORDS = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+CACHE_KWARG = "cache" if "cache" in _GENERATION_KEYWORDS else "past_key_values"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -563,12 +562,6 @@ try:
     _AUTO_MAP["AutoModelForVision2Seq"] = "modeling_mqwen.MQwenForCausalLM"
 except ImportError:
     pass
-
-# Registering makes these remote code to transformers, and transformers 5 then rebuilds
-# `inspect.signature(model.forward)` on every decode step (looking for the retired `cache_position`): ~50 us, 5% of a
-# small model's step. A signature computed once here turns that into a lookup; it is the same signature.
-for _model_class in (MQwenModel, MQwenForCausalLM):
-    _model_class.forward.__signature__ = inspect.signature(_model_class.forward)
 
 MQwenConfig.register_for_auto_class()
 MQwenModel.register_for_auto_class("AutoModel")
