@@ -304,10 +304,11 @@ def test_generate_gives_pixels_to_the_prefill_only(tiny, prompt):
     model, _ = tiny
     inputs, reference = prompt
     seen = []
-    handle = model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append((kwargs["input_ids"].shape[1], kwargs.get("pixel_values") is not None)),
-        with_kwargs=True,
-    )
+
+    def record(module, args, kwargs):
+        seen.append((kwargs["input_ids"].shape[1], kwargs.get("pixel_values") is not None))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
     scans = []
     original = model.get_placeholder_mask
     model.get_placeholder_mask = lambda *a: scans.append(1) or original(*a)
