@@ -8,20 +8,30 @@ How an image reaches the language model (the "image-placeholder splice"):
    optionally average-pools the patch grid, and projects each patch into the language model's hidden size.
 3. `_splice_image_features` writes those features, image after image in reading order, over the token
    embeddings at the placeholder positions. Every other position keeps its ordinary token embedding.
+   The placeholders are found in `input_ids`, or, when the caller passes `inputs_embeds` instead, where an
+   embedding equals the `<image>` token's own (LLaVA's convention, `get_placeholder_mask`).
 4. The language model (any transformers causal LM, built from `config.text_config`) runs on the result.
+
+Only a forward that is given `pixel_values` does any image work, and only it checks that the number of
+placeholders matches the images (a clear ValueError otherwise). Without pixels, `<image>` tokens are embedded as
+ordinary tokens, as in every transformers VLM (text-only assistants, serving engines' warm-up passes and
+transformers' own equivalence tests rely on it); a prompt-length call logs a one-time warning, since a user
+who forgot the images usually meant to pass them. During `generate`, the step that consumes the images drops
+them from the generation state, so decode steps neither scan for placeholders nor wait on the device.
 
 The ViT is written here rather than taken from transformers so that its parameter names are exactly
 OpenCLIP's (`conv1`, `transformer.resblocks.N.attn.in_proj_weight`, ...): the checkpoint layout must not
 depend on the installed transformers version, and OpenCLIP weights load with `strict=True`.
 """
 
-from collections import OrderedDict
+import inspect
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
+from transformers.utils import can_return_tuple, logging
 
 try:  # transformers >= 5: init helpers that skip tensors already loaded from a checkpoint
     from transformers import initialization as init
@@ -34,6 +44,13 @@ except ImportError:  # pragma: no cover - very old transformers
     GradientCheckpointingLayer = nn.Module
 
 from .configuration_mqwen import MQwenConfig, MQwenVisionConfig
+
+logger = logging.get_logger(__name__)
+
+# What the installed transformers calls the generation cache: `cache` (5.x) or `past_key_values` (4.x). forward
+# names `cache` (generate only forwards keywords a signature names) and hands it on under this name.
+_GENERATION_KEYWORDS = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+CACHE_KWARG = "cache" if "cache" in _GENERATION_KEYWORDS else "past_key_values"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,8 +296,13 @@ class MQwenModel(MQwenPreTrainedModel):
         return self.language_model.get_decoder()
 
     # -- images --------------------------------------------------------------------------------------------
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image features, (num_images, image_seq_length, text hidden size)."""
+    def get_image_features(self, pixel_values: torch.Tensor, return_dict: bool = False):
+        """Projected image features, (num_images, image_seq_length, text hidden size).
+
+        With `return_dict=True`, the same tensor as both `pooler_output` and `last_hidden_state` of a
+        `BaseModelOutputWithPooling`: the form transformers' multimodal code (and vLLM's Transformers backend)
+        reads image features in.
+        """
         hidden = self.vision_tower.hidden_state(pixel_values, self.config.vision_feature_layer)
         cls, patches = hidden[:, :1], hidden[:, 1:]
         pool = self.config.image_token_pooling
@@ -289,19 +311,23 @@ class MQwenModel(MQwenPreTrainedModel):
             patches = patches.transpose(1, 2).reshape(patches.shape[0], -1, grid, grid)
             patches = F.avg_pool2d(patches, pool).flatten(2).transpose(1, 2)
         features = torch.cat([cls, patches], dim=1) if self.config.keep_class_token else patches
-        return self.multi_modal_projector(features)
+        features = self.multi_modal_projector(features)
+        if return_dict:
+            return BaseModelOutputWithPooling(pooler_output=features, last_hidden_state=features)
+        return features
 
-    def _splice_image_features(self, input_ids, inputs_embeds, pixel_values, has_cache=False):
+    def get_placeholder_mask(self, input_ids, inputs_embeds):
+        """Where the `<image>` placeholders are, (batch, length) bool: from `input_ids`, or, without them, where
+        `inputs_embeds` equals the `<image>` token's embedding (LLaVA's convention)."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(token).to(inputs_embeds.dtype)).all(-1)
+
+    def _splice_image_features(self, input_ids, inputs_embeds, pixel_values):
         """Write projected image features over the `<image>` placeholder embeddings, in reading order."""
-        image_mask = input_ids == self.config.image_token_id
+        image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
         n_tokens = int(image_mask.sum())
-        if pixel_values is None:
-            if n_tokens and not has_cache:
-                raise ValueError(
-                    f"The input has {n_tokens} `<image>` placeholder tokens but no pixel_values. Pass the images "
-                    "(processor(images=..., text=...)) or remove `<image>` from the prompt."
-                )
-            return inputs_embeds
         per_image = self.config.image_seq_length
         n_images = pixel_values.shape[0]
         if n_tokens != n_images * per_image:
@@ -316,35 +342,58 @@ class MQwenModel(MQwenPreTrainedModel):
         features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1).to(inputs_embeds.device), features)
 
-    def _embed(self, input_ids, pixel_values, inputs_embeds, kwargs):
+    def _warn_if_placeholders_without_pixels(self, input_ids):
+        """Placeholders without pixels are embedded as ordinary tokens (see the module docstring); say so once.
+
+        Only prompt-length calls look (a decode step feeds one generated token), and never under torch.compile.
+        """
+        if input_ids is None or input_ids.shape[-1] < 2 or torch.compiler.is_compiling():
+            return
+        if bool((input_ids == self.config.image_token_id).any()):
+            logger.warning_once(
+                "The input holds `<image>` placeholder tokens but no pixel_values, so they are embedded as ordinary "
+                "tokens and the model sees no image. If you meant to caption or ask about an image, pass the "
+                "processor's pixel_values too: model(**processor(images=..., text=...))."
+            )
+
+    def _embed(self, input_ids, pixel_values, inputs_embeds):
+        """The language model's inputs: `(input_ids, None)` when there is nothing to splice (the language model
+        embeds them itself, exactly as it would alone), else `(None, embeddings with the images spliced in)`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if inputs_embeds is not None:
-            if pixel_values is not None:
-                raise ValueError(
-                    "pixel_values need input_ids to find the `<image>` placeholders; pass input_ids instead of "
-                    "inputs_embeds, or splice the features yourself with get_image_features()."
-                )
-            return inputs_embeds
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        has_cache = cache is not None and cache.get_seq_length() > 0
-        inputs_embeds = self.get_input_embeddings()(input_ids)
-        return self._splice_image_features(input_ids, inputs_embeds, pixel_values, has_cache)
+        if pixel_values is None:
+            self._warn_if_placeholders_without_pixels(input_ids)
+            return input_ids, inputs_embeds
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        return None, self._splice_image_features(input_ids, inputs_embeds, pixel_values)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
         pixel_values=None,
         attention_mask=None,
         position_ids=None,
+        cache=None,
         inputs_embeds=None,
+        past_key_values=None,
         **kwargs,
     ):
-        """Runs the language model's decoder on the spliced embeddings. `kwargs` (the cache under either
-        name, `use_cache`, `output_hidden_states`, ...) go straight to the language model."""
-        inputs_embeds = self._embed(input_ids, pixel_values, inputs_embeds, kwargs)
+        """Runs the language model's decoder on the spliced embeddings; `return_dict=False` gives a tuple.
+
+        `cache` is the generation cache, `past_key_values` its transformers 4.x name: either works (generate
+        passes only keywords a signature names). `kwargs` (`use_cache`, `output_hidden_states`, ...) go
+        straight to the language model.
+        """
+        kwargs[CACHE_KWARG] = cache if cache is not None else past_key_values
+        input_ids, inputs_embeds = self._embed(input_ids, pixel_values, inputs_embeds)
         outputs = self.get_decoder()(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **kwargs,
         )
         return BaseModelOutputWithPast(**outputs) if not isinstance(outputs, BaseModelOutputWithPast) else outputs
 
@@ -369,18 +418,21 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
     # (checkpoints published with older code lack it, and train/ then computes every position's logits).
     loss_from_kept_logits = True
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
         pixel_values=None,
         attention_mask=None,
         position_ids=None,
+        cache=None,
         inputs_embeds=None,
         labels=None,
         logits_to_keep=0,
+        past_key_values=None,
         **kwargs,
     ):
-        """Returns the language model's own output (logits, loss, cache).
+        """Returns the language model's own output (loss, logits, cache); `return_dict=False` gives it as a tuple.
 
         With `labels`, the loss is the language model's causal-LM loss; positions labelled -100 and every
         `<image>` position are ignored, so `labels=input_ids` is safe.
@@ -391,11 +443,13 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
         copy of the logits) at the image and prompt positions, which are most of a caption sample.
         The loss is the same; `outputs.logits` then holds the kept positions only.
         """
-        inputs_embeds = self._embed(input_ids, pixel_values, inputs_embeds, kwargs)
+        kwargs[CACHE_KWARG] = cache if cache is not None else past_key_values
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+        input_ids, inputs_embeds = self._embed(input_ids, pixel_values, inputs_embeds)
         loss_from_kept = labels is not None and torch.is_tensor(logits_to_keep) and logits_to_keep.dim() == 1
         outputs = self.language_model(
+            input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -429,15 +483,50 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
             num_items_in_batch=kwargs.get("num_items_in_batch"),
         )
 
-    def prepare_inputs_for_generation(self, *args, pixel_values=None, **kwargs):
-        """Encode images only on the prefill step; decode steps reuse the cache and never see pixels."""
-        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        cache = model_inputs.get("cache", model_inputs.get("past_key_values"))
-        if cache is None or cache.get_seq_length() == 0:
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, pixel_values=None, **kwargs):
+        """Hand the images to the step that first sees their placeholders, and to no other step.
+
+        That is the prefill; when `generate` continues from a cache an earlier call returned, it is the first
+        step, and only the images whose placeholders are not yet in the cache are encoded. Decode steps get no
+        pixels: `_update_model_kwargs_for_generation` drops them once a forward has used them.
+        """
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        model_inputs.pop("pixel_values", None)
+        if pixel_values is not None:
+            cache = model_inputs.get(CACHE_KWARG)
+            cached = int(cache.get_seq_length()) if cache is not None else 0
+            if cached:
+                pixel_values = self._images_after(input_ids, model_inputs.get("inputs_embeds"), cached, pixel_values)
             model_inputs["pixel_values"] = pixel_values
-        else:
-            model_inputs.pop("pixel_values", None)
         return model_inputs
+
+    def _images_after(self, input_ids, inputs_embeds, position, pixel_values):
+        """The images whose placeholders start at or after `position` (the rest are already in the cache)."""
+        if input_ids is None or input_ids.shape[-1] == 0:  # generating from inputs_embeds alone
+            return pixel_values if inputs_embeds is not None else None
+        per_image = self.config.image_seq_length
+        mask = input_ids == self.config.image_token_id
+        total = mask.sum(-1) // per_image
+        cached = mask[:, :position].sum(-1) // per_image
+        keep = torch.cat([torch.arange(n, device=total.device) >= c for n, c in zip(total.tolist(), cached.tolist())])
+        return pixel_values[keep.to(pixel_values.device)] if bool(keep.any()) else None
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        """Once a forward has put the images in the cache, generation carries no pixels, so decode steps do no
+        image work. (Without a cache every step reruns the whole sequence and needs them again.)"""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("use_cache", True):
+            model_kwargs.pop("pixel_values", None)
+        return model_kwargs
+
+    def _get_candidate_generator(self, *args, **kwargs):
+        """Assisted decoding hands the assistant a copy of generate's inputs; a text-only assistant (a plain
+        causal LM sharing the tokenizer) rejects `pixel_values`, so it does not get them."""
+        generator = super()._get_candidate_generator(*args, **kwargs)
+        assistant = getattr(generator, "assistant_model", None)
+        if assistant is not None and "pixel_values" not in inspect.signature(assistant.forward).parameters:
+            generator.assistant_kwargs.pop("pixel_values", None)
+        return generator
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beam search and num_return_sequences repeat each sample; repeat its images as a group with it.
@@ -445,8 +534,12 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
         The default repeats `pixel_values` image by image, which is right only with one image per sample.
         """
         pixel_values = model_kwargs.pop("pixel_values", None)
-        if pixel_values is not None and expand_size > 1 and input_ids is not None:
-            per_sample = (input_ids == self.config.image_token_id).sum(-1) // self.config.image_seq_length
+        if pixel_values is not None and expand_size > 1:
+            if input_ids is not None and input_ids.shape[-1] > 0:
+                mask = self.get_placeholder_mask(input_ids, None)
+            else:  # generate(inputs_embeds=...) passes an empty input_ids
+                mask = self.get_placeholder_mask(None, model_kwargs["inputs_embeds"])
+            per_sample = mask.sum(-1) // self.config.image_seq_length
             groups = pixel_values.split(per_sample.tolist())
             pixel_values = torch.cat([group for group in groups for _ in range(expand_size)])
         input_ids, model_kwargs = super()._expand_inputs_for_generation(

@@ -363,21 +363,6 @@ def test_truncated_placeholders_are_named_as_the_likely_cause(tiny, make_image):
         model(input_ids=cut, pixel_values=inputs["pixel_values"])
 
 
-def test_placeholders_without_pixels_is_an_error(tiny, make_image):
-    model, processor = tiny
-    inputs = processor(images=[make_image(1)])
-    with pytest.raises(ValueError, match="placeholder tokens but no pixel_values"):
-        model(input_ids=inputs["input_ids"])
-
-
-def test_pixels_with_inputs_embeds_is_an_error(tiny, make_image):
-    model, processor = tiny
-    inputs = processor(images=[make_image(1)])
-    embeds = model.get_input_embeddings()(inputs["input_ids"])
-    with pytest.raises(ValueError, match="pixel_values need input_ids"):
-        model(inputs_embeds=embeds, pixel_values=inputs["pixel_values"])
-
-
 def test_weights_missing_from_a_checkpoint_are_initialised_not_garbage(tiny, tmp_path):
     """A checkpoint without projector weights (a fresh projector) loads with finite, freshly drawn values,
     and the weights that are present load exactly (meta-device loading must not re-initialise them)."""

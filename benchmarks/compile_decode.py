@@ -1,0 +1,97 @@
+"""`python -m benchmarks.compile_decode`: MQwen's decode speed with a static cache and a torch.compile'd forward.
+
+Four contenders, interleaved as in figure 1 (batch 1, the caption prompt with its image, greedy, no EOS):
+MQwen with the default dynamic cache; MQwen with `cache_implementation="static"`; the same with transformers'
+own compiled decode step (`compile_config`, which compiles `model.__call__`, so MQwen's forward with the
+language model inside it); and the bare language model compiled the same way, as the reference. Prints a
+markdown table of decode tokens/s (min / median / max) and each row's ratio to the first. The model is
+compiled once, in the untimed warm-up round.
+"""
+
+import argparse
+import sys
+
+EXAMPLES = """examples:
+  python -m benchmarks.compile_decode --quick                  # tiny shapes (figure 1's --quick model)
+  python -m benchmarks.compile_decode --reps 20 --clock cpu    # mid-size shapes on a shared machine
+"""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.compile_decode",
+        description="Decode tokens/s of MQwen: dynamic cache, static cache, static cache + torch.compile.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (default: the CPU mid-size shapes)")
+    parser.add_argument("--reps", type=int, default=10, help="timed repetitions per contender (default 10)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per generation (default: the shapes')")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="as in `python -m benchmarks`")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error(f"--reps must be at least 1, got {args.reps}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    from transformers import CompileConfig
+
+    from .contenders import build_mqwen, greedy_config, make_tokenizer
+    from .figures import _generate, random_photos
+    from .shapes import pick
+    from .timing import interleave, use_clock
+    from mqwen.convert.tiny import build_processor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    use_clock(args.clock)
+    shapes = pick("cpu", args.quick)
+    tokenizer = make_tokenizer()
+    model = build_mqwen(shapes, tokenizer, device="cpu", dtype=torch.float32)
+    processor = build_processor(tokenizer, model.config.vision_config, model.config.image_seq_length)
+    inputs = processor(images=random_photos(1, shapes.image_size_in, seed=1), text=[processor.caption_prompt()])
+    text_only = {key: inputs[key] for key in ("input_ids", "attention_mask")}
+    new = args.new_tokens or max(shapes.decode_tokens, 16)
+    dynamic = greedy_config(tokenizer, new)
+    static = greedy_config(tokenizer, new)
+    static.cache_implementation = "static"
+    compiled = greedy_config(tokenizer, new)
+    compiled.cache_implementation = "static"
+    compiled.compile_config = CompileConfig(fullgraph=False)
+    compiled.compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless asked
+
+    outputs = {}
+
+    def run(name, target, target_inputs, config):
+        def once():
+            out, _, step = _generate(target, target_inputs, config, torch.device("cpu"))
+            outputs[name] = out
+            return {"decode tokens/s": 1.0 / step}
+
+        return once
+
+    runs = {
+        "MQwen, dynamic cache": run("dynamic", model, inputs, dynamic),
+        "MQwen, static cache": run("static", model, inputs, static),
+        "MQwen, static cache + torch.compile": run("compiled", model, inputs, compiled),
+        "bare LM, static cache + torch.compile": run("bare", model.language_model, text_only, compiled),
+    }
+    with torch.inference_mode():
+        stats = interleave(runs, reps=args.reps, warmup=1, desc="compile decode")
+    for name in ("static", "compiled"):
+        if not torch.equal(outputs[name], outputs["dynamic"]):
+            sys.exit(f"{name} generated different tokens from the dynamic cache: a bug, not a speed-up")
+    first = stats["MQwen, dynamic cache"]["decode tokens/s"].median
+    print(f"| contender ({shapes.name} shapes, {new} new tokens) | decode tokens/s min / **median** / max | ratio |")
+    print("|---|---|---|")
+    for name, metrics in stats.items():
+        s = metrics["decode tokens/s"]
+        print(f"| {name} | {s.min:.0f} / **{s.median:.0f}** / {s.max:.0f} | {s.median / first:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
