@@ -130,7 +130,13 @@ def _build_text_config(text_config):
         model_type = text_config.pop("model_type", "qwen2")
         if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
             raise ValueError(f"text_config.model_type {model_type!r} is not a model type transformers knows")
-        text_config = transformers.CONFIG_MAPPING[model_type](**text_config)
+        try:
+            text_config = transformers.CONFIG_MAPPING[model_type](**text_config)
+        except Exception as error:  # transformers 5 validates fields with huggingface_hub's StrictDataclassError
+            cause = error.__cause__
+            if not type(error).__name__.startswith("StrictDataclass") or not isinstance(cause, (TypeError, ValueError)):
+                raise
+            raise type(cause)(f"text_config is not a valid {model_type!r} config: {error}") from error
     if not isinstance(text_config, PretrainedConfig):
         raise TypeError(
             f"text_config must be a dict or a transformers config (e.g. Qwen2Config), got {type(text_config).__name__} "
