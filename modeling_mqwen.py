@@ -20,8 +20,8 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from safetensors import SafetensorError, safe_open
+from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 

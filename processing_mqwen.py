@@ -120,7 +120,7 @@ def _array_to_pil(array):
         pass
     elif kind == "b":
         array = array.astype(np.uint8) * 255
-    elif array.dtype == np.uint16:
+    elif kind == "u" and array.dtype.itemsize == 2:  # uint16, either byte order (PIL's "I;16B")
         array = np.round(array / 257.0).astype(np.uint8)  # 65535 / 257 = 255
     elif kind in "iu":
         low, high = array.min(), array.max()
@@ -140,6 +140,8 @@ def _array_to_pil(array):
                 f"Float image arrays must hold values in [0, 1] or [0, 255], but this one holds {low:g}..{high:g}. "
                 "Pass the image before normalisation: the processor normalises it."
             )
+        if array.dtype == np.float16:  # scaled in float16, 0.9 * 255 would be off by a step of 8-bit colour
+            array = array.astype(np.float32)
         if high <= 1.0:
             array = array * 255.0
         array = np.clip(array, 0, 255).round().astype(np.uint8)
