@@ -355,7 +355,7 @@ MUTATIONS = [
     "ids float", "ids int16", "ids list", "ids numpy", "ids 1d", "ids 3d", "empty batch", "empty sequence",
     "id too big", "id negative", "both ids and embeds", "embeds width", "embeds with pixels",
     "pixels numpy", "pixels list", "pixels uint8", "pixels float64", "pixels bfloat16", "pixels 3d",
-    "pixels size", "no pixels left", "pixels extra image", "pixels nan", "pixels inf", "pixels raw",
+    "pixels size", "pixels empty", "pixels extra image", "pixels nan", "pixels inf", "pixels raw",
     "mask long", "mask short", "mask batch", "mask 1d", "mask list",
     "labels", "labels shape", "labels int32", "labels too big", "labels list",
 ]
@@ -413,7 +413,7 @@ def mutate(kwargs, mutation, model, rng):
         "pixels bfloat16": lambda: kwargs.update(pixel_values=pixels.bfloat16()),
         "pixels 3d": lambda: kwargs.update(pixel_values=pixels[0]),
         "pixels size": lambda: kwargs.update(pixel_values=pixels[..., :-14, :-14]),
-        "no pixels left": lambda: kwargs.update(pixel_values=pixels[:0]),
+        "pixels empty": lambda: kwargs.update(pixel_values=pixels[:0]),
         "pixels extra image": lambda: kwargs.update(pixel_values=torch.zeros(
             (0 if pixels is None else len(pixels)) + 1, 3, size, size)),
         "pixels nan": lambda: pixels.view(-1).__setitem__(int(rng.integers(0, pixels.numel())), float("nan")),
