@@ -186,7 +186,8 @@ class MQwenConfig(PretrainedConfig):
             vision_config = MQwenVisionConfig(**vision_config)
         elif not isinstance(vision_config, MQwenVisionConfig):
             raise TypeError(
-                f"vision_config must be a dict or an MQwenVisionConfig, got {type(vision_config).__name__} {vision_config!r}"
+                "vision_config must be a dict or an MQwenVisionConfig, got "
+                f"{type(vision_config).__name__} {vision_config!r}"
             )
         self.vision_config = vision_config
         _require_int("vision_feature_layer", vision_feature_layer)

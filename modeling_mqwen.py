@@ -288,7 +288,9 @@ class MQwenPreTrainedModel(PreTrainedModel):
 
 def _require_tensor(value, name, expected):
     if not torch.is_tensor(value):
-        hint = " (torch.from_numpy(...), or the processor with return_tensors='pt')" if hasattr(value, "__len__") else ""
+        hint = ""
+        if hasattr(value, "__len__"):  # an array or a list
+            hint = " (torch.from_numpy(...), or the processor with return_tensors='pt')"
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__}{hint}.")
 
 

@@ -195,6 +195,7 @@ def train(config: TrainConfig, model=None, processor=None, train_dataset=None, e
 
 # The Trainer writes this file last; a checkpoint folder without it was cut short.
 CHECKPOINT_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
 def last_complete_checkpoint(output_dir) -> str:
@@ -204,11 +205,9 @@ def last_complete_checkpoint(output_dir) -> str:
     copy or a full disk can still lack its trainer state.
     """
     folder = Path(output_dir)
-    checkpoints = sorted(
-        (path for path in (folder.iterdir() if folder.is_dir() else ()) if _CHECKPOINT.fullmatch(path.name) and path.is_dir()),
-        key=lambda path: int(path.name.split("-")[1]),
-        reverse=True,
-    )
+    found = [path for path in (folder.iterdir() if folder.is_dir() else ()) if _CHECKPOINT.fullmatch(path.name)]
+    checkpoints = sorted((path for path in found if path.is_dir()), key=lambda path: int(path.name.split("-")[1]),
+                         reverse=True)
     skipped = []
     for path in checkpoints:
         problem = _checkpoint_problem(path)
@@ -222,9 +221,6 @@ def last_complete_checkpoint(output_dir) -> str:
         f"--resume-from-checkpoint last: no complete checkpoint-* folder in {output_dir}"
         + (f" (incomplete: {'; '.join(skipped)})." if skipped else ".")
     )
-
-
-_CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
 def _checkpoint_problem(path: Path) -> Optional[str]:
@@ -242,7 +238,9 @@ def _check_checkpoint(path):
     """A clear error for a `--resume-from-checkpoint` folder that is missing or incomplete."""
     problem = _checkpoint_problem(Path(path)) if Path(path).is_dir() else "no such folder"
     if problem:
-        raise FileNotFoundError(f"--resume-from-checkpoint {path}: {problem}. Pass a complete checkpoint-N folder, or last.")
+        raise FileNotFoundError(
+            f"--resume-from-checkpoint {path}: {problem}. Pass a complete checkpoint-N folder, or last."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
