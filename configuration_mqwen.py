@@ -5,6 +5,8 @@ prompt (`image_seq_length`). The processor reads it when it expands `<image>`, a
 when it splices features, so both always agree.
 """
 
+import numbers
+
 import transformers
 from transformers import AutoConfig, PretrainedConfig
 
@@ -70,6 +72,16 @@ class MQwenVisionConfig(PretrainedConfig):
         image_std=OPENAI_CLIP_STD,
         **kwargs,
     ):
+        for name, value in (("image_size", image_size), ("patch_size", patch_size), ("width", width),
+                            ("layers", layers), ("heads", heads), ("output_dim", output_dim)):
+            _require_int(f"vision_config.{name}", value, minimum=1)
+        for name, value in (("mlp_ratio", mlp_ratio), ("layer_norm_eps", layer_norm_eps)):
+            _require_positive_number(f"vision_config.{name}", value)
+        for name, value in (("image_mean", image_mean), ("image_std", image_std)):
+            if not isinstance(value, (list, tuple)) or len(value) != 3:
+                raise TypeError(f"vision_config.{name} must be a list of 3 numbers (R, G, B), got {value!r}")
+            for channel in value:
+                _require_positive_number(f"vision_config.{name}", channel, allow_zero=name == "image_mean")
         if hidden_act not in ("gelu", "quick_gelu"):
             raise ValueError(f"vision_config.hidden_act must be 'gelu' or 'quick_gelu', got {hidden_act!r}")
         if image_size % patch_size:
@@ -95,15 +107,43 @@ class MQwenVisionConfig(PretrainedConfig):
         return self.image_size // self.patch_size
 
 
+def _require_int(name, value, minimum=None):
+    """TypeError unless `value` is an int (a bool is not), ValueError if it is below `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
+
+
+def _require_positive_number(name, value, allow_zero=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not (value >= 0 if allow_zero else value > 0) or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
 def _build_text_config(text_config):
     if text_config is None:
         text_config = dict(QWEN25_7B_INSTRUCT)
     if isinstance(text_config, dict):
         text_config = dict(text_config)
         model_type = text_config.pop("model_type", "qwen2")
-        if model_type not in transformers.CONFIG_MAPPING:
+        if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
             raise ValueError(f"text_config.model_type {model_type!r} is not a model type transformers knows")
-        text_config = transformers.CONFIG_MAPPING[model_type](**text_config)
+        try:
+            text_config = transformers.CONFIG_MAPPING[model_type](**text_config)
+        except Exception as error:  # transformers 5 validates fields with huggingface_hub's StrictDataclassError
+            cause = error.__cause__
+            if not type(error).__name__.startswith("StrictDataclass") or not isinstance(cause, (TypeError, ValueError)):
+                raise
+            raise type(cause)(f"text_config is not a valid {model_type!r} config: {error}") from error
+    if not isinstance(text_config, PretrainedConfig):
+        raise TypeError(
+            f"text_config must be a dict or a transformers config (e.g. Qwen2Config), got {type(text_config).__name__} "
+            f"{text_config!r}. For a model type's defaults pass a dict: text_config={{'model_type': 'qwen2', ...}}."
+        )
+    for name in ("hidden_size", "vocab_size"):  # MQwen's projector and input checks read them
+        _require_int(f"text_config.{name}", getattr(text_config, name, None), minimum=1)
     return text_config
 
 
@@ -144,7 +184,19 @@ class MQwenConfig(PretrainedConfig):
             vision_config = MQwenVisionConfig()
         elif isinstance(vision_config, dict):
             vision_config = MQwenVisionConfig(**vision_config)
+        elif not isinstance(vision_config, MQwenVisionConfig):
+            raise TypeError(
+                "vision_config must be a dict or an MQwenVisionConfig, got "
+                f"{type(vision_config).__name__} {vision_config!r}"
+            )
         self.vision_config = vision_config
+        _require_int("vision_feature_layer", vision_feature_layer)
+        _require_int("image_token_pooling", image_token_pooling)
+        _require_int("image_token_id", image_token_id, minimum=0)
+        if image_seq_length is not None:
+            _require_int("image_seq_length", image_seq_length)
+        if not isinstance(keep_class_token, bool):
+            raise TypeError(f"keep_class_token must be True or False, got {keep_class_token!r}")
 
         if projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {projector_type!r}")

@@ -25,9 +25,11 @@ depend on the installed transformers version, and OpenCLIP weights load with `st
 """
 
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
@@ -197,6 +199,35 @@ class MQwenMultiModalProjector(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _damaged_weights_message(source, kwargs, error):
+    """Which `*.safetensors` files of a local folder (or of a Hub repo's cached snapshot) fail to open, and why."""
+    import os
+    from pathlib import Path
+
+    folder = Path(source)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(source), revision=kwargs.get("revision"), local_files_only=True,
+                                            allow_patterns=["*.safetensors"]))
+        except Exception:  # not cached, or no Hub access: say what we know
+            return f"Could not load the weights of {source!r}: a safetensors file is damaged ({error})."
+    folder = folder / (kwargs.get("subfolder") or "")
+    damaged = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as reason:
+            damaged.append(f"{os.path.realpath(path)} ({path.stat().st_size} bytes: {reason})")
+    what = "; ".join(damaged) or f"a safetensors file in {folder} ({error})"
+    return (
+        f"Could not load the weights of {str(source)!r}: {what}. The file is empty or truncated (an interrupted "
+        "download, copy or save?): download or convert it again."
+    )
+
+
 class MQwenPreTrainedModel(PreTrainedModel):
     config_class = MQwenConfig
     base_model_prefix = "mqwen"
@@ -212,6 +243,15 @@ class MQwenPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _supports_cache_class = True
     _supports_static_cache = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`; a damaged weight file gets an error that names it (safetensors' own
+        "Error while deserializing header" names no file)."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            raise ValueError(_damaged_weights_message(pretrained_model_name_or_path, kwargs, error)) from error
 
     def push_to_hub(self, repo_id, *args, processor=None, **kwargs):
         """Publish the model; with `processor=`, model and processor go to the repo in one commit.
@@ -263,6 +303,24 @@ class MQwenPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, std=std)
 
 
+def _require_tensor(value, name, expected):
+    if not torch.is_tensor(value):
+        hint = ""
+        if hasattr(value, "__len__"):  # an array or a list
+            hint = " (torch.from_numpy(...), or the processor with return_tensors='pt')"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}{hint}.")
+
+
+def _require_batch(tensor, name, ndim, layout):
+    """`tensor.shape[:2]` after checking it has `ndim` dimensions and at least one sample and one position."""
+    if tensor.dim() != ndim or 0 in tensor.shape[:2]:
+        raise ValueError(
+            f"{name} must have shape {layout} with at least one sample and one position, got {tuple(tensor.shape)}"
+            + (f"; add the batch dimension: {name}[None]." if tensor.dim() == ndim - 1 else ".")
+        )
+    return tuple(tensor.shape[:2])
+
+
 class MQwenModel(MQwenPreTrainedModel):
     """Vision tower + projector + language model; `forward` returns the language model's last hidden states.
 
@@ -294,6 +352,99 @@ class MQwenModel(MQwenPreTrainedModel):
 
     def get_decoder(self):
         return self.language_model.get_decoder()
+
+    # -- input checks: clear errors for what the language model would fail on deep inside, or misread -------
+    def _check_inputs(self, input_ids, pixel_values, attention_mask, inputs_embeds, labels=None, kwargs=None):
+        """Check types, dtypes and shapes of `forward`'s inputs (free per step). Token ids and labels are
+        range-checked on the CPU only, where that needs no device synchronisation, and not on one-token decode
+        steps (they feed back generated ids); elsewhere an id outside the vocabulary still fails inside the
+        embedding. Pixels get `_check_pixel_values`."""
+        tokens = None
+        if input_ids is not None:
+            _require_tensor(input_ids, "input_ids", "a LongTensor of token ids of shape (batch, sequence)")
+            if input_ids.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"input_ids must hold int64 (or int32) token ids, got {input_ids.dtype}.")
+            tokens = _require_batch(input_ids, "input_ids", 2, "(batch, sequence)")
+            if tokens[1] > 1:  # a one-token decode step feeds back a generated id: no value check, no sync
+                self._check_token_ids(input_ids, "input_ids", self.get_input_embeddings())
+        if inputs_embeds is not None:
+            _require_tensor(inputs_embeds, "inputs_embeds", "a float tensor of shape (batch, sequence, hidden)")
+            hidden = self.config.text_config.hidden_size
+            if not inputs_embeds.is_floating_point() or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden:
+                raise ValueError(
+                    f"inputs_embeds must be a float tensor of shape (batch, sequence, {hidden}), got a "
+                    f"{inputs_embeds.dtype} tensor of shape {tuple(inputs_embeds.shape)}."
+                )
+            tokens = tokens or _require_batch(inputs_embeds, "inputs_embeds", 3, f"(batch, sequence, {hidden})")
+        if pixel_values is not None:
+            self._check_pixel_values(pixel_values)
+        if attention_mask is not None and tokens is not None:
+            _require_tensor(attention_mask, "attention_mask", f"a tensor of shape {tokens}")
+            has_cache = (kwargs or {}).get("cache", (kwargs or {}).get("past_key_values")) is not None
+            shape = tuple(attention_mask.shape)
+            if attention_mask.dim() == 2:  # with a cache it also covers the cached positions
+                fits = shape[0] == tokens[0] and (shape[1] >= tokens[1] if has_cache else shape[1] == tokens[1])
+            else:  # a 4D mask (batch, heads, query, key) made by the caller
+                fits = attention_mask.dim() == 4 and shape[0] == tokens[0] and shape[2] == tokens[1]
+            if not fits:
+                raise ValueError(
+                    f"attention_mask must have the shape of the input tokens, {tokens} (batch, sequence"
+                    f"{' + cached tokens' if has_cache else ''}), got {shape}."
+                )
+        if labels is not None and tokens is not None:
+            _require_tensor(labels, "labels", f"a LongTensor of shape {tokens}")
+            if labels.dtype != torch.int64:
+                raise TypeError(f"labels must hold int64 token ids (-100 = not scored), got {labels.dtype}.")
+            if tuple(labels.shape) != tokens:
+                raise ValueError(
+                    f"labels must have the shape of the input tokens, {tokens}, got {tuple(labels.shape)} "
+                    "(a mismatched shape would be broadcast into a wrong loss)."
+                )
+            self._check_token_ids(labels, "labels", self.get_output_embeddings(), ignore=-100)
+
+    @staticmethod
+    def _check_token_ids(ids, name, embedding, ignore=None):
+        size = getattr(embedding, "num_embeddings", getattr(embedding, "out_features", None))
+        if ids.device.type != "cpu" or size is None:
+            return
+        valid = ids if ignore is None else ids[ids != ignore]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= size):
+            bad = valid[(valid < 0) | (valid >= size)]
+            raise ValueError(
+                f"{name} holds id(s) {sorted(set(bad.tolist()))[:5]} outside the vocabulary (0..{size - 1}"
+                f"{f', or {ignore} for not scored' if ignore is not None else ''}). Were they made with another "
+                "tokenizer? Use this model's processor."
+            )
+
+    def _check_pixel_values(self, pixel_values):
+        """pixel_values as MQwenProcessor makes them: float (num_images, 3, size, size), finite, normalised.
+
+        The value check is one pass over the pixels (the vision tower makes thousands), once per forward with
+        images; it catches NaN/inf and raw 0-255 pixels, which would otherwise give NaN or meaningless logits.
+        """
+        size = self.config.vision_config.image_size
+        expected = f"(num_images, 3, {size}, {size})"
+        _require_tensor(pixel_values, "pixel_values", f"a float tensor of shape {expected} from MQwenProcessor")
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values must be a float tensor of normalised pixels, got {pixel_values.dtype}. Raw images "
+                "go through MQwenProcessor(images=...), which resizes and normalises them."
+            )
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size) or not len(pixel_values):
+            raise ValueError(
+                f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}. Prepare images with "
+                f"MQwenProcessor, which resizes them to {size} px."
+            )
+        low, high = torch.stack(torch.aminmax(pixel_values.detach())).float().tolist()
+        vision = self.config.vision_config
+        reach = max(max(m, 1 - m) / s for m, s in zip(vision.image_mean, vision.image_std))
+        if not math.isfinite(low) or not math.isfinite(high):
+            raise ValueError("pixel_values hold NaN or infinite values; the image they came from must be finite.")
+        if max(-low, high) > 10 * reach:
+            raise ValueError(
+                f"pixel_values range over {low:g}..{high:g}, but normalised images lie within about "
+                f"+-{reach:.2f} (image_mean/image_std). Were raw 0-255 pixels passed? Use MQwenProcessor."
+            )
 
     # -- images --------------------------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor, return_dict: bool = False):
@@ -387,6 +538,7 @@ class MQwenModel(MQwenPreTrainedModel):
         straight to the language model.
         """
         kwargs[CACHE_KWARG] = cache if cache is not None else past_key_values
+        self._check_inputs(input_ids, pixel_values, attention_mask, inputs_embeds, kwargs=kwargs)
         input_ids, inputs_embeds = self._embed(input_ids, pixel_values, inputs_embeds)
         outputs = self.get_decoder()(
             input_ids=input_ids,
@@ -444,6 +596,7 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
         The loss is the same; `outputs.logits` then holds the kept positions only.
         """
         kwargs[CACHE_KWARG] = cache if cache is not None else past_key_values
+        self._check_inputs(input_ids, pixel_values, attention_mask, inputs_embeds, labels, kwargs)
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
         input_ids, inputs_embeds = self._embed(input_ids, pixel_values, inputs_embeds)

@@ -54,7 +54,9 @@ def to_rgb_image(image):
     """Any supported image input as an RGB PIL image.
 
     Accepts PIL images of any mode (transparency is composited on white), numpy arrays and torch tensors
-    (HW, HWC or CHW; uint8, or floats in [0, 1]), and local file paths.
+    (HW, HWC or CHW; see `_array_to_pil` for how each dtype's values are read), and local file paths.
+    Anything else, an empty image, or pixel values that cannot be read unambiguously raises a TypeError or
+    ValueError that says what was given.
     """
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
@@ -67,7 +69,7 @@ def to_rgb_image(image):
         except Exception as error:
             raise ValueError(f"Could not read {str(path)!r} as an image: {error}") from error
     if hasattr(image, "detach") and hasattr(image, "cpu"):  # torch tensor, without importing torch here
-        image = image.detach().cpu().float().numpy() if image.is_floating_point() else image.detach().cpu().numpy()
+        image = _tensor_to_array(image)
     if isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     if Image is None or not isinstance(image, Image.Image):
@@ -75,29 +77,89 @@ def to_rgb_image(image):
             f"Unsupported image type {type(image).__name__}: pass a PIL image, a numpy array or torch tensor "
             "(HW, HWC or CHW), or a path to an image file."
         )
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"The image is empty: {image.width}x{image.height} pixels (width x height).")
+    if image.mode in _WIDE_PIL_MODES:  # PIL would clip 16-bit values to 255 and [0, 1] floats to black
+        image = _array_to_pil(np.asarray(image))
+    if image.mode == "La":  # premultiplied alpha: PIL converts it to "LA" only
+        image = image.convert("LA")
     if image.mode == "RGB":
         return image
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
 
+# PIL modes whose values do not fit 8 bits: read through `_array_to_pil`'s value rules.
+_WIDE_PIL_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def _tensor_to_array(tensor):
+    try:
+        tensor = tensor.detach().cpu()
+        return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
+    except (RuntimeError, TypeError) as error:  # sparse, meta, quantized tensors...
+        raise TypeError(f"Could not read a {tensor.dtype} tensor as an image: {error}") from error
+
+
 def _array_to_pil(array):
+    """An HW, HWC or CHW array (1, 3 or 4 channels) as a PIL image. Values are read by dtype:
+
+    - uint8 as is; bool as black and white (True is white, as in PIL's mode "1");
+    - uint16 as 16-bit (65535 is white); other integers must lie in 0..255;
+    - floats must be finite and lie in [0, 1] (scaled by 255) or else in [0, 255].
+    """
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
         array = array.transpose(1, 2, 0)  # CHW -> HWC
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ValueError(f"Image arrays must be HW, HWC or CHW with 1, 3 or 4 channels, got shape {array.shape}")
-    if array.dtype != np.uint8:
-        if np.issubdtype(array.dtype, np.floating) and array.size and array.max() <= 1.0:
+    if 0 in array.shape[:2]:
+        raise ValueError(f"The image is empty: an array of shape {array.shape} has no pixels.")
+    kind = array.dtype.kind
+    if array.dtype == np.uint8:
+        pass
+    elif kind == "b":
+        array = array.astype(np.uint8) * 255
+    elif kind == "u" and array.dtype.itemsize == 2:  # uint16, either byte order (PIL's "I;16B")
+        array = np.round(array / 257.0).astype(np.uint8)  # 65535 / 257 = 255
+    elif kind in "iu":
+        low, high = array.min(), array.max()
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"Integer image arrays must hold values in 0..255 (uint16 is read as 16-bit), but this {array.dtype} "
+                f"array holds {low}..{high}. Scale it to 0..255 and pass uint8."
+            )
+        array = array.astype(np.uint8)
+    elif kind == "f":
+        bad = array.size - int(np.isfinite(array).sum())
+        if bad:
+            raise ValueError(f"The image array holds {bad} NaN or infinite value(s); pixel values must be finite.")
+        low, high = array.min(), array.max()
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"Float image arrays must hold values in [0, 1] or [0, 255], but this one holds {low:g}..{high:g}. "
+                "Pass the image before normalisation: the processor normalises it."
+            )
+        if array.dtype == np.float16:  # scaled in float16, 0.9 * 255 would be off by a step of 8-bit colour
+            array = array.astype(np.float32)
+        if high <= 1.0:
             array = array * 255.0
         array = np.clip(array, 0, 255).round().astype(np.uint8)
+    else:
+        raise TypeError(f"Image arrays must hold bool, integer or float values, got dtype {array.dtype}.")
     return Image.fromarray(array)
+
+
+def _describe_non_text(value):
+    if isinstance(value, (bytes, bytearray)):
+        return f"{type(value).__name__} (decode it first: text.decode('utf-8'))"
+    return type(value).__name__
 
 
 class MQwenProcessor(ProcessorMixin):
@@ -175,13 +237,7 @@ class MQwenProcessor(ProcessorMixin):
         padding = kwargs.pop("padding", padding)
         padding_side = kwargs.pop("padding_side", padding_side)
         return_tensors = kwargs.pop("return_tensors", return_tensors)
-        if images is not None and not isinstance(images, (list, tuple)):
-            images = [images]
-        if images is not None:
-            images = [image for item in images for image in (item if isinstance(item, (list, tuple)) else [item])]
-        if text is None and images is None:
-            raise ValueError("Pass images, text, or both.")
-        texts = [text] if isinstance(text, str) else (list(text) if text is not None else None)
+        images, texts = self._normalise_inputs(images, text)
         if images:
             if texts is None:
                 texts = [self.caption_prompt() for _ in images]
@@ -208,8 +264,53 @@ class MQwenProcessor(ProcessorMixin):
         data = dict(encoding)
         if images:
             rgb = [to_rgb_image(image) for image in images]
-            data["pixel_values"] = self.image_processor(rgb, return_tensors=return_tensors)["pixel_values"]
+            # Every image is RGB HWC here; saying so stops the image processor guessing (a 3-pixel-high
+            # image would otherwise read as channels-first).
+            data["pixel_values"] = self.image_processor(
+                rgb, return_tensors=return_tensors, input_data_format="channels_last"
+            )["pixel_values"]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _normalise_inputs(self, images, text):
+        """`images` as a flat list and `text` as a list of prompts (either None when not given), checked.
+
+        Accepted: one image, a list of images, or a list of per-prompt lists of images; one prompt (str) or a
+        list of prompts. An empty list counts as not given.
+        """
+        given = images
+        if isinstance(images, (list, tuple)):
+            flat = []
+            for i, item in enumerate(images):
+                for j, image in enumerate(item if isinstance(item, (list, tuple)) else [item]):
+                    if isinstance(image, (list, tuple)):
+                        raise TypeError(
+                            f"images[{i}][{j}] is a {type(image).__name__}: pass one image, a list of images, or a "
+                            "list with one list of images per prompt (no deeper nesting)."
+                        )
+                    flat.append(image)
+            images = flat or None
+        elif images is not None:
+            images = [images]
+        if text is None or isinstance(text, str):
+            texts = None if text is None else [text]
+        elif isinstance(text, (list, tuple)):
+            texts = list(text) or None
+        else:
+            raise TypeError(f"text must be a str or a list of str, got {_describe_non_text(text)}.")
+        for i, prompt in enumerate(texts or ()):
+            if not isinstance(prompt, str):
+                raise TypeError(f"text[{i}] must be a str, got {_describe_non_text(prompt)}.")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(
+                    f"text[{i}] is not valid Unicode: {prompt[error.start:error.end]!r} at position {error.start} "
+                    "is a lone surrogate (half of a UTF-16 pair), which no tokenizer can encode. Fix how the text "
+                    "was decoded, or drop such characters: text.encode('utf-8', 'replace').decode('utf-8')."
+                ) from None
+        if images is None and texts is None:
+            raise ValueError(f"Pass images, text, or both (got images={given!r}, text={text!r}).")
+        return images, texts
 
     def _check_placeholders_survived(self, input_ids, counts):
         for row, (ids, count) in enumerate(zip(input_ids, counts)):

@@ -158,7 +158,7 @@ def check_vision_weights(weights: VisionWeights):
 
     try:
         config = MQwenVisionConfig(**weights.config)
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         raise ConvertError(f"{weights.source}: {error}") from error
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in MQwenVisionTransformer(config).state_dict().items()}

@@ -96,7 +96,7 @@ class TrainConfig:
     seed: int = _help("random seed (data order, instruction sampling, initialisation of LoRA)", default=42)
     dataloader_num_workers: int = _help("processes that load images", default=0)
     resume_from_checkpoint: Optional[str] = _help("checkpoint folder to resume from, or 'last' for the newest "
-                                                  "one in --output-dir", default=None)
+                                                  "complete one in --output-dir", default=None)
     report_to: str = _help("where to log: none, tensorboard, wandb, ...", default="none")
     deepspeed: Optional[str] = _help("DeepSpeed JSON config (with torchrun; `accelerate launch` configs set "
                                      "it themselves)", default=None)

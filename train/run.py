@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,6 @@ from typing import Any, Optional
 
 import torch
 from transformers import TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from .collator import CaptionCollator
 from .config import TrainConfig
@@ -174,9 +174,9 @@ def train(config: TrainConfig, model=None, processor=None, train_dataset=None, e
                            dataset.source)
     resume = config.resume_from_checkpoint
     if resume == "last":
-        resume = get_last_checkpoint(config.output_dir)
-        if resume is None:
-            raise FileNotFoundError(f"--resume-from-checkpoint last: no checkpoint-* folder in {config.output_dir}.")
+        resume = last_complete_checkpoint(config.output_dir)
+    elif resume:
+        _check_checkpoint(resume)
     output = trainer.train(resume_from_checkpoint=resume)
     skipped = trainer.gathered_skip_report()
     model_dir = save_final_model(trainer, config) if save else None
@@ -191,6 +191,60 @@ def train(config: TrainConfig, model=None, processor=None, train_dataset=None, e
         }
         _atomic_write_text(Path(config.output_dir) / "train_summary.json", json.dumps(summary, indent=2))
     return TrainResult(model_dir, output.metrics, skipped, trainer.state.log_history, trainer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resuming
+# ----------------------------------------------------------------------------------------------------------
+
+# The Trainer writes this file last; a checkpoint folder without it was cut short.
+CHECKPOINT_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"checkpoint-\d+")
+
+
+def last_complete_checkpoint(output_dir) -> str:
+    """The newest `checkpoint-N` in `output_dir` that is complete; incomplete newer ones are named in a warning.
+
+    Checkpoints written by `CaptionTrainer` appear only once complete, but a folder from an older run, a
+    copy or a full disk can still lack its trainer state.
+    """
+    folder = Path(output_dir)
+    found = [path for path in (folder.iterdir() if folder.is_dir() else ()) if _CHECKPOINT.fullmatch(path.name)]
+    checkpoints = sorted((path for path in found if path.is_dir()), key=lambda path: int(path.name.split("-")[1]),
+                         reverse=True)
+    skipped = []
+    for path in checkpoints:
+        problem = _checkpoint_problem(path)
+        if problem is None:
+            if skipped:
+                logger.warning("--resume-from-checkpoint last: skipped incomplete %s; resuming from %s.",
+                               "; ".join(skipped), path.name)
+            return str(path)
+        skipped.append(f"{path.name} ({problem})")
+    raise FileNotFoundError(
+        f"--resume-from-checkpoint last: no complete checkpoint-* folder in {output_dir}"
+        + (f" (incomplete: {'; '.join(skipped)})." if skipped else ".")
+    )
+
+
+def _checkpoint_problem(path: Path) -> Optional[str]:
+    state = path / CHECKPOINT_STATE
+    if not state.is_file():
+        return f"no {CHECKPOINT_STATE}"
+    try:
+        json.loads(state.read_text())
+    except ValueError:
+        return f"{CHECKPOINT_STATE} is truncated"
+    return None
+
+
+def _check_checkpoint(path):
+    """A clear error for a `--resume-from-checkpoint` folder that is missing or incomplete."""
+    problem = _checkpoint_problem(Path(path)) if Path(path).is_dir() else "no such folder"
+    if problem:
+        raise FileNotFoundError(
+            f"--resume-from-checkpoint {path}: {problem}. Pass a complete checkpoint-N folder, or last."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,14 +5,23 @@ checkpoints and resuming, DDP / DeepSpeed / FSDP through accelerate) is the stoc
 switched on where accelerate would leave it off (see `distributed`).
 """
 
+import os
+import shutil
+from pathlib import Path
+
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from mqwen.modeling_mqwen import scored_positions
 
 from .data import SkipReport
 from .distributed import enable_fsdp_on_cpu
 from .stages import part_param_groups
+
+
+# Where checkpoints are written before they are complete (a dot folder: never matched as `checkpoint-N`).
+STAGING_DIR = ".checkpoint-staging"
 
 
 class CaptionTrainer(Trainer):
@@ -52,6 +61,48 @@ class CaptionTrainer(Trainer):
             )
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return super().create_optimizer() if model is None else super().create_optimizer(model)
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        """The stock checkpoint, written under `OUTPUT_DIR/STAGING_DIR` and renamed into place once complete.
+
+        A process killed mid-save leaves no `checkpoint-N` behind, so resuming (ours or the Trainer's own
+        `get_last_checkpoint`) never picks a half-written one, and checkpoint rotation never deletes a complete
+        checkpoint in favour of it.
+        """
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING_DIR)
+        if self.args.should_save and os.path.exists(os.path.join(staging, name)):
+            shutil.rmtree(os.path.join(staging, name))  # left by a run killed while saving this step
+        self._checkpoint_staging = staging
+        try:
+            super()._save_checkpoint(model, trial, *args, **kwargs)
+        finally:
+            self._checkpoint_staging = None
+        self.accelerator.wait_for_everyone()  # every process has written its part (optimizer shards, RNG state)
+        if self.args.should_save:
+            from .run import _replace_dir
+
+            final = os.path.join(run_dir, name)
+            _replace_dir(Path(staging) / name, Path(final))
+            if self.state.best_model_checkpoint == os.path.join(staging, name):
+                self.state.best_model_checkpoint = final
+            self._rotate_saved_checkpoints(run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial):
+        return getattr(self, "_checkpoint_staging", None) or super()._get_output_dir(trial)
+
+    def _rotate_saved_checkpoints(self, run_dir):
+        """Apply `save_total_limit` (the stock save rotated inside the staging folder, where there is nothing
+        to remove). transformers 5 has a function for it, 4.x a method."""
+        if hasattr(self, "_rotate_checkpoints"):
+            self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
+        else:
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         # Skipped-image records ride along with the batch so they are counted here, in the main process,
