@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 
 try:  # transformers >= 5: init helpers that skip tensors already loaded from a checkpoint
     from transformers import initialization as init
@@ -279,8 +279,12 @@ class MQwenModel(MQwenPreTrainedModel):
         return self.language_model.get_decoder()
 
     # -- images --------------------------------------------------------------------------------------------
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image features, (num_images, image_seq_length, text hidden size)."""
+    def get_image_features(self, pixel_values: torch.Tensor, return_dict: bool = False):
+        """Projected image features, (num_images, image_seq_length, text hidden size).
+
+        With `return_dict=True` (transformers 5's convention, which vLLM's Transformers backend calls), a
+        `BaseModelOutputWithPooling` that holds them as both `last_hidden_state` and `pooler_output`.
+        """
         hidden = self.vision_tower.hidden_state(pixel_values, self.config.vision_feature_layer)
         cls, patches = hidden[:, :1], hidden[:, 1:]
         pool = self.config.image_token_pooling
@@ -289,7 +293,10 @@ class MQwenModel(MQwenPreTrainedModel):
             patches = patches.transpose(1, 2).reshape(patches.shape[0], -1, grid, grid)
             patches = F.avg_pool2d(patches, pool).flatten(2).transpose(1, 2)
         features = torch.cat([cls, patches], dim=1) if self.config.keep_class_token else patches
-        return self.multi_modal_projector(features)
+        features = self.multi_modal_projector(features)
+        if return_dict:
+            return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=features)
+        return features
 
     def _splice_image_features(self, input_ids, inputs_embeds, pixel_values, has_cache=False):
         """Write projected image features over the `<image>` placeholder embeddings, in reading order."""
@@ -338,15 +345,20 @@ class MQwenModel(MQwenPreTrainedModel):
         attention_mask=None,
         position_ids=None,
         inputs_embeds=None,
+        return_dict=None,
         **kwargs,
     ):
         """Runs the language model's decoder on the spliced embeddings. `kwargs` (the cache under either
-        name, `use_cache`, `output_hidden_states`, ...) go straight to the language model."""
+        name, `use_cache`, `output_hidden_states`, ...) go straight to the language model.
+
+        `return_dict=False` (vLLM's Transformers backend passes it) returns `outputs.to_tuple()`."""
         inputs_embeds = self._embed(input_ids, pixel_values, inputs_embeds, kwargs)
         outputs = self.get_decoder()(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
         )
-        return BaseModelOutputWithPast(**outputs) if not isinstance(outputs, BaseModelOutputWithPast) else outputs
+        outputs = BaseModelOutputWithPast(**outputs) if not isinstance(outputs, BaseModelOutputWithPast) else outputs
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return outputs if return_dict else outputs.to_tuple()
 
 
 def _next_token_labels(labels: torch.Tensor) -> torch.Tensor:

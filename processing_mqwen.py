@@ -15,6 +15,11 @@ import transformers
 from transformers import Pipeline, ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 
+try:  # transformers >= 4.52: what `_get_num_multimodal_tokens` returns (vLLM reads it)
+    from transformers.processing_utils import MultiModalData
+except ImportError:  # pragma: no cover - older transformers
+    MultiModalData = dict
+
 try:
     from PIL import Image
 except ImportError:  # pragma: no cover - PIL comes with transformers' vision extras
@@ -167,6 +172,7 @@ class MQwenProcessor(ProcessorMixin):
         padding = kwargs.pop("padding", padding)
         padding_side = kwargs.pop("padding_side", padding_side)
         return_tensors = kwargs.pop("return_tensors", return_tensors)
+        return_offsets = kwargs.pop("return_text_replacement_offsets", False)
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
         if images is not None:
@@ -189,7 +195,7 @@ class MQwenProcessor(ProcessorMixin):
                 f"The prompts hold {sum(counts)} `{self.image_token}` placeholders but {n_images} images were "
                 "given; pass exactly one image per placeholder, in order."
             )
-        expanded = [t.replace(self.image_token, self.image_token * self.image_seq_length) for t in texts]
+        expanded, offsets = self._expand_image_placeholders(texts, n_images)
         encoding = self.tokenizer(
             expanded, padding=padding, padding_side=padding_side, return_tensors=return_tensors, **kwargs
         )
@@ -198,7 +204,34 @@ class MQwenProcessor(ProcessorMixin):
         if images:
             rgb = [to_rgb_image(image) for image in images]
             data["pixel_values"] = self.image_processor(rgb, return_tensors=return_tensors)["pixel_values"]
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        batch = BatchFeature(data=data, tensor_type=return_tensors)
+        if return_offsets:  # set after the tensor conversion: a list of dicts per prompt
+            batch["text_replacement_offsets"] = offsets
+        return batch
+
+    def replace_image_token(self, image_inputs=None, image_idx=0, **kwargs) -> str:
+        """What one `<image>` becomes in the prompt: `image_seq_length` image tokens, whatever the image
+        (every image is resized to the vision tower's size)."""
+        return self.image_token * self.image_seq_length
+
+    def _expand_image_placeholders(self, texts, n_images):
+        """(prompts with every `<image>` expanded, where each expansion sits: one list of dicts per prompt).
+
+        The offsets are transformers 5's `text_replacement_offsets` (vLLM asks for them); transformers 4
+        has no `get_text_with_replacements`, and there the offsets are empty lists.
+        """
+        if not hasattr(self, "get_text_with_replacements"):
+            return [t.replace(self.image_token, self.replace_image_token()) for t in texts], [[] for _ in texts]
+        replacements = [self.replace_image_token(image_idx=i) for i in range(n_images)]
+        return self.get_text_with_replacements(list(texts), images_replacements=replacements)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+        """Placeholder tokens per image for images of `image_sizes` ((height, width) each), as
+        `MultiModalData`: vLLM sizes its encoder budget with it. Every image costs `image_seq_length`."""
+        data = {}
+        if image_sizes is not None:
+            data = {"num_image_tokens": [self.image_seq_length] * len(image_sizes), "num_image_patches": [1] * len(image_sizes)}
+        return MultiModalData(**data)
 
     def _check_placeholders_survived(self, input_ids, counts):
         for row, (ids, count) in enumerate(zip(input_ids, counts)):
