@@ -8,6 +8,7 @@ anything was skipped.
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -150,6 +151,8 @@ def load_vllm(model_id, dtype, engine_args=None):
     """vLLM's offline engine on MQwen's own code (its Transformers backend), and the processor for prompts."""
     from transformers import AutoProcessor
 
+    # vLLM logs to stdout by default, where the captions go.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         from vllm import LLM
     except ImportError as error:

