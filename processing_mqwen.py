@@ -228,10 +228,10 @@ class MQwenProcessor(ProcessorMixin):
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
         """Placeholder tokens per image for images of `image_sizes` ((height, width) each), as
         `MultiModalData`: vLLM sizes its encoder budget with it. Every image costs `image_seq_length`."""
-        data = {}
-        if image_sizes is not None:
-            data = {"num_image_tokens": [self.image_seq_length] * len(image_sizes), "num_image_patches": [1] * len(image_sizes)}
-        return MultiModalData(**data)
+        if image_sizes is None:
+            return MultiModalData()
+        n_images = len(image_sizes)
+        return MultiModalData(num_image_tokens=[self.image_seq_length] * n_images, num_image_patches=[1] * n_images)
 
     def _check_placeholders_survived(self, input_ids, counts):
         for row, (ids, count) in enumerate(zip(input_ids, counts)):
