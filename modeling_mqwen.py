@@ -547,7 +547,9 @@ class MQwenModel(MQwenPreTrainedModel):
             position_ids=position_ids,
             **kwargs,
         )
-        return BaseModelOutputWithPast(**outputs) if not isinstance(outputs, BaseModelOutputWithPast) else outputs
+        outputs = BaseModelOutputWithPast(**outputs) if not isinstance(outputs, BaseModelOutputWithPast) else outputs
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return outputs if return_dict else outputs.to_tuple()
 
 
 def _next_token_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,11 @@ from transformers import GenerationConfig, Pipeline, ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import load_image
 
+try:  # transformers >= 4.52: what `_get_num_multimodal_tokens` returns (vLLM reads it)
+    from transformers.processing_utils import MultiModalData
+except ImportError:  # pragma: no cover - older transformers
+    MultiModalData = dict
+
 try:
     from PIL import Image
 except ImportError:  # pragma: no cover - PIL comes with transformers' vision extras
@@ -237,6 +242,7 @@ class MQwenProcessor(ProcessorMixin):
         padding = kwargs.pop("padding", padding)
         padding_side = kwargs.pop("padding_side", padding_side)
         return_tensors = kwargs.pop("return_tensors", return_tensors)
+        return_offsets = kwargs.pop("return_text_replacement_offsets", False)
         images, texts = self._normalise_inputs(images, text)
         if images:
             if texts is None:
@@ -253,7 +259,7 @@ class MQwenProcessor(ProcessorMixin):
                 f"The prompts hold {sum(counts)} `{self.image_token}` placeholders but {n_images} images were "
                 "given; pass exactly one image per placeholder, in order."
             )
-        expanded = [t.replace(self.image_token, self.image_token * self.image_seq_length) for t in texts]
+        expanded, offsets = self._expand_image_placeholders(texts, n_images)
         bos = self.tokenizer.bos_token
         if bos and all(t.startswith(bos) for t in expanded):  # a chat template wrote it (Llama 3, SmolLM2 on 4.x)
             kwargs.setdefault("add_special_tokens", False)  # so a tokenizer that adds a BOS does not add a second
@@ -269,7 +275,34 @@ class MQwenProcessor(ProcessorMixin):
             data["pixel_values"] = self.image_processor(
                 rgb, return_tensors=return_tensors, input_data_format="channels_last"
             )["pixel_values"]
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        batch = BatchFeature(data=data, tensor_type=return_tensors)
+        if return_offsets:  # set after the tensor conversion: a list of dicts per prompt
+            batch["text_replacement_offsets"] = offsets
+        return batch
+
+    def replace_image_token(self, image_inputs=None, image_idx=0, **kwargs) -> str:
+        """What one `<image>` becomes in the prompt: `image_seq_length` image tokens, whatever the image
+        (every image is resized to the vision tower's size)."""
+        return self.image_token * self.image_seq_length
+
+    def _expand_image_placeholders(self, texts, n_images):
+        """(prompts with every `<image>` expanded, where each expansion sits: one list of dicts per prompt).
+
+        The offsets are transformers 5's `text_replacement_offsets` (vLLM asks for them); transformers 4
+        has no `get_text_with_replacements`, and there the offsets are empty lists.
+        """
+        if not hasattr(self, "get_text_with_replacements"):
+            return [t.replace(self.image_token, self.replace_image_token()) for t in texts], [[] for _ in texts]
+        replacements = [self.replace_image_token(image_idx=i) for i in range(n_images)]
+        return self.get_text_with_replacements(list(texts), images_replacements=replacements)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+        """Placeholder tokens per image for images of `image_sizes` ((height, width) each), as
+        `MultiModalData`: vLLM sizes its encoder budget with it. Every image costs `image_seq_length`."""
+        if image_sizes is None:
+            return MultiModalData()
+        n_images = len(image_sizes)
+        return MultiModalData(num_image_tokens=[self.image_seq_length] * n_images, num_image_patches=[1] * n_images)
 
     def _normalise_inputs(self, images, text):
         """`images` as a flat list and `text` as a list of prompts (either None when not given), checked.

