@@ -378,7 +378,8 @@ class MQwenModel(MQwenPreTrainedModel):
             tokens = tokens or _require_batch(inputs_embeds, "inputs_embeds", 3, f"(batch, sequence, {hidden})")
         if pixel_values is not None:
             self._check_pixel_values(pixel_values)
-        if attention_mask is not None and tokens is not None:
+        # transformers 5 hands a static-cache or compiled generate's masks over ready-made, one per layer type
+        if attention_mask is not None and tokens is not None and not isinstance(attention_mask, dict):
             _require_tensor(attention_mask, "attention_mask", f"a tensor of shape {tokens}")
             has_cache = (kwargs or {}).get("cache", (kwargs or {}).get("past_key_values")) is not None
             shape = tuple(attention_mask.shape)
@@ -547,9 +548,7 @@ class MQwenModel(MQwenPreTrainedModel):
             position_ids=position_ids,
             **kwargs,
         )
-        outputs = BaseModelOutputWithPast(**outputs) if not isinstance(outputs, BaseModelOutputWithPast) else outputs
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
-        return outputs if return_dict else outputs.to_tuple()
+        return BaseModelOutputWithPast(**outputs) if not isinstance(outputs, BaseModelOutputWithPast) else outputs
 
 
 def _next_token_labels(labels: torch.Tensor) -> torch.Tensor:
