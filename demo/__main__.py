@@ -40,6 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--test-size", type=int, help=f"test images (default: {DEFAULTS.test_size})")
     parser.add_argument("--validation-size", type=int, help=f"validation images (default: {DEFAULTS.validation_size})")
     parser.add_argument("--seed", type=int, help=f"data and initialisation seed (default: {DEFAULTS.seed})")
+    parser.add_argument("--curriculum-steps", type=int,
+                        help=f"train only on single-shape images for the first N steps (default: "
+                             f"{DEFAULTS.curriculum_steps}; 0: off)")
     parser.add_argument("--max-train-minutes", type=float,
                         help="stop training after this many minutes even if --max-steps is not reached")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

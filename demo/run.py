@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .model import PRESETS, build_shapes_model
+from .other_renderer import draw_set
 from .shapes import HELD_OUT_ONE_IN, lazy_split, make_split, write_split
 
 
@@ -35,6 +36,9 @@ class DemoSettings:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     seed: int = 0
+    curriculum_steps: int = 0  # train/'s short-captions-first curriculum: single-shape images first
+    curriculum_fraction: float = 1 / 3  # a third of the images show one shape
+    other_test_size: int = 300  # the second test set, drawn by other_renderer.py
     eval_batch_size: int = 64
     max_new_tokens: int = 24
     max_train_minutes: float = None
@@ -46,8 +50,18 @@ class DemoSettings:
     extra: dict = field(default_factory=dict)
 
 
-QUICK = dict(preset="quick", train_size=64, validation_size=8, test_size=8, max_steps=4, batch_size=8, show=4,
-             grid=4, max_new_tokens=8)
+QUICK = dict(preset="quick", train_size=64, validation_size=8, test_size=8, other_test_size=8, max_steps=4,
+             batch_size=8, show=4, grid=4, max_new_tokens=8)
+
+# The training loss sits near this value while the model still guesses every shape: ln(3) nats for each shape
+# word, about a quarter of the caption tokens. Where the logged loss first falls under it, training has left
+# the plateau (results.json: "plateau_exit_step").
+PLATEAU_LOSS = 0.25
+
+
+def plateau_exit_step(log_history, threshold=PLATEAU_LOSS):
+    """The first logged step whose training loss is under `threshold`, or None."""
+    return next((e["step"] for e in log_history if "loss" in e and e["loss"] < threshold), None)
 
 
 def _atomic_write_json(path: Path, data):
@@ -97,6 +111,8 @@ def train_model(settings, model, processor, train_pairs, out_dir):
         per_device_train_batch_size=settings.batch_size,
         logging_steps=max(1, settings.max_steps // 100),
         seed=settings.seed,
+        curriculum_steps=settings.curriculum_steps,
+        curriculum_fraction=settings.curriculum_fraction,
         disable_tqdm=not settings.progress,
         dataloader_num_workers=settings.loader_workers,
         training_args={"save_strategy": "no"},
@@ -171,7 +187,8 @@ def run(settings: DemoSettings, log=print):
     log("[4/6] Evaluating in this process (validation, then test) ...")
     t = time.perf_counter()
     scores = {}
-    for name in ("validation", "test"):
+    splits["other_renderer"] = draw_set(settings.other_test_size, settings.seed, settings.progress)
+    for name in ("validation", "test", "other_renderer"):
         pairs = [(example.image, example.caption) for example in splits[name]]
         scores[name] = evaluate_captions(model, processor, pairs, batch_size=settings.eval_batch_size,
                                          max_new_tokens=settings.max_new_tokens, progress=settings.progress)
@@ -195,6 +212,8 @@ def run(settings: DemoSettings, log=print):
     log(f"      exact match {test_metrics['exact_match']:.1%}   BLEU-4 {test_metrics['bleu4']:.3f}   "
         f"CIDEr-D {test_metrics['cider']:.3f}   ({test_metrics['images']} images; validation exact match "
         f"{scores['validation']['metrics']['exact_match']:.1%})")
+    log(f"      other renderer (other code, image sizes, shape sizes, colours): exact match "
+        f"{scores['other_renderer']['metrics']['exact_match']:.1%} ({len(splits['other_renderer'])} images)")
     log(f"      reloaded captions equal the in-process ones for {same}/{len(truth)} images "
         f"(loaded as {reloaded['model_class']})")
 
@@ -209,12 +228,15 @@ def run(settings: DemoSettings, log=print):
                   "vocab_size": len(processor.tokenizer), "image_seq_length": model.config.image_seq_length},
         "held_out": f"test arrangements (left-to-right colour-shape sequences) never seen in training; about "
                     f"1 in {HELD_OUT_ONE_IN} arrangements of 2-3 shapes is held out",
+        "seed": settings.seed,
         "steps": trainer.state.global_step,
+        "plateau_exit_step": plateau_exit_step(trainer.state.log_history),
         "threads": torch.get_num_threads(),
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "test": test_metrics,
         "test_in_process": scores["test"]["metrics"],
         "validation": scores["validation"]["metrics"],
+        "other_renderer": scores["other_renderer"]["metrics"],
         "reload": {"identical_captions": same, "images": len(truth), "model_class": reloaded["model_class"],
                    "pipeline_class": reloaded["pipeline_class"]},
         "loss": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],

@@ -1,8 +1,9 @@
 """The synthetic shapes-captioning task: seeded images of coloured shapes and their exact captions.
 
-Images: a plain light background with 1 to 3 non-overlapping shapes, each a `circle`, `square` or `triangle`
-in `red`, `green`, `blue` or `yellow`, with random sizes and positions. The shapes occupy disjoint horizontal
-bands, so "left to right" is never ambiguous.
+Images: a plain light background with 1 to 3 non-overlapping shapes (each count equally often), each a
+`circle`, `square` or `triangle` in `red`, `green`, `blue` or `yellow`, with random positions and sizes from
+about 12 % of the image side up to 75 % for a shape alone (as much as the width allows for two or three). The
+shapes occupy disjoint horizontal bands, so "left to right" is never ambiguous.
 
 Caption grammar (nothing else, no trailing period)::
 
@@ -21,11 +22,15 @@ so example `i` of a split is the same whatever the split's length.
 
 Held-out arrangements: an image's arrangement is its left-to-right sequence of (colour, shape) pairs, i.e.
 its caption. About one in six arrangements of two or three shapes is held out (`is_held_out`: a fixed
-CRC-32 rule on the caption). `train` and `validation` never contain a held-out arrangement and every `test`
-image is one, so each test image shows colour-shape combinations in positions never seen together in
-training, while every colour-shape pair in every position, and every pair of neighbours, is still seen
-(`tests/test_demo_shapes.py` checks this over all 1,884 arrangements). Test accuracy therefore measures
-whether the model composes what it has seen, not whether it recalls captions.
+CRC-32 rule on the caption). `train` and `validation` never contain a held-out arrangement; every `test`
+image with two or three shapes is one, so it shows colour-shape combinations in positions never seen
+together in training, while every colour-shape pair in every position, and every pair of neighbours, is
+still seen (`tests/test_demo_shapes.py` checks this over all 1,884 arrangements). A third of the test images
+show a single shape (new images of the 12 single-shape captions), as in training. Test accuracy therefore
+measures whether the model composes what it has seen, not whether it recalls captions.
+
+`other_renderer.py` draws the same grammar with independent code and settings this module never uses: a
+second test set, for whether the model learnt the task rather than this drawing.
 """
 
 import re
@@ -45,6 +50,7 @@ SHAPES = ("circle", "square", "triangle")
 MAX_SHAPES = 3
 
 HELD_OUT_ONE_IN = 6
+MIN_SIZE, MAX_SIZE_ALONE = 0.12, 0.75  # a shape's side, as a fraction of the image side
 
 
 SPLITS = {"train": 0, "validation": 1, "test": 2}
@@ -96,12 +102,16 @@ def is_held_out(caption: str) -> bool:
     return " and " in caption and zlib.crc32(caption.encode()) % HELD_OUT_ONE_IN == 0
 
 
-def sample_layout(rng: np.random.Generator, image_size: int):
-    """Random shapes in disjoint horizontal bands, left to right, and a light background colour."""
-    n = int(rng.integers(1, MAX_SHAPES + 1))
+def sample_layout(rng: np.random.Generator, image_size: int, n: int = None):
+    """Random shapes in disjoint horizontal bands, left to right, and a light background colour.
+
+    `n` shapes (default: 1, 2 or 3, equally often). A shape's side is drawn uniformly from about 12 % of the
+    image side up to 75 % for a shape alone, or up to what the width leaves for two or three.
+    """
+    n = int(rng.integers(1, MAX_SHAPES + 1)) if n is None else n
     margin, gap = max(1, image_size // 32), max(2, image_size // 16)
-    smin = max(8, round(0.2 * image_size))
-    smax = min(round(0.42 * image_size), (image_size - 2 * margin - (n - 1) * gap) // n)
+    smin = max(8, round(MIN_SIZE * image_size))
+    smax = min(round(MAX_SIZE_ALONE * image_size), (image_size - 2 * margin - (n - 1) * gap) // n)
     sizes = rng.integers(smin, smax + 1, size=n)
     # Spread the leftover width randomly over the n + 1 spaces around the shapes.
     free = image_size - 2 * margin - (n - 1) * gap - int(sizes.sum())
@@ -143,9 +153,11 @@ def _layout(split, index, seed, image_size):
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; choose one of {list(SPLITS)}")
     rng = np.random.default_rng([seed, SPLITS[split], index])
+    n = int(rng.integers(1, MAX_SHAPES + 1))  # drawn first: every split has 1, 2 and 3 shapes equally often
     while True:  # rejection sampling keeps each split's distribution otherwise uniform
-        shapes, background = sample_layout(rng, image_size)
-        if is_held_out(caption_for(shapes)) == (split == "test"):
+        shapes, background = sample_layout(rng, image_size, n)
+        caption = caption_for(shapes)
+        if n == 1 or is_held_out(caption) == (split == "test"):
             return shapes, background, rng
 
 

@@ -93,7 +93,8 @@ def test_shapes_are_left_to_right_disjoint_and_drawn_as_captioned():
         # A square fills its box corner; a circle and a triangle leave it background.
         for spec in example.shapes:
             x0, y0, x1, y1 = spec.box
-            inner_corner = image[y0 + 1, x0 + 1]
+            inset = 1 if x1 - x0 >= 12 else 0  # in a small circle, the pixel one in from the corner is covered
+            inner_corner = image[y0 + inset, x0 + inset]
             filled = np.abs(inner_corner - np.array(COLOURS[spec.colour])).max() <= 40
             assert filled == (spec.shape == "square"), (example.caption, spec, inner_corner)
 
@@ -108,9 +109,11 @@ def test_held_out_arrangements_only_in_test():
     validation = make_split("validation", 100, seed=0)
     test = make_split("test", 100, seed=0)
     assert not any(is_held_out(e.caption) for e in train + validation)
-    assert all(is_held_out(e.caption) for e in test)
-    assert not {e.caption for e in test} & {e.caption for e in train + validation}
-    assert {len(e.shapes) for e in test} == {2, 3}
+    several = [e for e in test if len(e.shapes) > 1]
+    assert all(is_held_out(e.caption) for e in several)
+    assert not {e.caption for e in several} & {e.caption for e in train + validation}
+    # Single shapes are never held out (every one-shape caption is trained on) but are tested too.
+    assert {len(e.shapes) for e in test} == {1, 2, 3}
 
 
 def test_held_out_arrangements_are_made_of_parts_seen_in_training():
@@ -132,3 +135,19 @@ def test_held_out_arrangements_are_made_of_parts_seen_in_training():
 def test_unknown_split_is_a_clear_error():
     with pytest.raises(ValueError, match="Unknown split 'dev'"):
         make_example("dev", 0)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_every_split_has_one_two_and_three_shapes_equally_often(split):
+    counts = np.bincount([len(parse_caption(e.caption)) for e in lazy_split(split, 600, seed=0)], minlength=4)[1:]
+    assert counts.sum() == 600 and counts.min() > 150, counts  # 200 each expected; 150 is > 4 sigma below
+
+
+def test_shape_sizes_span_small_to_three_quarters_of_the_image_alone():
+    """Sizes reach from about 12 % of the side to 75 % for a shape alone (bounded by the width for more)."""
+    examples = make_split("train", 400, seed=5)
+    sides = {n: [s.box[2] - s.box[0] for e in examples if len(e.shapes) == n for s in e.shapes] for n in (1, 2, 3)}
+    assert min(min(v) for v in sides.values()) == 8  # 12 % of 64 px
+    assert 44 <= max(sides[1]) <= 48
+    assert max(sides[2]) <= 28 and max(sides[3]) <= 17  # what the width leaves, with margins and gaps
+    assert all(s.box[3] - s.box[1] == s.box[2] - s.box[0] for e in examples for s in e.shapes)

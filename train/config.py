@@ -60,6 +60,11 @@ class TrainConfig:
     instructions: tuple = _help("caption instructions, one sampled per example", default=CAPTION_INSTRUCTIONS)
     max_length: Optional[int] = _help("cut each example to this many tokens (image tokens always survive)",
                                       default=None)
+    curriculum_steps: int = _help("for the first N optimizer steps, draw only from the shortest captions "
+                                  "(--curriculum-fraction of the data), then from everything; 0: off",
+                                  default=0)
+    curriculum_fraction: float = _help("share of the training examples, fewest caption words first, that the "
+                                       "curriculum steps draw from", default=0.25)
     # -- what trains ----------------------------------------------------------------------------------------
     learning_rate: Optional[float] = _help("learning rate of the language model / LoRA weights (default: 1e-3 "
                                            "align, 2e-4 lora, 2e-5 full)", default=None)
@@ -120,6 +125,10 @@ class TrainConfig:
         if self.vision_lr is not None and not self.train_vision_tower:
             raise ValueError(f"vision_lr={self.vision_lr} is set but the vision tower is frozen; add "
                              "train_vision_tower=True (--train-vision-tower) or drop vision_lr.")
+        if self.curriculum_steps < 0:
+            raise ValueError(f"curriculum_steps must be >= 0, got {self.curriculum_steps}.")
+        if not 0 < self.curriculum_fraction <= 1:
+            raise ValueError(f"curriculum_fraction must be in (0, 1], got {self.curriculum_fraction}.")
         if isinstance(self.instructions, str):
             self.instructions = (self.instructions,)
         self.instructions = tuple(self.instructions)

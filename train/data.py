@@ -181,6 +181,19 @@ class CaptionDataset(Dataset):
         options.update(kwargs)
         return CaptionDataset(self.records, **options)
 
+    def caption_words(self) -> list:
+        """Words in each example's caption (for a conversation, in its assistant turns), in dataset order,
+        without loading any image: what `ShortCaptionsFirstSampler` sorts by."""
+        counts = []
+        for r, c in self._examples:
+            record = self.records[r]
+            if c >= 0:
+                counts.append(len(record.captions[c].split()))
+            else:
+                counts.append(sum(len(str(turn.get("content", "")).split()) for turn in record.conversation
+                                  if turn.get("role") == "assistant"))
+        return counts
+
     def instruction_for(self, index: int) -> str:
         return random.Random(self.seed * 1_000_003 + index).choice(self.instructions)
 

@@ -156,6 +156,8 @@ def build_trainer(config: TrainConfig, model=None, processor=None, train_dataset
         callbacks=callbacks,
         projector_lr=config.projector_lr,
         vision_lr=config.vision_lr,
+        curriculum_steps=config.curriculum_steps,
+        curriculum_fraction=config.curriculum_fraction,
     )
     trainer.mqwen_config = config
     trainer.mqwen_processor = processor

@@ -15,6 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from mqwen.modeling_mqwen import scored_positions
 
+from .curriculum import ShortCaptionsFirstSampler
 from .data import SkipReport
 from .distributed import enable_fsdp_on_cpu
 from .stages import part_param_groups
@@ -34,11 +35,27 @@ class CaptionTrainer(Trainer):
             the optimizer.
     """
 
-    def __init__(self, *args, projector_lr=None, vision_lr=None, **kwargs):
+    def __init__(self, *args, projector_lr=None, vision_lr=None, curriculum_steps=0, curriculum_fraction=0.25,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
         self.vision_lr = vision_lr
+        self.curriculum_steps = curriculum_steps
+        self.curriculum_fraction = curriculum_fraction
         self.skip_report = SkipReport()
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Short captions first for `curriculum_steps` steps (`curriculum.py`), else the stock sampler."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not self.curriculum_steps:
+            return super()._get_train_sampler(train_dataset)
+        if not hasattr(dataset, "caption_words"):
+            raise ValueError(f"curriculum_steps needs a CaptionDataset (one that can count caption words without "
+                             f"loading images); got {type(dataset).__name__}.")
+        global_batch = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+                        * self.args.world_size)
+        return ShortCaptionsFirstSampler(dataset.caption_words(), self.curriculum_steps * global_batch,
+                                         self.curriculum_fraction, seed=self.args.seed)
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
