@@ -43,6 +43,9 @@ def parse_args(argv=None):
     parser.add_argument("--curriculum-steps", type=int,
                         help=f"train only on single-shape images for the first N steps (default: "
                              f"{DEFAULTS.curriculum_steps}; 0: off)")
+    parser.add_argument("--vision-warmup-steps", type=int,
+                        help=f"train the vision tower alone for the first N steps (default: "
+                             f"{DEFAULTS.vision_warmup_steps}; 0: off)")
     parser.add_argument("--max-train-minutes", type=float,
                         help="stop training after this many minutes even if --max-steps is not reached")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

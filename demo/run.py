@@ -38,6 +38,7 @@ class DemoSettings:
     seed: int = 0
     curriculum_steps: int = 0  # train/'s short-captions-first curriculum: single-shape images first
     curriculum_fraction: float = 1 / 3  # a third of the images show one shape
+    vision_warmup_steps: int = 0  # train/'s vision warm-up (see train/vision_warmup.py)
     other_test_size: int = 300  # the second test set, drawn by other_renderer.py
     eval_batch_size: int = 64
     max_new_tokens: int = 24
@@ -60,8 +61,9 @@ PLATEAU_LOSS = 0.25
 
 
 def plateau_exit_step(log_history, threshold=PLATEAU_LOSS):
-    """The first logged step whose training loss is under `threshold`, or None."""
-    return next((e["step"] for e in log_history if "loss" in e and e["loss"] < threshold), None)
+    """The first logged step whose caption loss is under `threshold` (vision warm-up steps aside), or None."""
+    return next((e["step"] for e in log_history if "loss" in e and not e.get("vision_warmup")
+                 and e["loss"] < threshold), None)
 
 
 def _atomic_write_json(path: Path, data):
@@ -113,6 +115,7 @@ def train_model(settings, model, processor, train_pairs, out_dir):
         seed=settings.seed,
         curriculum_steps=settings.curriculum_steps,
         curriculum_fraction=settings.curriculum_fraction,
+        vision_warmup_steps=settings.vision_warmup_steps,
         disable_tqdm=not settings.progress,
         dataloader_num_workers=settings.loader_workers,
         training_args={"save_strategy": "no"},
@@ -239,7 +242,8 @@ def run(settings: DemoSettings, log=print):
         "other_renderer": scores["other_renderer"]["metrics"],
         "reload": {"identical_captions": same, "images": len(truth), "model_class": reloaded["model_class"],
                    "pipeline_class": reloaded["pipeline_class"]},
-        "loss": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
+        "loss": [{"step": e["step"], "loss": e["loss"], "vision_warmup": bool(e.get("vision_warmup"))}
+                 for e in trainer.state.log_history if "loss" in e],
         "samples": [{"file": f, "predicted": p, "in_process": q, "true": t}
                     for f, p, q, t in zip(files, reloaded_captions, in_process, truth)],
         "files": {"model": str(model_dir), "captions_png": str(grid_path), "loss_png": str(loss_path),

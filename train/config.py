@@ -65,6 +65,9 @@ class TrainConfig:
                                   default=0)
     curriculum_fraction: float = _help("share of the training examples, fewest caption words first, that the "
                                        "curriculum steps draw from", default=0.25)
+    vision_warmup_steps: int = _help("for the first N optimizer steps, train only the vision tower, to name its "
+                                     "caption's words through a temporary head (for a vision tower trained "
+                                     "from scratch; see train/vision_warmup.py); 0: off", default=0)
     # -- what trains ----------------------------------------------------------------------------------------
     learning_rate: Optional[float] = _help("learning rate of the language model / LoRA weights (default: 1e-3 "
                                            "align, 2e-4 lora, 2e-5 full)", default=None)
@@ -125,10 +128,14 @@ class TrainConfig:
         if self.vision_lr is not None and not self.train_vision_tower:
             raise ValueError(f"vision_lr={self.vision_lr} is set but the vision tower is frozen; add "
                              "train_vision_tower=True (--train-vision-tower) or drop vision_lr.")
-        if self.curriculum_steps < 0:
-            raise ValueError(f"curriculum_steps must be >= 0, got {self.curriculum_steps}.")
+        if self.curriculum_steps < 0 or self.vision_warmup_steps < 0:
+            raise ValueError("curriculum_steps and vision_warmup_steps must be >= 0, got "
+                             f"{self.curriculum_steps} and {self.vision_warmup_steps}.")
         if not 0 < self.curriculum_fraction <= 1:
             raise ValueError(f"curriculum_fraction must be in (0, 1], got {self.curriculum_fraction}.")
+        if self.vision_warmup_steps and not (self.train_vision_tower and self.stage == "full"):
+            raise ValueError("vision_warmup_steps trains the vision tower: it needs stage='full' and "
+                             "train_vision_tower=True (--stage full --train-vision-tower).")
         if isinstance(self.instructions, str):
             self.instructions = (self.instructions,)
         self.instructions = tuple(self.instructions)

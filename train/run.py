@@ -158,6 +158,7 @@ def build_trainer(config: TrainConfig, model=None, processor=None, train_dataset
         vision_lr=config.vision_lr,
         curriculum_steps=config.curriculum_steps,
         curriculum_fraction=config.curriculum_fraction,
+        vision_warmup_steps=config.vision_warmup_steps,
     )
     trainer.mqwen_config = config
     trainer.mqwen_processor = processor

@@ -19,6 +19,7 @@ from .curriculum import ShortCaptionsFirstSampler
 from .data import SkipReport
 from .distributed import enable_fsdp_on_cpu
 from .stages import part_param_groups
+from .vision_warmup import VisionWarmup
 
 
 # Where checkpoints are written before they are complete (a dot folder: never matched as `checkpoint-N`).
@@ -33,16 +34,24 @@ class CaptionTrainer(Trainer):
         vision_lr: learning rate of the `vision_tower` parameters, when they train. Both default to
             `args.learning_rate`, which the language model uses. Only parameters with `requires_grad` reach
             the optimizer.
+        curriculum_steps, curriculum_fraction: the first steps draw from the shortest captions only
+            (`curriculum.py`);
+        vision_warmup_steps: the first steps train the vision tower alone (`vision_warmup.py`).
     """
 
     def __init__(self, *args, projector_lr=None, vision_lr=None, curriculum_steps=0, curriculum_fraction=0.25,
-                 **kwargs):
+                 vision_warmup_steps=0, **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
         self.vision_lr = vision_lr
         self.curriculum_steps = curriculum_steps
         self.curriculum_fraction = curriculum_fraction
+        self.vision_warmup_steps = vision_warmup_steps
+        self.vision_warmup = None  # built with the optimizer, whose parameter groups hold its head
         self.skip_report = SkipReport()
+
+    def _in_vision_warmup(self, model) -> bool:
+        return model.training and self.state.global_step < self.vision_warmup_steps
 
     def _get_train_sampler(self, train_dataset=None):
         """Short captions first for `curriculum_steps` steps (`curriculum.py`), else the stock sampler."""
@@ -76,8 +85,21 @@ class CaptionTrainer(Trainer):
                 projector_lr=self.projector_lr,
                 vision_lr=self.vision_lr,
             )
+            if self.vision_warmup_steps:
+                groups.append(self._vision_warmup_group(opt_model))
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return super().create_optimizer() if model is None else super().create_optimizer(model)
+
+    def _vision_warmup_group(self, model) -> dict:
+        """The warm-up head's parameter group (`vision_warmup.py`); the head lives outside the model."""
+        if self.args.world_size > 1:
+            raise ValueError("vision_warmup_steps runs in a single process (its head is not part of the model that "
+                             "DDP/FSDP/DeepSpeed synchronise); warm the vision tower up in one process first.")
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        self.vision_warmup = VisionWarmup(self.accelerator.unwrap_model(model),
+                                          ignored_ids=getattr(tokenizer, "all_special_ids", ()))
+        return {"params": list(self.vision_warmup.head.parameters()), "weight_decay": 0.0,
+                "lr": self.vision_lr or self.args.learning_rate}
 
     def _save_checkpoint(self, model, trial, *args, **kwargs):
         """The stock checkpoint, written under `OUTPUT_DIR/STAGING_DIR` and renamed into place once complete.
@@ -126,6 +148,10 @@ class CaptionTrainer(Trainer):
         # even when images load in DataLoader workers.
         inputs = dict(inputs)
         self.skip_report.update(inputs.pop("skipped", None))
+        if self._in_vision_warmup(model):  # the vision tower alone, on its caption's words
+            loss = self.vision_warmup.loss(inputs["pixel_values"], inputs["labels"])
+            return_outputs = kwargs.get("return_outputs", args[0] if args else False)
+            return (loss, None) if return_outputs else loss
         unwrapped = self.accelerator.unwrap_model(model)  # PEFT models pass the attribute lookup through
         if model.training and "labels" in inputs and "logits_to_keep" not in inputs and getattr(
             unwrapped, "loss_from_kept_logits", False
@@ -136,6 +162,8 @@ class CaptionTrainer(Trainer):
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     def log(self, logs, *args, **kwargs):
+        if "loss" in logs and self.state.global_step <= self.vision_warmup_steps:
+            logs = {**logs, "vision_warmup": 1}  # this loss is the warm-up's, not the caption loss
         if len(self.skip_report):
             logs = {**logs, "skipped_images": len(self.skip_report)}
         return super().log(logs, *args, **kwargs)
