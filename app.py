@@ -7,13 +7,14 @@ arguments, so the model comes from the `MQWEN_MODEL` variable and the address fr
 `GRADIO_SERVER_PORT` variables that Spaces set.
 
 Why it is built this way:
-- The model is loaded once, with `trust_remote_code=True`, through the Auto classes: the page needs only
-  transformers, torch and gradio, never this repository's package, so a Space runs it from a bare checkpoint.
+- The page is only the page: loading and captioning are the shared runtime's (`runtime.py`, next to this file:
+  the Auto classes with `trust_remote_code=True`). Both files need only transformers, torch and gradio, never
+  the rest of this repository, so a Space holding `app.py` and `runtime.py` runs from a bare checkpoint.
 - One request generates at a time (`demo.queue(default_concurrency_limit=1)`); other visitors wait in the queue
   instead of sharing the CPU or GPU with it.
-- Each caption streams through `TextIteratorStreamer` (generation runs in a worker thread); the text shown
-  when an image is done is decoded from the ids `generate` returned, exactly as `processor.decode_captions`
-  does, so the page shows the model's own output and not a re-assembly of streamed pieces.
+- Each caption streams (`runtime.stream_caption`: `TextIteratorStreamer`, generation in a worker thread); the
+  text shown when an image is done is decoded from the ids `generate` returned, exactly as
+  `processor.decode_captions` does, so the page shows the model's own output, not a re-assembly of pieces.
 - Every input problem (a file that is not an image, an image too large, an empty prompt, too many images)
   becomes a readable message in the status box and an error pop-up; the handler never lets it take the
   server down.
@@ -22,6 +23,8 @@ Why it is built this way:
 import argparse
 import base64
 import html
+import importlib
+import importlib.util
 import io
 import os
 import sys
@@ -43,7 +46,7 @@ DEFAULT_MAX_IMAGES = 16
 MAX_PROMPT_CHARS = 2000
 
 EPILOG = """examples:
-  python -m convert tiny /tmp/mqwen-tiny && python app.py --model /tmp/mqwen-tiny
+  mqwen-convert tiny /tmp/mqwen-tiny && python app.py --model /tmp/mqwen-tiny
   python -m mqwen.demo && python app.py          # train the shapes model, then serve it (the default)
   python app.py --model mqwen-shapes-demo/model --port 8080
   python app.py --model user/mqwen-checkpoint --device cuda --dtype bfloat16
@@ -57,7 +60,7 @@ The shapes demo's trained model is not there yet (looked in: {looked}). Ways to 
   - train it (about 10 minutes on 2 CPU cores), then run this again from the same folder:
         python -m mqwen.demo && python app.py
   - a tiny random checkpoint, to try the page out (its captions are gibberish):
-        python -m convert tiny /tmp/mqwen-tiny && python app.py --model /tmp/mqwen-tiny
+        mqwen-convert tiny /tmp/mqwen-tiny && python app.py --model /tmp/mqwen-tiny
   - a published MQwen checkpoint on the Hub:  python app.py --model USER/REPO"""
 
 
@@ -70,26 +73,21 @@ class InputProblem(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def resolve_device(device: str) -> str:
-    import torch
+def _load_runtime():
+    """The shared inference runtime, `runtime.py` beside this file.
 
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    As part of the installed package this is `mqwen.runtime`; run as a script (`python app.py`, a Space, a test
+    loading this file) it is read from its path, so a Space needs only `app.py` and `runtime.py`.
+    """
+    if __package__:
+        return importlib.import_module(".runtime", __package__)
+    spec = importlib.util.spec_from_file_location("mqwen_runtime", HERE / "runtime.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def resolve_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+runtime = _load_runtime()
 
 
 class Captioner:
@@ -102,16 +100,11 @@ class Captioner:
         self._lock = threading.Lock()  # the queue already serialises requests; this also guards direct use
 
     @classmethod
-    def load(cls, name_or_path, device="auto", dtype="auto"):
-        """Load a checkpoint folder or Hub repo once (remote code: only transformers and torch are needed)."""
-        from transformers import AutoModelForCausalLM, AutoProcessor
-
-        device = resolve_device(device)
-        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, trust_remote_code=True, dtype=resolve_dtype(dtype, device)
-        )
-        return cls(model.to(device), processor, device)
+    def load(cls, name_or_path: str, device: str = "auto", dtype: str = "auto") -> "Captioner":
+        """Load a checkpoint folder or Hub repo once (`runtime.load_for_inference`: remote code, one rule for
+        `auto` device and dtype)."""
+        model, processor = runtime.load_for_inference(name_or_path, device=device, dtype=dtype)
+        return cls(model, processor, str(model.device))
 
     @property
     def default_instruction(self) -> str:
@@ -121,65 +114,15 @@ class Captioner:
         configured = getattr(self.model.generation_config, "max_new_tokens", None)
         return int(configured) if configured else 64
 
-    def inputs(self, image, instruction):
-        batch = self.processor(images=image, text=instruction, return_tensors="pt")
-        batch = batch.to(self.device)
-        batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
-        return batch
-
     def stream(self, image, instruction, max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0):
-        """Caption one image, yielding `(text_so_far, None)` as tokens arrive and `(caption, n_new_tokens)` last.
-
-        The last caption is decoded from the ids `generate` returned (`processor.decode_captions`), so it is
-        exactly the model's output; the partial texts come from `TextIteratorStreamer`. If the consumer stops
-        early (the visitor left), generation stops at the next token instead of running to the end.
-        """
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        batch = self.inputs(image, instruction)
-        prompt_length = batch["input_ids"].shape[1]
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancelled = threading.Event()
-
-        class StopWhenCancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        settings = dict(
-            max_new_tokens=int(max_new_tokens),
-            do_sample=bool(do_sample),
-            streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
-        )
+        """Caption one image, yielding `(text_so_far, None)` as tokens arrive and `(caption, n_new_tokens)` last
+        (`runtime.stream_caption`)."""
+        settings = dict(do_sample=bool(do_sample))
         if do_sample:
             settings.update(temperature=float(temperature), top_p=float(top_p))
-        result = {}
-
-        def work():
-            try:
-                result["ids"] = self.model.generate(**batch, **settings)
-            except BaseException as error:  # re-raised in the request's thread below
-                result["error"] = error
-            finally:
-                streamer.end()  # unblocks the reader even when generate failed before streaming anything
-
-        with self._lock:
-            worker = threading.Thread(target=work, name="mqwen-generate", daemon=True)
-            worker.start()
-            try:
-                text = ""
-                for piece in streamer:
-                    if piece:
-                        text += piece
-                        yield text.strip(), None
-            finally:
-                cancelled.set()  # a no-op once generation has finished
-                worker.join()
-        if "error" in result:
-            raise result["error"]
-        ids = result["ids"]
-        yield self.processor.decode_captions(ids, prompt_length)[0], int(ids.shape[1] - prompt_length)
+        yield from runtime.stream_caption(
+            self.model, self.processor, image, instruction, max_new_tokens, lock=self._lock, **settings
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -475,8 +418,8 @@ def parse_args(argv=None):
                         help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
                         help="port (default: $GRADIO_SERVER_PORT or 7860)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES,
                         help="weights dtype (auto: bfloat16 on a GPU that has it, else float32)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="largest accepted image, in pixels (default: %(default)s)")
