@@ -126,6 +126,7 @@ def caption_images(
     prompt: str | None = None,
     max_new_tokens: int = 64,
     progress: bool | None = None,
+    total: int | None = None,
     **generate_kwargs: Any,
 ) -> Iterator[str]:
     """Caption `images` (any form the processor accepts), `batch_size` at a time; yields one caption per image,
@@ -134,13 +135,14 @@ def caption_images(
     `images` may be a generator: batches are drawn from it lazily. Generation is `model.generate` with the
     model's generation config (greedy for MQwen checkpoints) plus `generate_kwargs`; captions are decoded by
     `processor.decode_captions`. A tqdm bar is shown on stderr when `progress` is True, or, by default, when
-    `images` has a length and holds more than one batch.
+    `images` holds more than one batch (its length, or `total` for a generator).
     """
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    total = len(images) if hasattr(images, "__len__") else None
+    if total is None and hasattr(images, "__len__"):
+        total = len(images)
     if progress is None:
         progress = total is not None and total > batch_size
     iterator = iter(images)

@@ -92,7 +92,8 @@ def main(argv=None):
     from .contenders import build_all, check_same_logits
     from .figures import bandwidth_figure, caption_figure, decode_figure, random_photos, train_figure
     from .memory import memory_figures
-    from .report import load_average, machine_description, markdown_table, render, write_atomically
+    from ..convert.staging import write_atomically
+    from .report import load_average, machine_description, markdown_table, render
     from .shapes import pick
     from .timing import use_clock
 

@@ -26,19 +26,16 @@ def mqwen_latencies(model_dir, images, threads, max_new_tokens):
     import torch
     from PIL import Image
 
-    from mqwen import MQwenForCausalLM
-    from mqwen.processing_mqwen import MQwenProcessor
-    from mqwen.train.eval import generate_captions
+    from ..runtime import caption_images, load_for_inference
 
     torch.set_num_threads(threads)
-    model = MQwenForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = MQwenProcessor.from_pretrained(model_dir)
+    model, processor = load_for_inference(model_dir, device="cpu", dtype="float32")
     captions, seconds = {}, []
     with torch.no_grad():
         for path in images:
             image = Image.open(path).convert("RGB")
             start = time.perf_counter()
-            captions[path.name] = generate_captions(model, processor, [image], max_new_tokens=max_new_tokens)[0]
+            captions[path.name] = next(caption_images(model, processor, [image], max_new_tokens=max_new_tokens))
             seconds.append(time.perf_counter() - start)
     return {"captions": captions, "seconds_per_image": seconds}, processor.caption_prompt()
 

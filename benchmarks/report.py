@@ -146,16 +146,3 @@ def render(rows, machine: dict, settings: dict, notes, load_before: str, load_af
     return "\n".join(parts) + "\n"
 
 
-def write_atomically(path, text: str) -> Path:
-    """Write to a temporary file next to `path`, then rename over it: readers never see half a table."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

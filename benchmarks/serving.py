@@ -141,7 +141,8 @@ def main(argv=None):
     import vllm
 
     from .figures import random_photos
-    from .report import cpu_model, load_average, write_atomically
+    from ..convert.staging import write_atomically
+    from .report import cpu_model, load_average
     from .shapes import MID, QUICK
 
     # vLLM-CPU's attention takes head sizes 32, 64, 80, ...: QUICK's 64-wide LM gets 2 heads of 32.

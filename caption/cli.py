@@ -13,6 +13,8 @@ import re
 import sys
 from pathlib import Path
 
+from ..runtime import DTYPE_CHOICES, caption_images, load_for_inference, resolve_dtype
+
 EXAMPLES = """examples:
   mqwen-caption photo.jpg --model ./mqwen-shapes
   mqwen-caption photos/ more/*.png --model user/mqwen-7b --device cuda --dtype bf16 --batch-size 16
@@ -38,7 +40,6 @@ exit status:
   could not be loaded.
 """
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
 
 
@@ -67,12 +68,14 @@ def build_parser():
         "--vllm-args", type=_json_object, default={}, metavar="JSON",
         help="with --engine vllm: more keyword arguments for vllm.LLM, e.g. '{\"max_model_len\": 2048}'",
     )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto (cuda if available)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda, then mps, then cpu; the default), cpu, cuda, cuda:1, mps"
+    )
     parser.add_argument(
         "--dtype",
-        choices=("auto", *DTYPES),
+        choices=DTYPE_CHOICES,
         default="auto",
-        help="weights dtype; auto = bf16 (fp16 without bf16 support) on cuda, fp32 on cpu",
+        help="weights dtype; auto = bf16 on a GPU that has it, else fp32",
     )
     parser.add_argument("--jsonl", action="store_true", help="write one JSON object per image")
     parser.add_argument("--recursive", action="store_true", help="also look for images in sub-folders")
@@ -124,29 +127,6 @@ def collect_images(inputs, recursive=False):
     return images, missing
 
 
-def resolve_device_and_dtype(device, dtype):
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
-    if dtype == "auto":
-        if device == "cuda":
-            dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            dtype = "fp32"
-    return device, getattr(torch, DTYPES[dtype])
-
-
-def load(model_id, device, dtype):
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
-    model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
-    return model.to(device).eval(), processor
-
-
 def load_vllm(model_id, dtype, engine_args=None):
     """vLLM's offline engine on MQwen's own code (its Transformers backend), and the processor for prompts."""
     from transformers import AutoProcessor
@@ -190,15 +170,13 @@ def caption_batch_vllm(llm, processor, images, prompt, max_new_tokens):
 
 
 def caption_batch(model, processor, images, prompt, max_new_tokens):
-    import torch
-
-    inputs = processor(images=images, text=[prompt] * len(images) if prompt else None, return_tensors="pt")
-    inputs = inputs.to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    with torch.inference_mode():
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode_captions(generated, inputs["input_ids"].shape[1])
+    """Greedy captions from `model.generate` for one batch (the shared runtime's `caption_images`)."""
+    return list(
+        caption_images(
+            model, processor, images, len(images), prompt=prompt, max_new_tokens=max_new_tokens, progress=False,
+            do_sample=False,
+        )
+    )
 
 
 # Characters that would end a line for `str.splitlines` (or split a TSV field), and the escape character.
@@ -238,11 +216,11 @@ def main(argv=None):
 
     try:
         if args.engine == "vllm":
-            model, processor = load_vllm(args.model, DTYPES.get(args.dtype, "auto"), args.vllm_args)
+            vllm_dtype = "auto" if args.dtype == "auto" else str(resolve_dtype(args.dtype)).replace("torch.", "")
+            model, processor = load_vllm(args.model, vllm_dtype, args.vllm_args)
             caption = caption_batch_vllm
         else:
-            device, dtype = resolve_device_and_dtype(args.device, args.dtype)
-            model, processor = load(args.model, device, dtype)
+            model, processor = load_for_inference(args.model, args.device, args.dtype)
             caption = caption_batch
     except Exception as error:
         print(

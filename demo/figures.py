@@ -4,9 +4,10 @@ matplotlib runs with the non-interactive Agg backend, so the figures are written
 display. Files are written to a temporary name and renamed, so a PNG on disk is always complete.
 """
 
-import os
 import textwrap
 from pathlib import Path
+
+from ..convert.staging import staged_file
 
 
 def _pyplot():
@@ -19,12 +20,9 @@ def _pyplot():
 
 
 def _save(fig, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    with staged_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    return Path(path)
 
 
 def caption_grid(images, predicted, truth, path, columns=4, title=None):

@@ -51,9 +51,9 @@ QUICK = dict(preset="quick", train_size=64, validation_size=8, test_size=8, max_
 
 
 def _atomic_write_json(path: Path, data):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    from ..convert.staging import write_atomically
+
+    write_atomically(path, json.dumps(data, indent=2))
 
 
 def _progress_callbacks(max_minutes):

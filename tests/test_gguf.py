@@ -251,7 +251,7 @@ def caption_with_llama_cpp(python, lm, mmproj, prompt, images, tmp_path):
 def test_llama_cpp_captions_equal_mqwen_captions(trained, exports, mqwen_model, tmp_path):
     from PIL import Image
 
-    from mqwen.train.eval import generate_captions
+    from mqwen.runtime import caption_images
 
     python = llama_cpp_python()
     model, processor = mqwen_model
@@ -261,7 +261,7 @@ def test_llama_cpp_captions_equal_mqwen_captions(trained, exports, mqwen_model, 
     truth = [r["caption"] for r in records]
     assert len(images) == N_IMAGES
     with torch.no_grad():
-        ours = [generate_captions(model, processor, [Image.open(p).convert("RGB")], max_new_tokens=MAX_NEW_TOKENS)[0]
+        ours = [next(caption_images(model, processor, [Image.open(p).convert("RGB")], max_new_tokens=MAX_NEW_TOKENS))
                 for p in images]
     prompt = processor.caption_prompt().replace("<image>", "<__media__>")
     theirs = {t: caption_with_llama_cpp(python, *exports[t], prompt, images, tmp_path) for t in OUTTYPES}

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mqwen.train.eval import evaluate_captions, generate_captions, main
+from mqwen.runtime import caption_images
+from mqwen.train.cli import eval_main as main
+from mqwen.train.eval import evaluate_captions
 from mqwen.train.metrics import caption_scores, tokenize_caption
 
 CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
@@ -43,7 +45,7 @@ def test_cider_d_and_exact_match_of_perfect_captions():
 def test_evaluate_captions_batches_skips_and_scores(tiny, make_image, tmp_path):
     model, processor = tiny
     images = [make_image(seed, size=(56, 60)) for seed in range(5)]
-    single = [generate_captions(model, processor, [image], max_new_tokens=6)[0] for image in images]
+    single = [next(caption_images(model, processor, [image], max_new_tokens=6)) for image in images]
     # References equal to the model's own captions: every image is an exact match.
     data = [(image, caption or "empty") for image, caption in zip(images, single)]
     data.insert(2, (tmp_path / "missing.png", "never read"))

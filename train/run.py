@@ -18,6 +18,8 @@ from typing import Any, Optional
 import torch
 from transformers import TrainingArguments, set_seed
 
+from ..convert.staging import replace_folder, write_atomically
+from ..runtime import load_for_inference as load_trained  # noqa: F401  (train/'s name for the one loader)
 from .collator import CaptionCollator
 from .config import TrainConfig
 from .data import CaptionDataset, SkipReport, load_caption_dataset
@@ -189,7 +191,7 @@ def train(config: TrainConfig, model=None, processor=None, train_dataset=None, e
             "skipped_images": skipped.to_dict(),
             "config": config.to_dict(),
         }
-        _atomic_write_text(Path(config.output_dir) / "train_summary.json", json.dumps(summary, indent=2))
+        write_atomically(Path(config.output_dir) / "train_summary.json", json.dumps(summary, indent=2))
     return TrainResult(model_dir, output.metrics, skipped, trainer.state.log_history, trainer)
 
 
@@ -297,7 +299,7 @@ def save_final_model(trainer, config, out_dir=None) -> Path:
             _merge_saved_adapter(config, adapter_tmp, tmp, save)
             shutil.rmtree(adapter_tmp)
         trainer.mqwen_processor.save_pretrained(tmp)
-        _replace_dir(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     accelerator.wait_for_everyone()
     return out_dir
 
@@ -312,45 +314,3 @@ def _merge_saved_adapter(config, adapter_dir, out_dir, save_kwargs):
     base = MQwenForCausalLM.from_pretrained(str(config.model))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir, **save_kwargs)
-
-
-def _replace_dir(src: Path, dst: Path):
-    """Rename `src` to `dst`, replacing an existing `dst` only once the new one is complete."""
-    old = dst.with_name(f".{dst.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_trained(path, dtype=None, device=None):
-    """(model, processor) from a `train` output folder: a merged/full model, or a LoRA adapter folder
-    (`--keep-adapter`, whose base model is read from `adapter_config.json`)."""
-    from mqwen import MQwenForCausalLM, MQwenProcessor
-
-    path = Path(path)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    adapter_config = path / "adapter_config.json"
-    if adapter_config.is_file():
-        from peft import PeftModel
-
-        base_path = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-        if not base_path:
-            raise ValueError(f"{adapter_config} does not name its base model (base_model_name_or_path).")
-        base = MQwenForCausalLM.from_pretrained(base_path, **kwargs)
-        model = PeftModel.from_pretrained(base, str(path))
-    else:
-        model = MQwenForCausalLM.from_pretrained(str(path), **kwargs)
-    processor = MQwenProcessor.from_pretrained(str(path))
-    if device is not None:
-        model.to(device)
-    return model.eval(), processor

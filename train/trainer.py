@@ -81,10 +81,10 @@ class CaptionTrainer(Trainer):
             self._checkpoint_staging = None
         self.accelerator.wait_for_everyone()  # every process has written its part (optimizer shards, RNG state)
         if self.args.should_save:
-            from .run import _replace_dir
+            from ..convert.staging import replace_folder
 
             final = os.path.join(run_dir, name)
-            _replace_dir(Path(staging) / name, Path(final))
+            replace_folder(Path(staging) / name, Path(final))
             if self.state.best_model_checkpoint == os.path.join(staging, name):
                 self.state.best_model_checkpoint = final
             self._rotate_saved_checkpoints(run_dir)
