@@ -44,7 +44,7 @@ def main(argv=None):
     from .figures import _generate, random_photos
     from .shapes import pick
     from .timing import interleave, use_clock
-    from mqwen.convert.tiny import build_processor
+    from mqwen.convert.build import build_processor
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,7 +19,7 @@ import torch
 from transformers import GenerationConfig
 
 from mqwen import MQwenConfig, MQwenForCausalLM, MQwenVisionConfig
-from mqwen.convert.tiny import build_processor
+from mqwen.convert.build import build_processor
 from mqwen.convert.tokenizer import train_qwen_style_tokenizer, wrap_as_transformers_tokenizer
 from mqwen.processing_mqwen import CHAT_TEMPLATE
 

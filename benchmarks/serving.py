@@ -56,7 +56,7 @@ def build_model(shapes, folder, dtype):
     import torch
 
     from .contenders import build_mqwen, make_tokenizer
-    from mqwen.convert.tiny import build_processor
+    from mqwen.convert.build import build_processor
 
     tokenizer = make_tokenizer()
     model = build_mqwen(shapes, tokenizer).to(getattr(torch, dtype))

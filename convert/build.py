@@ -13,8 +13,9 @@ Order of work, chosen so that bad input fails before anything heavy runs and mem
    to --dtype, written and freed (`shards.write_sharded`), into a temporary folder renamed at the end.
 """
 
+from __future__ import annotations
+
 import logging
-import shlex
 from pathlib import Path
 
 import torch
@@ -192,8 +193,6 @@ def _load_text_side(source):
 
 def _processor(tokenizer, config, vision_weights):
     """MQwen's processor with the vision source's normalisation, resampling filter and resize mode."""
-    from .tiny import build_processor
-
     processor = build_processor(tokenizer, config.vision_config, config.image_seq_length)
     processor.chat_template = tokenizer.chat_template  # the LLM's own, image-aware (`_adopt_chat_template`)
     image_processor = processor.image_processor
@@ -245,27 +244,40 @@ def _save_metadata(folder, model, config, processor, generation_config):
     processor.save_pretrained(folder)  # tokenizer, chat template, image processor, processing_mqwen.py
 
 
-def _public(arg):
+def public_argument(arg: str) -> str:
     """A command-line argument fit for a public model card: absolute local paths shortened to their name."""
     path = Path(str(arg))
     return path.name if path.is_absolute() and path.exists() else str(arg)
 
 
-def main(args):
-    build(
-        args.llm,
-        args.vision,
-        args.out_dir,
-        dtype=args.dtype,
-        image_token_pooling=args.image_token_pooling,
-        projector=args.projector,
-        projector_type=args.projector_type,
-        overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle,
-        push_to_hub=args.push_to_hub,
-        private=args.private,
-        max_shard_size=args.max_shard_size,
-        seed=args.seed,
-        command="python -m convert " + " ".join(shlex.quote(_public(arg)) for arg in args.argv),
+def build_processor(tokenizer, vision_config, image_seq_length: int, caption_instruction: str | None = None):
+    """MQwen's processor: a CLIP image processor at the vision tower's size and normalisation, `tokenizer`
+    (given MQwen's ChatML template if it has none) and the caption instruction."""
+    from transformers import CLIPImageProcessor
+
+    from mqwen.processing_mqwen import CHAT_TEMPLATE, DEFAULT_CAPTION_INSTRUCTION, MQwenProcessor
+
+    size = vision_config.image_size
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(vision_config.image_mean),
+        image_std=list(vision_config.image_std),
     )
-    return 0
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return MQwenProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        image_seq_length=image_seq_length,
+        caption_instruction=caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
+    )
+
+
+def generation_defaults(tokenizer):
+    """Qwen2.5-Instruct's stopping behaviour: stop on <|im_end|> or <|endoftext|>, pad with <|endoftext|>."""
+    from transformers import GenerationConfig
+
+    stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    return GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, do_sample=False)

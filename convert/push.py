@@ -58,9 +58,3 @@ def push(folder, repo_id, private=False, revision=None, commit_message=None, api
             "fix the cause (network, `hf auth login` / HF_TOKEN, repo permissions) and run the same command again."
         ) from error
     return info.commit_url
-
-
-def main(args):
-    url = push(args.out_dir, args.repo_id, args.private, args.revision, args.commit_message)
-    print(url)
-    return 0

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import randomize
 
-from mqwen.convert.__main__ import main
+from mqwen.convert.cli import main
 from mqwen.convert.errors import ConvertError
 from mqwen.convert.tokenizer import QWEN_SPECIAL_TOKENS, train_qwen_style_tokenizer
 
@@ -384,7 +384,7 @@ def test_killed_build_leaves_no_out_dir(tmp_path, sources, how):
         f"    open({str(marker)!r}, 'w').close()\n"
         "    time.sleep(600)\n"
         "shards.write_safetensors = slow\n"
-        "from mqwen.convert.__main__ import main\n"
+        "from mqwen.convert.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     argv = ["build", "--llm", str(sources["root"] / "qwen"), "--vision", str(sources["root"] / "clip"), str(out),

@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_convert_build import load_built, make_hf_clip
 
-from mqwen.convert.__main__ import main
+from mqwen.convert.cli import main
 from mqwen.convert.errors import ConvertError
 
 # v1's pre-tokenizer regex and special tokens, as tokenization_qwen.py states them.
