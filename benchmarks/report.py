@@ -129,7 +129,7 @@ def render(rows, machine: dict, settings: dict, notes, load_before: str, load_af
     parts = [
         "# MQwen benchmark results",
         "",
-        f"`{' '.join(['python -m benchmarks', *sys.argv[1:]])}`, {when}, {elapsed_s / 60:.1f} min.",
+        f"`{' '.join(['mqwen-bench', *sys.argv[1:]])}`, {when}, {elapsed_s / 60:.1f} min.",
         "",
         "Machine: " + ", ".join(f"{key} {value}" for key, value in machine.items()) + ".",
         f"Load average (1 / 5 / 15 min) before: {load_before}; after: {load_after}.",

@@ -11,7 +11,7 @@ import statistics
 import pytest
 import torch
 
-from mqwen.benchmarks import __main__ as cli
+from mqwen.benchmarks import cli
 from mqwen.benchmarks.contenders import build_all, check_same_logits
 from mqwen.benchmarks.figures import random_photos
 from mqwen.benchmarks.report import Row, markdown_table
