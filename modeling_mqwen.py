@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 from transformers.utils import can_return_tuple, logging
 
@@ -39,11 +40,6 @@ try:  # transformers >= 5: init helpers that skip tensors already loaded from a 
     from transformers import initialization as init
 except ImportError:  # transformers 4.x tracks that per module and calls _init_weights only where needed
     from torch.nn import init
-
-try:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-except ImportError:  # pragma: no cover - very old transformers
-    GradientCheckpointingLayer = nn.Module
 
 from .configuration_mqwen import MQwenConfig, MQwenVisionConfig
 
