@@ -216,8 +216,16 @@ class CaptionDataset(Dataset):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_caption_dataset(spec, image_root=None, image_column=None, caption_column=None, split=None,
-                         instructions=CAPTION_INSTRUCTIONS, seed=0, resample_bad=True) -> CaptionDataset:
+def load_caption_dataset(
+    spec: Any,
+    image_root: Optional[str] = None,
+    image_column: Optional[str] = None,
+    caption_column: Optional[str] = None,
+    split: Optional[str] = None,
+    instructions: tuple = CAPTION_INSTRUCTIONS,
+    seed: int = 0,
+    resample_bad: bool = True,
+) -> CaptionDataset:
     """Read caption data from any supported source (see the module docstring) into a `CaptionDataset`.
 
     Args:
@@ -247,51 +255,57 @@ def load_caption_dataset(spec, image_root=None, image_column=None, caption_colum
     if text.startswith(HF_PREFIX):
         import datasets
 
-        name = text[len(HF_PREFIX):]
-        dataset = datasets.load_dataset(name, split=split or "train")
+        dataset = datasets.load_dataset(text[len(HF_PREFIX) :], split=split or "train")
         return _from_hf(dataset, image_root, image_column, caption_column, None, options, source=text)
     path = Path(text).expanduser()
     if path.is_dir():
-        if any((path / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            import datasets
-
-            dataset = datasets.load_from_disk(str(path))
-            return _from_hf(dataset, image_root or path, image_column, caption_column, split, options,
-                            source=str(path))
-        raise ValueError(
-            f"{str(path)!r} is a folder but not a `datasets.save_to_disk` folder. Pass the annotation file "
-            "instead (COCO/LLaVA .json, .jsonl, .csv) and the image folder with --image-root."
-        )
+        return _from_saved_dataset(path, image_root, image_column, caption_column, split, options)
     if not path.is_file():
         raise FileNotFoundError(
             f"Data {text!r} not found. Pass a COCO or LLaVA .json, a .jsonl/.csv/.tsv, a datasets folder, or a "
             "Hub dataset as 'hf://owner/name'."
         )
     root = Path(image_root) if image_root is not None else path.parent
+    records, dropped = _records_from_file(path, root, image_column, caption_column)
+    return CaptionDataset(records, source=str(path), dropped=dropped, **options)
+
+
+def _from_saved_dataset(path: Path, image_root, image_column, caption_column, split, options) -> CaptionDataset:
+    """A `datasets.save_to_disk` folder; any other folder is an error that says what to pass instead."""
+    if not any((path / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        raise ValueError(
+            f"{str(path)!r} is a folder but not a `datasets.save_to_disk` folder. Pass the annotation file "
+            "instead (COCO/LLaVA .json, .jsonl, .csv) and the image folder with --image-root."
+        )
+    import datasets
+
+    dataset = datasets.load_from_disk(str(path))
+    return _from_hf(dataset, image_root or path, image_column, caption_column, split, options, source=str(path))
+
+
+def _records_from_file(path: Path, root: Path, image_column, caption_column) -> tuple:
+    """(records, dropped) from an annotation file, by its suffix and, for .json, its shape (COCO, LLaVA, rows)."""
     suffix = path.suffix.lower()
     if suffix == ".json":
         content = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(content, dict) and "annotations" in content and "images" in content:
-            records, dropped = _from_coco(content, root)
-        elif isinstance(content, list) and content and isinstance(content[0], dict) and "conversations" in content[0]:
-            records, dropped = _from_llava(content, root)
-        elif isinstance(content, list):
-            records, dropped = _from_rows(content, root, image_column, caption_column, str(path))
-        else:
-            raise ValueError(
-                f"{str(path)!r} is neither COCO captions JSON (with 'images' and 'annotations'), LLaVA JSON "
-                "(a list of entries with 'conversations'), nor a list of {image, caption} rows."
-            )
-    elif suffix == ".jsonl":
+            return _from_coco(content, root)
+        if isinstance(content, list) and content and isinstance(content[0], dict) and "conversations" in content[0]:
+            return _from_llava(content, root)
+        if isinstance(content, list):
+            return _from_rows(content, root, image_column, caption_column, str(path))
+        raise ValueError(
+            f"{str(path)!r} is neither COCO captions JSON (with 'images' and 'annotations'), LLaVA JSON "
+            "(a list of entries with 'conversations'), nor a list of {image, caption} rows."
+        )
+    if suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        records, dropped = _from_rows(rows, root, image_column, caption_column, str(path))
-    elif suffix in (".csv", ".tsv"):
+        return _from_rows(rows, root, image_column, caption_column, str(path))
+    if suffix in (".csv", ".tsv"):
         with path.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
-        records, dropped = _from_rows(rows, root, image_column, caption_column, str(path))
-    else:
-        raise ValueError(f"Unsupported data file {str(path)!r}: use .json (COCO or LLaVA), .jsonl, .csv or .tsv.")
-    return CaptionDataset(records, source=str(path), dropped=dropped, **options)
+        return _from_rows(rows, root, image_column, caption_column, str(path))
+    raise ValueError(f"Unsupported data file {str(path)!r}: use .json (COCO or LLaVA), .jsonl, .csv or .tsv.")
 
 
 def _resolve(image, root):
