@@ -1,11 +1,11 @@
-"""`python -m benchmarks.gguf`: caption latency on CPU, llama.cpp (f16, q8_0) against MQwen in torch fp32.
+"""`python -m mqwen.benchmarks.gguf`: caption latency on CPU, llama.cpp (f16, q8_0) against MQwen in torch fp32.
 
 Same model, same images, same prompt, greedy, one image at a time, the same number of CPU threads for both.
-The model is exported with `python -m convert gguf` at each outtype; llama.cpp runs through
+The model is exported with `mqwen-convert gguf` at each outtype; llama.cpp runs through
 llama-cpp-python (built by scripts/build_llama_cpp.sh) in its own process, timed per image after loading.
 Writes benchmarks/RESULTS-gguf.md and RESULTS-gguf.json.
 
-    python -m benchmarks.gguf MODEL_DIR IMAGES_DIR --llama-cpp-python ~/.cache/mqwen-ci/llama-cpp-python-0.3.36-cls-first/bin/python
+    python -m mqwen.benchmarks.gguf MODEL_DIR IMAGES_DIR --llama-cpp-python ~/.cache/mqwen-ci/llama-cpp-python-0.3.36-cls-first/bin/python
 """
 
 import argparse
@@ -41,7 +41,7 @@ def mqwen_latencies(model_dir, images, threads, max_new_tokens):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gguf", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m mqwen.benchmarks.gguf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir")
     parser.add_argument("images_dir", help="a folder of images (captions.jsonl beside them adds exact match)")

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.input_checks`: what MQwen's input checks cost next to the forward they guard.
+"""`python -m mqwen.benchmarks.input_checks`: what MQwen's input checks cost next to the forward they guard.
 
 `MQwenModel._check_inputs` runs at the top of every forward: types, dtypes and shapes always; token-id ranges
 on the CPU; one min/max pass over the pixels when images are given. This times the checks alone and the whole
@@ -13,8 +13,8 @@ import time
 import torch
 
 EXAMPLES = """examples:
-  python -m benchmarks.input_checks                 # batch 8, 2 images of 224 px for the prefill
-  python -m benchmarks.input_checks --repeats 2000 --batch 1
+  python -m mqwen.benchmarks.input_checks                 # batch 8, 2 images of 224 px for the prefill
+  python -m mqwen.benchmarks.input_checks --repeats 2000 --batch 1
 """
 
 
@@ -32,7 +32,7 @@ def timed(fn, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.input_checks", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m mqwen.benchmarks.input_checks", description=__doc__.split("\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8, help="samples per forward (default 8)")
     parser.add_argument("--repeats", type=int, default=300, help="timed calls per case (default 300)")

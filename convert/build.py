@@ -1,4 +1,4 @@
-"""`python -m convert build`: assemble a Hub-ready MQwen folder from a pretrained LLM and a CLIP vision tower.
+"""`mqwen-convert build`: assemble a Hub-ready MQwen folder from a pretrained LLM and a CLIP vision tower.
 
 Order of work, chosen so that bad input fails before anything heavy runs and memory stays near one tensor:
 

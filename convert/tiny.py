@@ -1,4 +1,4 @@
-"""`python -m convert tiny OUT_DIR`: a complete, random, tiny, Hub-ready MQwen checkpoint in seconds.
+"""`mqwen-convert tiny OUT_DIR`: a complete, random, tiny, Hub-ready MQwen checkpoint in seconds.
 
 Tests and examples use it; it has every file a published MQwen has (config with auto_map, safetensors,
 tokenizer with Qwen's special tokens and `<image>`, processor config, chat template, the three code files).

@@ -21,7 +21,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, tiny):
-    """The same tiny model saved as a Hub-ready folder (the `python -m convert tiny` layout)."""
+    """The same tiny model saved as a Hub-ready folder (the `mqwen-convert tiny` layout)."""
     from mqwen.convert.tiny import save_checkpoint
 
     model, processor = tiny

@@ -1,4 +1,4 @@
-"""`python -m convert build` and `push`: a small sharded Qwen2 + small CLIP towers, written by their libraries.
+"""`mqwen-convert build` and `push`: a small sharded Qwen2 + small CLIP towers, written by their libraries.
 
 The built folder must load with trust_remote_code and agree with the sources: text-only logits equal
 Qwen2ForCausalLM's, the vision tower equals CLIP's, the tokenizer gains exactly `<image>`.

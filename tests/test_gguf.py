@@ -1,4 +1,4 @@
-"""GGUF export (`python -m convert gguf`) for llama.cpp.
+"""GGUF export (`mqwen-convert gguf`) for llama.cpp.
 
 - Without llama.cpp: the files' metadata and tensors read back (gguf.GGUFReader) equal the checkpoint's; the
   language model GGUF loaded by transformers' own GGUF reader gives the checkpoint's logits; bad input and

@@ -1,4 +1,4 @@
-"""`python -m convert build --llm QWEN_V1_DIR`: the original Qwen (v1) converted losslessly to transformers' Qwen2.
+"""`mqwen-convert build --llm QWEN_V1_DIR`: the original Qwen (v1) converted losslessly to transformers' Qwen2.
 
 The reference is written here, independently of v1's code (which is not ours): a small forward pass over
 v1-layout weights (RMSNorm, rotate-half rotary embeddings, fused q/k/v with bias, the SiLU-gated MLP

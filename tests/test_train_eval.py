@@ -1,4 +1,4 @@
-"""train/: caption metrics, batched evaluation, `python -m train.eval`, accelerate configs."""
+"""train/: caption metrics, batched evaluation, `mqwen-eval`, accelerate configs."""
 
 import json
 from pathlib import Path

@@ -222,7 +222,7 @@ def test_fsdp_lora_saves_adapter_and_projector_and_merges(setup, tiny_dir, make_
 
 
 def test_deepspeed_zero3_full_stage_equals_one_process(setup, full_runs):
-    """DeepSpeed's CPU accelerator (gloo) runs ZeRO-3 here: `torchrun -m train --deepspeed
+    """DeepSpeed's CPU accelerator (gloo) runs ZeRO-3 here: `torchrun -m mqwen.train --deepspeed
     train/configs/deepspeed_zero3.json`. The first run on a machine compiles DeepSpeed's shared-memory
     communication op (cached in the environment's folder, see `setup`)."""
     if importlib.util.find_spec("deepspeed") is None:

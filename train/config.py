@@ -1,6 +1,6 @@
 """`TrainConfig`: every setting of a caption fine-tuning run, in one dataclass.
 
-The CLI (`python -m train`) is generated from these fields, so the programmatic API and the command line
+The CLI (`mqwen-train`) is generated from these fields, so the programmatic API and the command line
 can never drift apart: `--projector-lr 1e-4` is `TrainConfig(projector_lr=1e-4)`.
 """
 
@@ -36,7 +36,7 @@ def _help(text, **kwargs):
 
 @dataclass
 class TrainConfig:
-    """Settings of one caption fine-tuning run (see `python -m train --help` for the same list)."""
+    """Settings of one caption fine-tuning run (see `mqwen-train --help` for the same list)."""
 
     # -- what -----------------------------------------------------------------------------------------------
     model: Any = _help("MQwen folder or Hub repo id to start from (or an MQwenForCausalLM object, in Python)",

@@ -1,6 +1,6 @@
 """One training run: load model and data, build the Trainer, train, save the final model.
 
-`train(config)` is what `python -m train` calls; `build_trainer(config)` stops before training, for callers
+`train(config)` is what `mqwen-train` calls; `build_trainer(config)` stops before training, for callers
 that want to add callbacks or inspect the optimizer. Both run unchanged under `torchrun` and
 `accelerate launch`: the Trainer reads the distributed environment itself.
 """

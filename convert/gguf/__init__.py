@@ -1,4 +1,4 @@
-"""`python -m convert gguf`: export a saved MQwen model for llama.cpp (and the tools built on it).
+"""`mqwen-convert gguf`: export a saved MQwen model for llama.cpp (and the tools built on it).
 
 llama.cpp's multimodal library (libmtmd) loads two files, which this writes into OUT_DIR:
 

@@ -20,7 +20,7 @@ class MQwenFolder:
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise ConvertError(f"{self.path} is not an MQwen model folder: it has no config.json. Pass the folder "
-                               "that `save_pretrained` (or `python -m convert build`) wrote.")
+                               "that `save_pretrained` (or `mqwen-convert build`) wrote.")
         model_type = json.loads(config_file.read_text()).get("model_type")
         if model_type != "mqwen":
             raise ConvertError(f"{config_file} has model_type {model_type!r}, not 'mqwen': only MQwen models "
