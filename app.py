@@ -166,13 +166,15 @@ def open_image(path, max_pixels=DEFAULT_MAX_PIXELS):
     except InputProblem:
         raise
     except Image.DecompressionBombError as error:
-        raise InputProblem(f"{name} is too large to open safely ({error}). Downscale it and upload it again.")
+        raise InputProblem(
+            f"{name} is too large to open safely ({error}). Downscale it and upload it again."
+        ) from error
     except UnidentifiedImageError:
         raise InputProblem(
             f"{name} is not an image file this demo can read. Upload PNG, JPEG, WebP, GIF, BMP or TIFF images."
-        )
+        ) from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise InputProblem(f"{name} could not be read as an image ({error}). Is the file complete?")
+        raise InputProblem(f"{name} could not be read as an image ({error}). Is the file complete?") from error
 
 
 def check_request(paths, instruction, max_images=DEFAULT_MAX_IMAGES):
@@ -302,7 +304,7 @@ def caption_handler(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT
         for index, (name, image) in enumerate(images):
             status = f"Captioning {markdown_text(name)} ({index + 1} of {len(images)})..."
             try:
-                for text, new_tokens in captioner.stream(
+                for text, new_tokens in captioner.stream(  # noqa: B007  (the last pair's count is kept)
                     image, instruction, max_new_tokens, do_sample, temperature, top_p
                 ):
                     rows[index][2] = text
@@ -322,8 +324,9 @@ def caption_handler(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT
     return caption
 
 
-def build_demo(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT_MAX_IMAGES, examples_dir=EXAMPLES_DIR,
-               model_name=""):
+def build_demo(
+    captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT_MAX_IMAGES, examples_dir=EXAMPLES_DIR, model_name=""
+):
     """The Gradio Blocks page around a loaded `Captioner` (call `.queue()` on it before launching)."""
     import gradio as gr
 
@@ -346,12 +349,20 @@ def build_demo(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT_MAX_
                     elem_id="images",
                 )
                 prompt = gr.Textbox(
-                    label="Prompt", value=default_instruction, lines=1, max_lines=4, elem_id="prompt",
+                    label="Prompt",
+                    value=default_instruction,
+                    lines=1,
+                    max_lines=4,
+                    elem_id="prompt",
                     info="What the model is asked about each image.",
                 )
                 with gr.Accordion("Generation settings", open=False):
                     max_new_tokens = gr.Slider(
-                        1, 512, value=captioner.max_new_tokens_default(), step=1, label="Max new tokens",
+                        1,
+                        512,
+                        value=captioner.max_new_tokens_default(),
+                        step=1,
+                        label="Max new tokens",
                         elem_id="max-new-tokens",
                     )
                     do_sample = gr.Checkbox(value=False, label="Sample (off: greedy, the same caption every time)")
@@ -361,8 +372,9 @@ def build_demo(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT_MAX_
                     reset = gr.Button("Default prompt", variant="secondary")
                     run = gr.Button("Caption", variant="primary", elem_id="caption-button")
             with gr.Column(scale=1):
-                caption_box = gr.Textbox(label="Caption", lines=3, interactive=False, elem_id="caption",
-                                         buttons=["copy"])
+                caption_box = gr.Textbox(
+                    label="Caption", lines=3, interactive=False, elem_id="caption", buttons=["copy"]
+                )
                 status = gr.Markdown(elem_id="status")
                 table = gr.HTML(elem_id="table")
         rows, labels = example_sets(examples_dir)
@@ -411,23 +423,46 @@ def parse_args(argv=None):
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default=os.environ.get("MQWEN_MODEL"),
-                        help=f"checkpoint folder or Hub repo id (default: $MQWEN_MODEL, else the shapes demo's "
-                             f"model, {DEMO_OUT_DEFAULT}/model)")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                        help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1; 0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
-                        help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("MQWEN_MODEL"),
+        help=f"checkpoint folder or Hub repo id (default: $MQWEN_MODEL, else the shapes demo's "
+        f"model, {DEMO_OUT_DEFAULT}/model)",
+    )
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1; 0.0.0.0 for all)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+        help="port (default: $GRADIO_SERVER_PORT or 7860)",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES,
-                        help="weights dtype (auto: bfloat16 on a GPU that has it, else float32)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="largest accepted image, in pixels (default: %(default)s)")
-    parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
-                        help="most images per request (default: %(default)s)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=runtime.DTYPE_CHOICES,
+        help="weights dtype (auto: bfloat16 on a GPU that has it, else float32)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="largest accepted image, in pixels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-images", type=int, default=DEFAULT_MAX_IMAGES, help="most images per request (default: %(default)s)"
+    )
     parser.add_argument("--max-file-size", default="50mb", help="largest upload, e.g. 50mb (default: %(default)s)")
-    parser.add_argument("--queue-size", type=int, default=64,
-                        help="most requests waiting in the queue; later ones are told to retry (default: %(default)s)")
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=64,
+        help="most requests waiting in the queue; later ones are told to retry (default: %(default)s)",
+    )
     return parser.parse_args(argv)
 
 

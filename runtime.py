@@ -53,7 +53,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device {device!r} is not a device torch knows; use one of {', '.join(DEVICE_CHOICES)}")
+        raise ValueError(
+            f"device {device!r} is not a device torch knows; use one of {', '.join(DEVICE_CHOICES)}"
+        ) from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for but torch sees no CUDA device; use cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():

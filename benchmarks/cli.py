@@ -44,7 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the models run (default cpu)")
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="weights and activations (default fp32 on cpu, bf16 on cuda)"
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="weights and activations (default fp32 on cpu, bf16 on cuda)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (a smoke test)")
     parser.add_argument("--figures", nargs="+", choices=FIGURES, default=None, help="which figures (default all)")

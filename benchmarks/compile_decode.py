@@ -40,11 +40,12 @@ def main(argv=None):
     import torch
     from transformers import CompileConfig
 
+    from mqwen.convert.build import build_processor
+
     from .contenders import build_mqwen, greedy_config, make_tokenizer
     from .figures import _generate, random_photos
     from .shapes import pick
     from .timing import interleave, use_clock
-    from mqwen.convert.build import build_processor
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -32,8 +32,12 @@ def timed(fn, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mqwen.benchmarks.input_checks", description=__doc__.split("\n")[0],
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mqwen.benchmarks.input_checks",
+        description=__doc__.split("\n")[0],
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--batch", type=int, default=8, help="samples per forward (default 8)")
     parser.add_argument("--repeats", type=int, default=300, help="timed calls per case (default 300)")
     args = parser.parse_args(argv)
@@ -57,20 +61,35 @@ def main(argv=None):
     decode = dict(input_ids=prompt[:, -1:], attention_mask=torch.ones(batch, prompt.shape[1] + 1, dtype=torch.long))
     cases = {
         "decode step (1 token, cached)": (decode, {"past_key_values": cache}),
-        f"prefill, {batch} images of 224 px": (dict(input_ids=image_ids, pixel_values=pixels,
-                                                    attention_mask=torch.ones_like(image_ids)), {}),
-        "training step with labels": (dict(input_ids=image_ids, pixel_values=pixels, labels=image_ids.clone(),
-                                           attention_mask=torch.ones_like(image_ids)), {}),
+        f"prefill, {batch} images of 224 px": (
+            dict(input_ids=image_ids, pixel_values=pixels, attention_mask=torch.ones_like(image_ids)),
+            {},
+        ),
+        "training step with labels": (
+            dict(
+                input_ids=image_ids,
+                pixel_values=pixels,
+                labels=image_ids.clone(),
+                attention_mask=torch.ones_like(image_ids),
+            ),
+            {},
+        ),
     }
     print(f"tiny MQwen, batch {batch}, one thread, median CPU time of {args.repeats} calls (forward: a tenth as many)")
     print(f"| {'case':<34} | checks (us) | forward (ms) | share |")
     print(f"|{'-' * 36}|-------------|--------------|-------|")
     for name, (inputs, extra) in cases.items():
-        check_args = (inputs["input_ids"], inputs.get("pixel_values"), inputs.get("attention_mask"), None,
-                      inputs.get("labels"), extra)
-        checks = timed(lambda: model._check_inputs(*check_args), args.repeats)
+        check_args = (
+            inputs["input_ids"],
+            inputs.get("pixel_values"),
+            inputs.get("attention_mask"),
+            None,
+            inputs.get("labels"),
+            extra,
+        )
+        checks = timed(lambda check_args=check_args: model._check_inputs(*check_args), args.repeats)
 
-        def forward():
+        def forward(inputs=inputs, extra=extra):
             with torch.no_grad():
                 model(**inputs, **extra)
             if extra:

@@ -4,7 +4,6 @@ import datetime
 import os
 import platform
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,8 +72,7 @@ def _triple(stats: Stats) -> str:
 def markdown_table(rows) -> str:
     """min / **median** / max of each side, the ratio of medians (ours / reference) and the target."""
     lines = [
-        "| # | metric | MQwen | min / **median** / max | reference | min / **median** / max "
-        "| ratio | target | met |",
+        "| # | metric | MQwen | min / **median** / max | reference | min / **median** / max | ratio | target | met |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -144,5 +142,3 @@ def render(rows, machine: dict, settings: dict, notes, load_before: str, load_af
     if notes:
         parts += ["", "Notes:", ""] + [f"- {note}" for note in notes]
     return "\n".join(parts) + "\n"
-
-

@@ -57,15 +57,23 @@ def build_parser():
     parser.add_argument("--prompt", default=None, help="instruction instead of the model's default caption prompt")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="default: 64")
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=None, metavar="B",
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        metavar="B",
         help="images per batch (default: 8; with --engine vllm, 256)",
     )
     parser.add_argument(
-        "--engine", choices=("transformers", "vllm"), default="transformers",
+        "--engine",
+        choices=("transformers", "vllm"),
+        default="transformers",
         help="transformers: model.generate (default); vllm: vLLM's offline engine",
     )
     parser.add_argument(
-        "--vllm-args", type=_json_object, default={}, metavar="JSON",
+        "--vllm-args",
+        type=_json_object,
+        default={},
+        metavar="JSON",
         help="with --engine vllm: more keyword arguments for vllm.LLM, e.g. '{\"max_model_len\": 2048}'",
     )
     parser.add_argument(
@@ -173,7 +181,13 @@ def caption_batch(model, processor, images, prompt, max_new_tokens):
     """Greedy captions from `model.generate` for one batch (the shared runtime's `caption_images`)."""
     return list(
         caption_images(
-            model, processor, images, len(images), prompt=prompt, max_new_tokens=max_new_tokens, progress=False,
+            model,
+            processor,
+            images,
+            len(images),
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            progress=False,
             do_sample=False,
         )
     )

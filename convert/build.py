@@ -252,7 +252,9 @@ def _load_text_side(source):
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        return AutoConfig.from_pretrained(source.folder), forget_load_location(AutoTokenizer.from_pretrained(source.folder))
+        return AutoConfig.from_pretrained(source.folder), forget_load_location(
+            AutoTokenizer.from_pretrained(source.folder)
+        )
     except Exception as error:
         raise ConvertError(
             f"transformers could not load the LLM's config or tokenizer from {source.folder}: {error}"

@@ -65,8 +65,12 @@ def add_gguf_parser(sub):
     )
     gguf.add_argument("model_dir", metavar="MODEL_DIR", help="a saved MQwen model folder")
     gguf.add_argument("out_dir", metavar="OUT_DIR")
-    gguf.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default="f16",
-                      help="weight precision (default f16; q8_0 needs weight rows in multiples of 32)")
+    gguf.add_argument(
+        "--outtype",
+        choices=["f32", "f16", "q8_0"],
+        default="f16",
+        help="weight precision (default f16; q8_0 needs weight rows in multiples of 32)",
+    )
     gguf.add_argument("--name", help="file name stem (default: MODEL_DIR's name)")
     gguf.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR (once the export succeeds)")
     gguf.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -93,18 +97,25 @@ def parse_args(argv=None):
         epilog=BUILD_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    build.add_argument("--llm", required=True,
-                       help="Hub id or local folder of a transformers causal LM (or an original Qwen v1 checkpoint)")
+    build.add_argument(
+        "--llm",
+        required=True,
+        help="Hub id or local folder of a transformers causal LM (or an original Qwen v1 checkpoint)",
+    )
     build.add_argument("--vision", required=True, help="vision source (forms below)")
     build.add_argument("out_dir", metavar="OUT_DIR")
     build.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weight dtype (default: the LLM's own)")
     build.add_argument("--image-token-pooling", type=int, default=1, help="NxN average pooling of patch tokens")
     build.add_argument("--projector", metavar="FILE", help="projector weights to load instead of a fresh init")
-    build.add_argument("--projector-type", choices=["mlp2x_gelu", "linear"],
-                       help="projector architecture (default: mlp2x_gelu, or whatever --projector holds)")
+    build.add_argument(
+        "--projector-type",
+        choices=["mlp2x_gelu", "linear"],
+        help="projector architecture (default: mlp2x_gelu, or whatever --projector holds)",
+    )
     build.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR (once the build succeeds)")
-    build.add_argument("--allow-pickle", action="store_true",
-                       help="read .bin/.pt/.pth weights (with torch.load(weights_only=True))")
+    build.add_argument(
+        "--allow-pickle", action="store_true", help="read .bin/.pt/.pth weights (with torch.load(weights_only=True))"
+    )
     build.add_argument("--max-shard-size", default="5GB", help="largest output safetensors shard (default 5GB)")
     build.add_argument("--seed", type=int, default=0, help="seed of the fresh projector init")
     build.add_argument("--push-to-hub", metavar="REPO_ID", help="publish OUT_DIR to this Hub repo after the build")
@@ -171,7 +182,11 @@ def run_gguf(args: argparse.Namespace) -> int:
     from .gguf import export_gguf
 
     lm, mmproj = export_gguf(
-        args.model_dir, args.out_dir, args.outtype, overwrite=args.overwrite, name=args.name,
+        args.model_dir,
+        args.out_dir,
+        args.outtype,
+        overwrite=args.overwrite,
+        name=args.name,
         progress=not args.no_progress,
     )
     print(f"wrote {lm}\nwrote {mmproj}")

@@ -36,8 +36,15 @@ def run_elsewhere(command, cwd):
 
 
 def test_every_cli_has_a_console_script():
-    assert set(SCRIPTS) == {"mqwen-convert", "mqwen-train", "mqwen-eval", "mqwen-caption", "mqwen-bench",
-                            "mqwen-demo", "mqwen-app"}
+    assert set(SCRIPTS) == {
+        "mqwen-convert",
+        "mqwen-train",
+        "mqwen-eval",
+        "mqwen-caption",
+        "mqwen-bench",
+        "mqwen-demo",
+        "mqwen-app",
+    }
     for name, target in SCRIPTS.items():
         module, function = target.split(":")
         entry = getattr(importlib.import_module(module), function)
@@ -89,9 +96,21 @@ def test_the_wheel_holds_every_cli_and_the_runtime(tmp_path):
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, source / name)
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-         str(source)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if done.returncode and "No module named pip" in done.stderr:
         pytest.skip("pip is not installed in this environment")
@@ -109,9 +128,21 @@ def test_the_wheel_holds_every_cli_and_the_runtime(tmp_path):
         assert f"mqwen/{target.split(':')[0].replace('.', '/').removeprefix('mqwen/')}.py" in names
     env = dict(os.environ, PYTHONPATH=str(site))
     for module in ("convert", "train"):
-        ran = subprocess.run([sys.executable, "-m", f"mqwen.{module}", "--help"], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=300)
+        ran = subprocess.run(
+            [sys.executable, "-m", f"mqwen.{module}", "--help"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert ran.returncode == 0, ran.stderr
-    where = subprocess.run([sys.executable, "-c", "import mqwen.runtime as r; print(r.__file__)"], cwd=tmp_path,
-                           env=env, capture_output=True, text=True, timeout=300)
+    where = subprocess.run(
+        [sys.executable, "-c", "import mqwen.runtime as r; print(r.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert where.stdout.strip() == str(site / "mqwen" / "runtime.py")

@@ -60,8 +60,11 @@ def test_auto_dtype_is_bf16_only_where_the_gpu_has_it(machine, device, bf16, exp
 
 
 def test_every_dtype_spelling_means_one_torch_dtype():
-    for names, dtype in ((("fp32", "float32"), torch.float32), (("bf16", "bfloat16"), torch.bfloat16),
-                         (("fp16", "float16"), torch.float16)):
+    for names, dtype in (
+        (("fp32", "float32"), torch.float32),
+        (("bf16", "bfloat16"), torch.bfloat16),
+        (("fp16", "float16"), torch.float16),
+    ):
         for name in names:
             assert resolve_dtype(name, "cpu") == dtype
         assert resolve_dtype(dtype) == dtype

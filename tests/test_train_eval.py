@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from mqwen.runtime import caption_images
 from mqwen.train.cli import eval_main as main
@@ -26,10 +25,16 @@ def test_bleu4_matches_a_hand_computed_value():
 
 
 def test_cider_d_and_exact_match_of_perfect_captions():
-    references = {"a": ["a red circle above a blue square"], "b": ["two green triangles next to each other"],
-                  "c": ["one big yellow square in the middle"]}
-    predictions = {"a": "A red circle above a blue square.", "b": "two green triangles next to each other",
-                   "c": "a small yellow square at the top"}
+    references = {
+        "a": ["a red circle above a blue square"],
+        "b": ["two green triangles next to each other"],
+        "c": ["one big yellow square in the middle"],
+    }
+    predictions = {
+        "a": "A red circle above a blue square.",
+        "b": "two green triangles next to each other",
+        "c": "a small yellow square at the top",
+    }
     corpus, per_image = caption_scores(predictions, references)
     # Identical (after tokenization) captions: cosine 1 for every n, no length penalty, x10.
     assert per_image["a"]["cider"] == pytest.approx(10.0) and per_image["b"]["cider"] == pytest.approx(10.0)
@@ -70,8 +75,24 @@ def test_eval_cli_writes_per_image_results(tiny_dir, make_image, tmp_path, capsy
     data = folder / "val.jsonl"
     data.write_text("\n".join(json.dumps(row) for row in rows))
     out = tmp_path / "results" / "results.json"
-    assert main(["--model", str(tiny_dir), "--data", str(data), "--batch-size", "2", "--out", str(out),
-                 "--max-new-tokens", "4", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(data),
+                "--batch-size",
+                "2",
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
     assert set(results["metrics"]) >= {"bleu4", "cider", "exact_match", "images", "skipped_images"}
     assert [entry["id"] for entry in results["per_image"]] == ["0.png", "1.png", "2.png"]
@@ -88,5 +109,10 @@ def test_accelerate_configs_are_valid():
     for path in sorted(CONFIGS.glob("*.yaml")):
         config = ClusterConfig.from_yaml_file(str(path))  # raises on unknown keys
         kinds[path.stem] = (str(config.distributed_type).split(".")[-1], config.deepspeed_config.get("zero_stage"))
-    assert kinds == {"ddp": ("MULTI_GPU", None), "deepspeed_zero2": ("DEEPSPEED", 2),
-                     "deepspeed_zero3": ("DEEPSPEED", 3), "fsdp": ("FSDP", None), "fsdp_cpu": ("FSDP", None)}
+    assert kinds == {
+        "ddp": ("MULTI_GPU", None),
+        "deepspeed_zero2": ("DEEPSPEED", 2),
+        "deepspeed_zero3": ("DEEPSPEED", 3),
+        "fsdp": ("FSDP", None),
+        "fsdp_cpu": ("FSDP", None),
+    }

@@ -80,7 +80,7 @@ def parse_config(argv=None) -> TrainConfig:
     try:
         return TrainConfig(**values)
     except ValueError as error:
-        raise SystemExit(f"error: {error}")
+        raise SystemExit(f"error: {error}") from error
 
 
 def main(argv=None):
@@ -90,12 +90,17 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     result = train(config)
     if result.trainer.is_world_process_zero():
-        print(json.dumps({
-            "model_dir": str(result.model_dir),
-            "train_loss": result.metrics.get("train_loss"),
-            "steps": result.trainer.state.global_step,
-            "skipped_images": {"missing": result.skipped.missing, "corrupt": result.skipped.corrupt},
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model_dir": str(result.model_dir),
+                    "train_loss": result.metrics.get("train_loss"),
+                    "steps": result.trainer.state.global_step,
+                    "skipped_images": {"missing": result.skipped.missing, "corrupt": result.skipped.corrupt},
+                },
+                indent=2,
+            )
+        )
         if len(result.skipped):
             print(result.skipped.summary(), file=sys.stderr)
     return 0
@@ -132,8 +137,12 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--caption-column")
     parser.add_argument("--split")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                        help="weights dtype (auto: bf16 on a GPU that has it, else fp32)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="weights dtype (auto: bf16 on a GPU that has it, else fp32)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -149,10 +158,18 @@ def eval_main(argv: list[str] | None = None) -> int:
         raise SystemExit("--batch-size must be at least 1")
     model, processor = load_for_inference(args.model, device=args.device, dtype=args.dtype)
     results = evaluate_captions(
-        model, processor, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        instruction=args.instruction, limit=args.limit, progress=not args.no_progress,
+        model,
+        processor,
+        args.data,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        instruction=args.instruction,
+        limit=args.limit,
+        progress=not args.no_progress,
         generate_kwargs={"num_beams": args.num_beams} if args.num_beams > 1 else None,
-        image_root=args.image_root, image_column=args.image_column, caption_column=args.caption_column,
+        image_root=args.image_root,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
         split=args.split,
     )
     results["model"] = str(args.model)
@@ -162,6 +179,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     print(json.dumps({**results["metrics"], "out": args.out}, indent=2))
     skipped = results["skipped"]
     if skipped["missing"] or skipped["corrupt"]:
-        print(f"Skipped {skipped['missing']} missing and {skipped['corrupt']} corrupt images (listed under "
-              "'skipped' in the results).", file=sys.stderr)
+        print(
+            f"Skipped {skipped['missing']} missing and {skipped['corrupt']} corrupt images (listed under "
+            "'skipped' in the results).",
+            file=sys.stderr,
+        )
     return 0

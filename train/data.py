@@ -150,8 +150,7 @@ class CaptionDataset(Dataset):
     always gets the same phrasing, so a resumed run sees exactly the data an uninterrupted one would.
     """
 
-    def __init__(self, records, instructions=CAPTION_INSTRUCTIONS, seed=0, resample_bad=True, source=None,
-                 dropped=0):
+    def __init__(self, records, instructions=CAPTION_INSTRUCTIONS, seed=0, resample_bad=True, source=None, dropped=0):
         self.records = list(records)
         self.instructions = tuple(instructions)
         self.seed = seed
@@ -171,13 +170,21 @@ class CaptionDataset(Dataset):
         return len(self._examples)
 
     def __repr__(self):
-        return (f"CaptionDataset({len(self.records)} images, {len(self)} examples"
-                + (f", from {self.source}" if self.source else "") + ")")
+        return (
+            f"CaptionDataset({len(self.records)} images, {len(self)} examples"
+            + (f", from {self.source}" if self.source else "")
+            + ")"
+        )
 
     def with_options(self, **kwargs) -> "CaptionDataset":
         """A copy with other `instructions`, `seed` or `resample_bad` (the records are shared)."""
-        options = dict(instructions=self.instructions, seed=self.seed, resample_bad=self.resample_bad,
-                       source=self.source, dropped=self.dropped)
+        options = dict(
+            instructions=self.instructions,
+            seed=self.seed,
+            resample_bad=self.resample_bad,
+            source=self.source,
+            dropped=self.dropped,
+        )
         options.update(kwargs)
         return CaptionDataset(self.records, **options)
 
@@ -323,9 +330,7 @@ def _pick_column(columns, requested, candidates, what, flag, source):
     for name in candidates:
         if name in columns:
             return name
-    raise ValueError(
-        f"Could not find the {what} column of {source} (columns: {sorted(columns)}); name it with {flag}."
-    )
+    raise ValueError(f"Could not find the {what} column of {source} (columns: {sorted(columns)}); name it with {flag}.")
 
 
 def _as_captions(value):
@@ -370,8 +375,14 @@ def _from_llava(entries, root):
                 f"{{'from': human|gpt|system, 'value': str}}: {bad[0]}"
             )
         captions = [t["content"].strip() for t in turns if t["role"] == "assistant"]
-        records.append(CaptionRecord(id=str(entry.get("id", position)), image=_resolve(image, root),
-                                     captions=captions[:1], conversation=turns))
+        records.append(
+            CaptionRecord(
+                id=str(entry.get("id", position)),
+                image=_resolve(image, root),
+                captions=captions[:1],
+                conversation=turns,
+            )
+        )
     return records, dropped
 
 
@@ -401,8 +412,7 @@ def _from_items(items, image_root, image_column, caption_column):
         if isinstance(item, dict):
             keys = set(item)
             image = item[_pick_column(keys, image_column, IMAGE_COLUMNS, "image", "image_column", "the item")]
-            caption = item[_pick_column(keys, caption_column, CAPTION_COLUMNS, "caption", "caption_column",
-                                        "the item")]
+            caption = item[_pick_column(keys, caption_column, CAPTION_COLUMNS, "caption", "caption_column", "the item")]
             record_id = str(item.get("id", position))
         elif isinstance(item, (list, tuple)) and len(item) == 2:
             image, caption = item
@@ -467,6 +477,7 @@ def _from_hf(dataset, image_root, image_column, caption_column, split, options, 
         if not caps:
             dropped += 1
             continue
-        records.append(CaptionRecord(id=str(row), image=_HFImageRef(image_only, row, image_key, image_root),
-                                     captions=caps))
+        records.append(
+            CaptionRecord(id=str(row), image=_HFImageRef(image_only, row, image_key, image_root), captions=caps)
+        )
     return CaptionDataset(records, source=source, dropped=dropped, **options)

@@ -65,8 +65,15 @@ def evaluate_captions(
     predictions, references = {}, {}
     try:
         captions = caption_images(
-            model, processor, images(), batch_size, prompt=instruction, max_new_tokens=max_new_tokens,
-            progress=progress, total=len(records), **(generate_kwargs or {}),
+            model,
+            processor,
+            images(),
+            batch_size,
+            prompt=instruction,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+            total=len(records),
+            **(generate_kwargs or {}),
         )
         for index, caption in enumerate(captions):
             record = readable[index]

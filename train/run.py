@@ -124,13 +124,20 @@ def _dataset(spec, config, resample_bad=True):
     if spec is None:
         return None
     return load_caption_dataset(
-        spec, image_root=config.image_root, image_column=config.image_column, caption_column=config.caption_column,
-        split=config.split, instructions=config.instructions, seed=config.seed, resample_bad=resample_bad,
+        spec,
+        image_root=config.image_root,
+        image_column=config.image_column,
+        caption_column=config.caption_column,
+        split=config.split,
+        instructions=config.instructions,
+        seed=config.seed,
+        resample_bad=resample_bad,
     )
 
 
-def build_trainer(config: TrainConfig, model=None, processor=None, train_dataset=None, eval_dataset=None,
-                  callbacks=None) -> CaptionTrainer:
+def build_trainer(
+    config: TrainConfig, model=None, processor=None, train_dataset=None, eval_dataset=None, callbacks=None
+) -> CaptionTrainer:
     """A ready `CaptionTrainer` for `config` (model frozen/wrapped for the stage, data loaded, optimizer groups
     set up on first use). `model`/`processor`/datasets override `config.model`/`config.data`/`config.eval_data`."""
     model, processor = load_model_and_processor(model if model is not None else config.model, processor)
@@ -164,16 +171,18 @@ def build_trainer(config: TrainConfig, model=None, processor=None, train_dataset
     return trainer
 
 
-def train(config: TrainConfig, model=None, processor=None, train_dataset=None, eval_dataset=None,
-          callbacks=None, save=True) -> TrainResult:
+def train(
+    config: TrainConfig, model=None, processor=None, train_dataset=None, eval_dataset=None, callbacks=None, save=True
+) -> TrainResult:
     """Train for `config` and save the final model to `OUTPUT_DIR/final` (see `build_trainer` for overrides)."""
     trainer = build_trainer(config, model, processor, train_dataset, eval_dataset, callbacks)
     if trainer.is_world_process_zero():
         logger.info("Trainable parameters: %s", trainable_summary(trainer.model))
         dataset = trainer.train_dataset
         if isinstance(dataset, CaptionDataset) and dataset.dropped:
-            logger.warning("%d records without an image or caption were left out of %s.", dataset.dropped,
-                           dataset.source)
+            logger.warning(
+                "%d records without an image or caption were left out of %s.", dataset.dropped, dataset.source
+            )
     resume = config.resume_from_checkpoint
     if resume == "last":
         resume = last_complete_checkpoint(config.output_dir)
@@ -212,15 +221,19 @@ def last_complete_checkpoint(output_dir) -> str:
     """
     folder = Path(output_dir)
     found = [path for path in (folder.iterdir() if folder.is_dir() else ()) if _CHECKPOINT.fullmatch(path.name)]
-    checkpoints = sorted((path for path in found if path.is_dir()), key=lambda path: int(path.name.split("-")[1]),
-                         reverse=True)
+    checkpoints = sorted(
+        (path for path in found if path.is_dir()), key=lambda path: int(path.name.split("-")[1]), reverse=True
+    )
     skipped = []
     for path in checkpoints:
         problem = _checkpoint_problem(path)
         if problem is None:
             if skipped:
-                logger.warning("--resume-from-checkpoint last: skipped incomplete %s; resuming from %s.",
-                               "; ".join(skipped), path.name)
+                logger.warning(
+                    "--resume-from-checkpoint last: skipped incomplete %s; resuming from %s.",
+                    "; ".join(skipped),
+                    path.name,
+                )
             return str(path)
         skipped.append(f"{path.name} ({problem})")
     raise FileNotFoundError(

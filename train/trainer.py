@@ -19,7 +19,6 @@ from .data import SkipReport
 from .distributed import enable_fsdp_on_cpu
 from .stages import part_param_groups
 
-
 # Where checkpoints are written before they are complete (a dot folder: never matched as `checkpoint-N`).
 STAGING_DIR = ".checkpoint-staging"
 
@@ -101,8 +100,12 @@ class CaptionTrainer(Trainer):
         else:
             from transformers.trainer_utils import rotate_checkpoints
 
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         # Skipped-image records ride along with the batch so they are counted here, in the main process,
@@ -110,8 +113,11 @@ class CaptionTrainer(Trainer):
         inputs = dict(inputs)
         self.skip_report.update(inputs.pop("skipped", None))
         unwrapped = self.accelerator.unwrap_model(model)  # PEFT models pass the attribute lookup through
-        if model.training and "labels" in inputs and "logits_to_keep" not in inputs and getattr(
-            unwrapped, "loss_from_kept_logits", False
+        if (
+            model.training
+            and "labels" in inputs
+            and "logits_to_keep" not in inputs
+            and getattr(unwrapped, "loss_from_kept_logits", False)
         ):
             # The LM head runs only where a caption token is scored (the loss is the same; see
             # MQwenForCausalLM.forward): a caption sample is mostly image and prompt positions.
