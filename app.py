@@ -440,13 +440,7 @@ def parse_args(argv=None):
         default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
         help="port (default: $GRADIO_SERVER_PORT or 7860)",
     )
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=runtime.DTYPE_CHOICES,
-        help="weights dtype (auto: bfloat16 on a GPU that has it, else float32)",
-    )
+    runtime.add_device_arguments(parser)
     parser.add_argument(
         "--max-pixels",
         type=int,

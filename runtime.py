@@ -16,6 +16,7 @@ so a Space can hold this file next to `app.py` and nothing else of the repositor
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import threading
@@ -77,6 +78,19 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[dtype]
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--device` and `--dtype` as every MQwen tool spells them (values for `load_for_inference`)."""
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda, then mps, then cpu; the default), cpu, cuda:1, mps"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="weights dtype (auto: bf16 on a GPU that has it, else fp32)",
+    )
 
 
 def load_for_inference(

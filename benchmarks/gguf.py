@@ -23,6 +23,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def llama_cpp_command(python, lm, mmproj, prompt_file, out, images, max_new_tokens, threads=None) -> list:
+    """The command that captions `images` with llama.cpp: `llama_cpp_caption.py` run by `python`, the interpreter
+    of the environment llama-cpp-python is built in; it writes its captions and timings to `out` (JSON)."""
+    command = [python, str(HERE / "llama_cpp_caption.py"), "--model", str(lm), "--mmproj", str(mmproj)]
+    command += ["--prompt-file", str(prompt_file), "--out", str(out), "--max-new-tokens", str(max_new_tokens)]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    return command + [str(image) for image in images]
+
+
 def mqwen_latencies(model_dir, images, threads, max_new_tokens):
     import torch
     from PIL import Image
@@ -77,26 +87,10 @@ def main(argv=None):
         for outtype in ("f16", "q8_0"):
             lm, mmproj = export_gguf(args.model_dir, Path(tmp) / outtype, outtype, progress=False)
             out = Path(tmp) / f"{outtype}.json"
-            subprocess.run(
-                [
-                    args.llama_cpp_python,
-                    str(HERE / "llama_cpp_caption.py"),
-                    "--model",
-                    str(lm),
-                    "--mmproj",
-                    str(mmproj),
-                    "--prompt-file",
-                    str(prompt_file),
-                    "--out",
-                    str(out),
-                    "--threads",
-                    str(args.threads),
-                    "--max-new-tokens",
-                    str(args.max_new_tokens),
-                    *map(str, images),
-                ],
-                check=True,
+            command = llama_cpp_command(
+                args.llama_cpp_python, lm, mmproj, prompt_file, out, images, args.max_new_tokens, args.threads
             )
+            subprocess.run(command, check=True)
             name = f"llama.cpp {outtype}"
             results[name] = json.loads(out.read_text())
             sizes[name] = lm.stat().st_size + mmproj.stat().st_size

@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..runtime import DTYPE_CHOICES, caption_images, load_for_inference, resolve_dtype
+from ..runtime import add_device_arguments, caption_images, load_for_inference, resolve_dtype
 
 EXAMPLES = """examples:
   mqwen-caption photo.jpg --model ./mqwen-shapes
@@ -76,15 +76,7 @@ def build_parser():
         metavar="JSON",
         help="with --engine vllm: more keyword arguments for vllm.LLM, e.g. '{\"max_model_len\": 2048}'",
     )
-    parser.add_argument(
-        "--device", default="auto", help="auto (cuda, then mps, then cpu; the default), cpu, cuda, cuda:1, mps"
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=DTYPE_CHOICES,
-        default="auto",
-        help="weights dtype; auto = bf16 on a GPU that has it, else fp32",
-    )
+    add_device_arguments(parser)
     parser.add_argument("--jsonl", action="store_true", help="write one JSON object per image")
     parser.add_argument("--recursive", action="store_true", help="also look for images in sub-folders")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

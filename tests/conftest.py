@@ -28,6 +28,18 @@ def tiny_dir(tmp_path_factory, tiny):
     return save_checkpoint(model, processor, tmp_path_factory.mktemp("mqwen-tiny"))
 
 
+def stop_process(process, timeout):
+    """Stop a server the test started: SIGTERM, then SIGKILL if it has not exited after `timeout` seconds."""
+    import subprocess
+
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def random_image(seed, size=(64, 80), mode="RGB"):
     """A deterministic random PIL image (height, width) = size."""
     from PIL import Image

@@ -267,21 +267,9 @@ def llama_cpp_python():
 def caption_with_llama_cpp(python, lm, mmproj, prompt, images, tmp_path):
     prompt_file, out = tmp_path / "prompt.txt", tmp_path / f"{lm.stem}.json"
     prompt_file.write_text(prompt)
-    command = [
-        python,
-        str(REPO / "benchmarks" / "llama_cpp_caption.py"),
-        "--model",
-        str(lm),
-        "--mmproj",
-        str(mmproj),
-        "--prompt-file",
-        str(prompt_file),
-        "--out",
-        str(out),
-        "--max-new-tokens",
-        str(MAX_NEW_TOKENS),
-        *map(str, images),
-    ]
+    from mqwen.benchmarks.gguf import llama_cpp_command
+
+    command = llama_cpp_command(python, lm, mmproj, prompt_file, out, images, MAX_NEW_TOKENS)
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())

@@ -24,7 +24,7 @@ pytest.importorskip(
     "vllm", reason="vLLM is not installed here; the vLLM step of .ci/run runs these tests in its own environment"
 )
 
-from conftest import random_image, randomize  # noqa: E402
+from conftest import random_image, randomize, stop_process  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM-CPU's default would take a quarter of RAM
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # engines started here log to stderr
@@ -190,12 +190,7 @@ def server(served, tmp_path_factory):
                 time.sleep(2)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=60)
 
 
 def post(url, payload):

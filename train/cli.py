@@ -116,7 +116,7 @@ EVAL_EXAMPLES = """examples:
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    from ..runtime import DTYPE_CHOICES
+    from ..runtime import add_device_arguments
 
     parser = argparse.ArgumentParser(
         prog="mqwen-eval",
@@ -136,13 +136,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-column")
     parser.add_argument("--caption-column")
     parser.add_argument("--split")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument(
-        "--dtype",
-        choices=DTYPE_CHOICES,
-        default="auto",
-        help="weights dtype (auto: bf16 on a GPU that has it, else fp32)",
-    )
+    add_device_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
