@@ -138,7 +138,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     )
 
 
-def build_contenders(plan: Plan):
+def build_contenders(plan: Plan) -> Any:
     """MQwen, the bare LM and LLaVA-HF at the plan's shapes, checked to compute the same logits (a note says so)."""
     import torch
 

@@ -6,12 +6,15 @@ read as an image is reported and skipped; the others are still captioned, and th
 anything was skipped.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..runtime import add_device_arguments, caption_images, load_for_inference, resolve_dtype
 
@@ -43,7 +46,7 @@ exit status:
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mqwen-caption",
         description="Caption images with an MQwen model (a local folder or a Hub repo id).",
@@ -100,14 +103,14 @@ def _json_object(text):
     return value
 
 
-def image_extensions():
+def image_extensions() -> set[str]:
     """File extensions PIL can open (".png", ".jpg", ...)."""
     from PIL import Image
 
     return {ext.lower() for ext in Image.registered_extensions()}
 
 
-def collect_images(inputs, recursive=False):
+def collect_images(inputs: list[str], recursive: bool = False) -> tuple[list[Path], list[Path]]:
     """(image paths, missing paths): files are taken as given, folders contribute their image files, sorted.
 
     Files named explicitly are kept whatever their extension (reading them decides); inside folders only
@@ -127,7 +130,7 @@ def collect_images(inputs, recursive=False):
     return images, missing
 
 
-def load_vllm(model_id, dtype, engine_args=None):
+def load_vllm(model_id: str, dtype: str, engine_args: dict | None = None) -> tuple[Any, Any]:
     """vLLM's offline engine on MQwen's own code (its Transformers backend), and the processor for prompts."""
     from transformers import AutoProcessor
 
@@ -158,7 +161,7 @@ def _bind_every_core_on_cpu():
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")
 
 
-def caption_batch_vllm(llm, processor, images, prompt, max_new_tokens):
+def caption_batch_vllm(llm: Any, processor: Any, images: list, prompt: str | None, max_new_tokens: int) -> list[str]:
     """Greedy captions from vLLM, decoded and stripped the way `processor.decode_captions` does."""
     from vllm import SamplingParams
 
@@ -169,7 +172,7 @@ def caption_batch_vllm(llm, processor, images, prompt, max_new_tokens):
     return [text.strip() for text in texts]
 
 
-def caption_batch(model, processor, images, prompt, max_new_tokens):
+def caption_batch(model: Any, processor: Any, images: list, prompt: str | None, max_new_tokens: int) -> list[str]:
     """Greedy captions from `model.generate` for one batch (the shared runtime's `caption_images`)."""
     return list(
         caption_images(
@@ -189,7 +192,7 @@ def caption_batch(model, processor, images, prompt, max_new_tokens):
 _LINE_BREAKING = re.compile("[\\\\\t\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
-def one_line(caption):
+def one_line(caption: str) -> str:
     """A caption on one line: tabs, line breaks and backslashes written as Python escapes (\\t, \\n, \\\\ ...)."""
     return _LINE_BREAKING.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), caption)
 
@@ -199,7 +202,7 @@ def _batches(paths, size):
         yield paths[start : start + size]
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out, err = sys.stdout, sys.stderr
 

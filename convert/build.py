@@ -320,7 +320,9 @@ def public_argument(arg: str) -> str:
     return path.name if path.is_absolute() and path.exists() else str(arg)
 
 
-def build_processor(tokenizer, vision_config, image_seq_length: int, caption_instruction: str | None = None):
+def build_processor(
+    tokenizer: Any, vision_config: Any, image_seq_length: int, caption_instruction: str | None = None
+) -> Any:
     """MQwen's processor: a CLIP image processor at the vision tower's size and normalisation, `tokenizer`
     (given MQwen's ChatML template if it has none) and the caption instruction."""
     from transformers import CLIPImageProcessor
@@ -345,7 +347,7 @@ def build_processor(tokenizer, vision_config, image_seq_length: int, caption_ins
     )
 
 
-def generation_defaults(tokenizer):
+def generation_defaults(tokenizer: Any) -> Any:
     """Qwen2.5-Instruct's stopping behaviour: stop on <|im_end|> or <|endoftext|>, pad with <|endoftext|>."""
     from transformers import GenerationConfig
 

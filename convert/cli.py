@@ -52,7 +52,7 @@ then caption with llama.cpp's multimodal CLI (the prompt is MQwen's default capt
 """
 
 
-def add_gguf_parser(sub):
+def add_gguf_parser(sub: argparse._SubParsersAction) -> None:
     gguf = sub.add_parser(
         "gguf",
         help="export a saved MQwen model to GGUF for llama.cpp (LM + mmproj)",
@@ -76,7 +76,7 @@ def add_gguf_parser(sub):
     gguf.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="mqwen-convert",
         description="Build and publish MQwen checkpoints.",

@@ -4,7 +4,10 @@ Tests and examples use it; it has every file a published MQwen has (config with 
 tokenizer with Qwen's special tokens and `<image>`, processor config, chat template, the three code files).
 """
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,7 +33,9 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
-def build_tiny(seed=0, vision=None, text=None, tokenizer=None, **config_kwargs):
+def build_tiny(
+    seed: int = 0, vision: dict | None = None, text: dict | None = None, tokenizer: Any = None, **config_kwargs: Any
+) -> tuple[Any, Any]:
     """A tiny random MQwenForCausalLM and its processor (in memory)."""
     from mqwen import MQwenConfig, MQwenForCausalLM, MQwenVisionConfig
     from mqwen.processing_mqwen import CHAT_TEMPLATE
@@ -58,7 +63,7 @@ def build_tiny(seed=0, vision=None, text=None, tokenizer=None, **config_kwargs):
     return model, processor
 
 
-def save_checkpoint(model, processor, out_dir):
+def save_checkpoint(model: Any, processor: Any, out_dir: str | Path) -> Path:
     """Write model + processor as one Hub-ready folder (safetensors only)."""
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -66,6 +71,7 @@ def save_checkpoint(model, processor, out_dir):
     return out_dir
 
 
-def write_tiny(out_dir, seed=0, **kwargs):
+def write_tiny(out_dir: str | Path, seed: int = 0, **kwargs: Any) -> Path:
+    """A tiny random checkpoint (`build_tiny`) written to `out_dir`; returns the folder."""
     model, processor = build_tiny(seed=seed, **kwargs)
     return save_checkpoint(model, processor, out_dir)

@@ -43,20 +43,8 @@ def _direct_captions(tiny_dir, paths, max_new_tokens):
 
 def test_folder_with_an_unreadable_file(tiny_dir, image_dir, capsys):
     good = ["img0.png", "img1.png", "img2.png", "img3_alpha.png"]
-    code = main(
-        [
-            str(image_dir),
-            "--model",
-            str(tiny_dir),
-            "--batch-size",
-            "3",
-            "--max-new-tokens",
-            "6",
-            "--device",
-            "cpu",
-            "--no-progress",
-        ]
-    )
+    argv = [str(image_dir), "--model", str(tiny_dir), "--batch-size", "3", "--max-new-tokens", "6", "--no-progress"]
+    code = main([*argv, "--device", "cpu"])
     out, err = capsys.readouterr()
     assert code == 1
     # One line per readable image, in sorted order, whatever bytes the random model generates.
@@ -64,19 +52,7 @@ def test_folder_with_an_unreadable_file(tiny_dir, image_dir, capsys):
     assert "broken.png" in err and "Could not read" in err and "1 of 5 inputs could not be read" in err
     assert "notes.txt" not in out + err
 
-    code = main(
-        [
-            str(image_dir),
-            "--model",
-            str(tiny_dir),
-            "--batch-size",
-            "3",
-            "--max-new-tokens",
-            "6",
-            "--jsonl",
-            "--no-progress",
-        ]
-    )
+    code = main([*argv, "--jsonl"])
     out, err = capsys.readouterr()
     assert code == 1
     records = [json.loads(line) for line in out.splitlines()]

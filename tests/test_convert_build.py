@@ -160,23 +160,17 @@ def sources(tmp_path_factory):
     return dict(root=root, llm=llm, tokenizer=tokenizer, clip=clip)
 
 
+def build_argv(sources, out):
+    """`mqwen-convert build` of the test LLM and CLIP into `out`, in 60 KB shards (so there are several)."""
+    root = sources["root"]
+    return ["build", "--llm", str(root / "qwen"), "--vision", str(root / "clip"), str(out), "--max-shard-size", "60KB"]
+
+
 @pytest.fixture(scope="module")
 def built(sources, tmp_path_factory):
     """The main build, through the CLI: padded vocabulary, transformers CLIP, fp32."""
     out = tmp_path_factory.mktemp("built") / "mqwen"
-    argv = [
-        "build",
-        "--llm",
-        str(sources["root"] / "qwen"),
-        "--vision",
-        str(sources["root"] / "clip"),
-        str(out),
-        "--dtype",
-        "fp32",
-        "--max-shard-size",
-        "60KB",
-    ]
-    assert main(argv) == 0
+    assert main([*build_argv(sources, out), "--dtype", "fp32"]) == 0
     model, processor = load_built(out)
     return dict(out=out, model=model, processor=processor)
 
@@ -457,16 +451,7 @@ def test_killed_build_leaves_no_out_dir(tmp_path, sources, how):
         "from mqwen.convert.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    argv = [
-        "build",
-        "--llm",
-        str(sources["root"] / "qwen"),
-        "--vision",
-        str(sources["root"] / "clip"),
-        str(out),
-        "--max-shard-size",
-        "60KB",
-    ]
+    argv = build_argv(sources, out)
     process = subprocess.Popen(
         [sys.executable, "-c", script, *argv],
         env=dict(os.environ, HF_HUB_OFFLINE="1"),

@@ -1,6 +1,8 @@
 """The command lines of train/: `mqwen-train` (`main`: `train(TrainConfig(...))`, its flags generated from
 `TrainConfig`'s fields) and `mqwen-eval` (`eval_main`: `evaluate_captions` on a saved model)."""
 
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import json
@@ -38,7 +40,7 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mqwen-train",
         description="Fine-tune MQwen for image captioning: align (projector), lora, or full.",
@@ -73,7 +75,7 @@ def build_parser():
     return parser
 
 
-def parse_config(argv=None) -> TrainConfig:
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
     values = vars(build_parser().parse_args(argv))
     if isinstance(values.get("lora_target_modules"), list):  # accept "q_proj,v_proj" as well as "q_proj v_proj"
         values["lora_target_modules"] = [t for item in values["lora_target_modules"] for t in item.split(",") if t]
@@ -83,7 +85,7 @@ def parse_config(argv=None) -> TrainConfig:
         raise SystemExit(f"error: {error}") from error
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     from .run import train
 
     config = parse_config(argv)

@@ -44,7 +44,7 @@ class TrainResult:
     trainer: Any
 
 
-def load_model_and_processor(model, processor=None, dtype=torch.float32):
+def load_model_and_processor(model: Any, processor: Any = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """An `MQwenForCausalLM` + `MQwenProcessor` from a folder / Hub id, or the objects given.
 
     Weights load in float32 by default: mixed precision (`bf16`/`fp16`) keeps float32 master weights.
@@ -213,7 +213,7 @@ CHECKPOINT_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
-def last_complete_checkpoint(output_dir) -> str:
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
     """The newest `checkpoint-N` in `output_dir` that is complete; incomplete newer ones are named in a warning.
 
     Checkpoints written by `CaptionTrainer` appear only once complete, but a folder from an older run, a
@@ -277,7 +277,7 @@ def _sharded(trainer) -> bool:
     return False
 
 
-def save_final_model(trainer, config, out_dir=None) -> Path:
+def save_final_model(trainer: CaptionTrainer, config: TrainConfig, out_dir: str | os.PathLike | None = None) -> Path:
     """Write the trained model + processor in the Hub format to `out_dir` (default `OUTPUT_DIR/final`).
 
     LoRA is merged into the language model unless `config.keep_adapter`, which writes a peft adapter folder
