@@ -20,6 +20,8 @@ Why it is built this way:
   server down.
 """
 
+from __future__ import annotations
+
 import argparse
 import base64
 import html
@@ -30,7 +32,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 # Before gradio is imported: no usage statistics or version checks (the page must work with no network).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -73,7 +78,7 @@ class InputProblem(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _load_runtime():
+def _load_runtime() -> ModuleType:
     """The shared inference runtime, `runtime.py` beside this file.
 
     As part of the installed package this is `mqwen.runtime`; run as a script (`python app.py`, a Space, a test
@@ -93,14 +98,14 @@ runtime = _load_runtime()
 class Captioner:
     """A loaded MQwen model + processor that captions one image at a time, streaming the text."""
 
-    def __init__(self, model, processor, device="cpu"):
+    def __init__(self, model: Any, processor: Any, device: str = "cpu") -> None:
         self.model = model.eval()
         self.processor = processor
         self.device = device
         self._lock = threading.Lock()  # the queue already serialises requests; this also guards direct use
 
     @classmethod
-    def load(cls, name_or_path: str, device: str = "auto", dtype: str = "auto") -> "Captioner":
+    def load(cls, name_or_path: str, device: str = "auto", dtype: str = "auto") -> Captioner:
         """Load a checkpoint folder or Hub repo once (`runtime.load_for_inference`: remote code, one rule for
         `auto` device and dtype)."""
         model, processor = runtime.load_for_inference(name_or_path, device=device, dtype=dtype)
@@ -114,7 +119,15 @@ class Captioner:
         configured = getattr(self.model.generation_config, "max_new_tokens", None)
         return int(configured) if configured else 64
 
-    def stream(self, image, instruction, max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0):
+    def stream(
+        self,
+        image: Any,
+        instruction: str | None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> Iterator[tuple[str, int | None]]:
         """Caption one image, yielding `(text_so_far, None)` as tokens arrive and `(caption, n_new_tokens)` last
         (`runtime.stream_caption`)."""
         settings = dict(do_sample=bool(do_sample))
@@ -130,7 +143,7 @@ class Captioner:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def input_paths(files):
+def input_paths(files: Any) -> list[str]:
     """File paths from a gr.File value (a path, a list of paths, or file dicts / objects)."""
     items = list(files) if isinstance(files, (list, tuple)) else ([files] if files else [])
     paths = []
@@ -141,12 +154,12 @@ def input_paths(files):
     return paths
 
 
-def display_name(path) -> str:
+def display_name(path: str | os.PathLike) -> str:
     """The name a visitor knows a file by (Gradio keeps the uploaded name as the last path component)."""
     return Path(str(path)).name
 
 
-def open_image(path, max_pixels=DEFAULT_MAX_PIXELS):
+def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
     """The image at `path`, EXIF-rotated, or InputProblem saying what is wrong with the file and what to do."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -177,7 +190,7 @@ def open_image(path, max_pixels=DEFAULT_MAX_PIXELS):
         raise InputProblem(f"{name} could not be read as an image ({error}). Is the file complete?") from error
 
 
-def check_request(paths, instruction, max_images=DEFAULT_MAX_IMAGES):
+def check_request(paths: list[str], instruction: str | None, max_images: int = DEFAULT_MAX_IMAGES) -> str:
     if not paths:
         raise InputProblem("No image yet: drop, paste or upload one or more images, or click an example.")
     if len(paths) > max_images:
@@ -198,7 +211,7 @@ def check_request(paths, instruction, max_images=DEFAULT_MAX_IMAGES):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def thumbnail_uri(image, size=128) -> str:
+def thumbnail_uri(image: Any, size: int = 128) -> str:
     thumb = image.copy()
     thumb.thumbnail((size, size))
     buffer = io.BytesIO()
@@ -212,7 +225,7 @@ def _caption_cell(caption) -> str:
     return html.escape(caption) if caption else "<i>(empty)</i>"
 
 
-def captions_table(rows) -> str:
+def captions_table(rows: list) -> str:
     """HTML table of (thumbnail uri, file name, caption or None while pending)."""
     if not rows:
         return ""
@@ -260,7 +273,7 @@ CSS = """
 """
 
 
-def example_sets(examples_dir=EXAMPLES_DIR):
+def example_sets(examples_dir: str | os.PathLike = EXAMPLES_DIR) -> tuple[list, list[str]]:
     """gr.Examples rows for the file input (each a one-element list holding a list of paths) and labels."""
     files = sorted(Path(examples_dir).glob("*.png")) if Path(examples_dir).is_dir() else []
     rows, labels = [], []
@@ -279,7 +292,9 @@ def markdown_text(text: str) -> str:
     return "".join("\\" + c if c in "\\`*_{}[]<>()#+-!|~" else c for c in text)
 
 
-def caption_handler(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT_MAX_IMAGES):
+def caption_handler(
+    captioner: Captioner, max_pixels: int = DEFAULT_MAX_PIXELS, max_images: int = DEFAULT_MAX_IMAGES
+) -> Callable:
     """The Caption button's generator: yields (caption text, table html, status markdown) as captions stream.
 
     One image: the caption box holds its caption. Several: one caption per line, in upload order, and the
@@ -325,8 +340,12 @@ def caption_handler(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT
 
 
 def build_demo(
-    captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT_MAX_IMAGES, examples_dir=EXAMPLES_DIR, model_name=""
-):
+    captioner: Captioner,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    examples_dir: str | os.PathLike = EXAMPLES_DIR,
+    model_name: str = "",
+) -> Any:
     """The Gradio Blocks page around a loaded `Captioner` (call `.queue()` on it before launching)."""
     import gradio as gr
 
@@ -396,7 +415,7 @@ def build_demo(
     return demo
 
 
-def launch_kwargs(args):
+def launch_kwargs(args: argparse.Namespace) -> dict:
     import gradio as gr
 
     theme = gr.themes.Default(  # system fonts: the default theme would fetch Google Fonts
@@ -416,7 +435,7 @@ def launch_kwargs(args):
     )
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python app.py",
         description="Serve a web page that captions images with an MQwen checkpoint (Gradio).",
@@ -460,7 +479,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def default_model_dirs():
+def default_model_dirs() -> list[Path]:
     """Where the main demo job leaves its model: OUT/model, under the working folder or this repository."""
     try:  # the demo's own setting, when this checkout has it (a Space does not)
         from mqwen.demo.run import DemoSettings
@@ -472,7 +491,7 @@ def default_model_dirs():
     return list(dict.fromkeys(dirs))
 
 
-def resolve_model(model):
+def resolve_model(model: str | None) -> str | None:
     """--model / $MQWEN_MODEL if given, else the demo's trained model if it exists, else None."""
     if model:
         return str(model)
@@ -482,7 +501,7 @@ def resolve_model(model):
     return None
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model = resolve_model(args.model)
     if model is None:
