@@ -19,7 +19,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from ..convert.staging import replace_folder, write_atomically
-from ..runtime import load_for_inference as load_trained  # noqa: F401  (train/'s name for the one loader)
+from ..runtime import load_for_inference
 from .collator import CaptionCollator
 from .config import TrainConfig
 from .data import CaptionDataset, SkipReport, load_caption_dataset
@@ -327,3 +327,10 @@ def _merge_saved_adapter(config, adapter_dir, out_dir, save_kwargs):
     base = MQwenForCausalLM.from_pretrained(str(config.model))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir, **save_kwargs)
+
+
+def load_trained(path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str = "cpu") -> tuple[Any, Any]:
+    """(model, processor) from a `train` output folder: a merged/full model, or a LoRA adapter folder
+    (`--keep-adapter`). The shared runtime's `load_for_inference`, on the CPU unless `device` says otherwise (as
+    this function always loaded: callers feed it CPU tensors)."""
+    return load_for_inference(path, device=device, dtype=dtype)
