@@ -7,27 +7,35 @@ arguments, so the model comes from the `MQWEN_MODEL` variable and the address fr
 `GRADIO_SERVER_PORT` variables that Spaces set.
 
 Why it is built this way:
-- The model is loaded once, with `trust_remote_code=True`, through the Auto classes: the page needs only
-  transformers, torch and gradio, never this repository's package, so a Space runs it from a bare checkpoint.
+- The page is only the page: loading and captioning are the shared runtime's (`runtime.py`, next to this file:
+  the Auto classes with `trust_remote_code=True`). Both files need only transformers, torch and gradio, never
+  the rest of this repository, so a Space holding `app.py` and `runtime.py` runs from a bare checkpoint.
 - One request generates at a time (`demo.queue(default_concurrency_limit=1)`); other visitors wait in the queue
   instead of sharing the CPU or GPU with it.
-- Each caption streams through `TextIteratorStreamer` (generation runs in a worker thread); the text shown
-  when an image is done is decoded from the ids `generate` returned, exactly as `processor.decode_captions`
-  does, so the page shows the model's own output and not a re-assembly of streamed pieces.
+- Each caption streams (`runtime.stream_caption`: `TextIteratorStreamer`, generation in a worker thread); the
+  text shown when an image is done is decoded from the ids `generate` returned, exactly as
+  `processor.decode_captions` does, so the page shows the model's own output, not a re-assembly of pieces.
 - Every input problem (a file that is not an image, an image too large, an empty prompt, too many images)
   becomes a readable message in the status box and an error pop-up; the handler never lets it take the
   server down.
 """
 
+from __future__ import annotations
+
 import argparse
 import base64
 import html
+import importlib
+import importlib.util
 import io
 import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 # Before gradio is imported: no usage statistics or version checks (the page must work with no network).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -43,7 +51,7 @@ DEFAULT_MAX_IMAGES = 16
 MAX_PROMPT_CHARS = 2000
 
 EPILOG = """examples:
-  python -m convert tiny /tmp/mqwen-tiny && python app.py --model /tmp/mqwen-tiny
+  mqwen-convert tiny /tmp/mqwen-tiny && python app.py --model /tmp/mqwen-tiny
   python -m mqwen.demo && python app.py          # train the shapes model, then serve it (the default)
   python app.py --model mqwen-shapes-demo/model --port 8080
   python app.py --model user/mqwen-checkpoint --device cuda --dtype bfloat16
@@ -57,7 +65,7 @@ The shapes demo's trained model is not there yet (looked in: {looked}). Ways to 
   - train it (about 10 minutes on 2 CPU cores), then run this again from the same folder:
         python -m mqwen.demo && python app.py
   - a tiny random checkpoint, to try the page out (its captions are gibberish):
-        python -m convert tiny /tmp/mqwen-tiny && python app.py --model /tmp/mqwen-tiny
+        mqwen-convert tiny /tmp/mqwen-tiny && python app.py --model /tmp/mqwen-tiny
   - a published MQwen checkpoint on the Hub:  python app.py --model USER/REPO"""
 
 
@@ -70,48 +78,38 @@ class InputProblem(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def resolve_device(device: str) -> str:
-    import torch
+def _load_runtime() -> ModuleType:
+    """The shared inference runtime, `runtime.py` beside this file.
 
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    As part of the installed package this is `mqwen.runtime`; run as a script (`python app.py`, a Space, a test
+    loading this file) it is read from its path, so a Space needs only `app.py` and `runtime.py`.
+    """
+    if __package__:
+        return importlib.import_module(".runtime", __package__)
+    spec = importlib.util.spec_from_file_location("mqwen_runtime", HERE / "runtime.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def resolve_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+runtime = _load_runtime()
 
 
 class Captioner:
     """A loaded MQwen model + processor that captions one image at a time, streaming the text."""
 
-    def __init__(self, model, processor, device="cpu"):
+    def __init__(self, model: Any, processor: Any, device: str = "cpu") -> None:
         self.model = model.eval()
         self.processor = processor
         self.device = device
         self._lock = threading.Lock()  # the queue already serialises requests; this also guards direct use
 
     @classmethod
-    def load(cls, name_or_path, device="auto", dtype="auto"):
-        """Load a checkpoint folder or Hub repo once (remote code: only transformers and torch are needed)."""
-        from transformers import AutoModelForCausalLM, AutoProcessor
-
-        device = resolve_device(device)
-        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, trust_remote_code=True, dtype=resolve_dtype(dtype, device)
-        )
-        return cls(model.to(device), processor, device)
+    def load(cls, name_or_path: str, device: str = "auto", dtype: str = "auto") -> Captioner:
+        """Load a checkpoint folder or Hub repo once (`runtime.load_for_inference`: remote code, one rule for
+        `auto` device and dtype)."""
+        model, processor = runtime.load_for_inference(name_or_path, device=device, dtype=dtype)
+        return cls(model, processor, str(model.device))
 
     @property
     def default_instruction(self) -> str:
@@ -121,65 +119,23 @@ class Captioner:
         configured = getattr(self.model.generation_config, "max_new_tokens", None)
         return int(configured) if configured else 64
 
-    def inputs(self, image, instruction):
-        batch = self.processor(images=image, text=instruction, return_tensors="pt")
-        batch = batch.to(self.device)
-        batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
-        return batch
-
-    def stream(self, image, instruction, max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0):
-        """Caption one image, yielding `(text_so_far, None)` as tokens arrive and `(caption, n_new_tokens)` last.
-
-        The last caption is decoded from the ids `generate` returned (`processor.decode_captions`), so it is
-        exactly the model's output; the partial texts come from `TextIteratorStreamer`. If the consumer stops
-        early (the visitor left), generation stops at the next token instead of running to the end.
-        """
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        batch = self.inputs(image, instruction)
-        prompt_length = batch["input_ids"].shape[1]
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancelled = threading.Event()
-
-        class StopWhenCancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        settings = dict(
-            max_new_tokens=int(max_new_tokens),
-            do_sample=bool(do_sample),
-            streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
-        )
+    def stream(
+        self,
+        image: Any,
+        instruction: str | None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> Iterator[tuple[str, int | None]]:
+        """Caption one image, yielding `(text_so_far, None)` as tokens arrive and `(caption, n_new_tokens)` last
+        (`runtime.stream_caption`)."""
+        settings = dict(do_sample=bool(do_sample))
         if do_sample:
             settings.update(temperature=float(temperature), top_p=float(top_p))
-        result = {}
-
-        def work():
-            try:
-                result["ids"] = self.model.generate(**batch, **settings)
-            except BaseException as error:  # re-raised in the request's thread below
-                result["error"] = error
-            finally:
-                streamer.end()  # unblocks the reader even when generate failed before streaming anything
-
-        with self._lock:
-            worker = threading.Thread(target=work, name="mqwen-generate", daemon=True)
-            worker.start()
-            try:
-                text = ""
-                for piece in streamer:
-                    if piece:
-                        text += piece
-                        yield text.strip(), None
-            finally:
-                cancelled.set()  # a no-op once generation has finished
-                worker.join()
-        if "error" in result:
-            raise result["error"]
-        ids = result["ids"]
-        yield self.processor.decode_captions(ids, prompt_length)[0], int(ids.shape[1] - prompt_length)
+        yield from runtime.stream_caption(
+            self.model, self.processor, image, instruction, max_new_tokens, lock=self._lock, **settings
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,7 +143,7 @@ class Captioner:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def input_paths(files):
+def input_paths(files: Any) -> list[str]:
     """File paths from a gr.File value (a path, a list of paths, or file dicts / objects)."""
     items = list(files) if isinstance(files, (list, tuple)) else ([files] if files else [])
     paths = []
@@ -198,12 +154,12 @@ def input_paths(files):
     return paths
 
 
-def display_name(path) -> str:
+def display_name(path: str | os.PathLike) -> str:
     """The name a visitor knows a file by (Gradio keeps the uploaded name as the last path component)."""
     return Path(str(path)).name
 
 
-def open_image(path, max_pixels=DEFAULT_MAX_PIXELS):
+def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
     """The image at `path`, EXIF-rotated, or InputProblem saying what is wrong with the file and what to do."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -223,16 +179,18 @@ def open_image(path, max_pixels=DEFAULT_MAX_PIXELS):
     except InputProblem:
         raise
     except Image.DecompressionBombError as error:
-        raise InputProblem(f"{name} is too large to open safely ({error}). Downscale it and upload it again.")
+        raise InputProblem(
+            f"{name} is too large to open safely ({error}). Downscale it and upload it again."
+        ) from error
     except UnidentifiedImageError:
         raise InputProblem(
             f"{name} is not an image file this demo can read. Upload PNG, JPEG, WebP, GIF, BMP or TIFF images."
-        )
+        ) from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise InputProblem(f"{name} could not be read as an image ({error}). Is the file complete?")
+        raise InputProblem(f"{name} could not be read as an image ({error}). Is the file complete?") from error
 
 
-def check_request(paths, instruction, max_images=DEFAULT_MAX_IMAGES):
+def check_request(paths: list[str], instruction: str | None, max_images: int = DEFAULT_MAX_IMAGES) -> str:
     if not paths:
         raise InputProblem("No image yet: drop, paste or upload one or more images, or click an example.")
     if len(paths) > max_images:
@@ -253,7 +211,7 @@ def check_request(paths, instruction, max_images=DEFAULT_MAX_IMAGES):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def thumbnail_uri(image, size=128) -> str:
+def thumbnail_uri(image: Any, size: int = 128) -> str:
     thumb = image.copy()
     thumb.thumbnail((size, size))
     buffer = io.BytesIO()
@@ -267,7 +225,7 @@ def _caption_cell(caption) -> str:
     return html.escape(caption) if caption else "<i>(empty)</i>"
 
 
-def captions_table(rows) -> str:
+def captions_table(rows: list) -> str:
     """HTML table of (thumbnail uri, file name, caption or None while pending)."""
     if not rows:
         return ""
@@ -315,7 +273,7 @@ CSS = """
 """
 
 
-def example_sets(examples_dir=EXAMPLES_DIR):
+def example_sets(examples_dir: str | os.PathLike = EXAMPLES_DIR) -> tuple[list, list[str]]:
     """gr.Examples rows for the file input (each a one-element list holding a list of paths) and labels."""
     files = sorted(Path(examples_dir).glob("*.png")) if Path(examples_dir).is_dir() else []
     rows, labels = [], []
@@ -334,7 +292,9 @@ def markdown_text(text: str) -> str:
     return "".join("\\" + c if c in "\\`*_{}[]<>()#+-!|~" else c for c in text)
 
 
-def caption_handler(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT_MAX_IMAGES):
+def caption_handler(
+    captioner: Captioner, max_pixels: int = DEFAULT_MAX_PIXELS, max_images: int = DEFAULT_MAX_IMAGES
+) -> Callable:
     """The Caption button's generator: yields (caption text, table html, status markdown) as captions stream.
 
     One image: the caption box holds its caption. Several: one caption per line, in upload order, and the
@@ -359,7 +319,7 @@ def caption_handler(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT
         for index, (name, image) in enumerate(images):
             status = f"Captioning {markdown_text(name)} ({index + 1} of {len(images)})..."
             try:
-                for text, new_tokens in captioner.stream(
+                for text, new_tokens in captioner.stream(  # noqa: B007  (the last pair's count is kept)
                     image, instruction, max_new_tokens, do_sample, temperature, top_p
                 ):
                     rows[index][2] = text
@@ -379,8 +339,13 @@ def caption_handler(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT
     return caption
 
 
-def build_demo(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT_MAX_IMAGES, examples_dir=EXAMPLES_DIR,
-               model_name=""):
+def build_demo(
+    captioner: Captioner,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    examples_dir: str | os.PathLike = EXAMPLES_DIR,
+    model_name: str = "",
+) -> Any:
     """The Gradio Blocks page around a loaded `Captioner` (call `.queue()` on it before launching)."""
     import gradio as gr
 
@@ -403,12 +368,20 @@ def build_demo(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT_MAX_
                     elem_id="images",
                 )
                 prompt = gr.Textbox(
-                    label="Prompt", value=default_instruction, lines=1, max_lines=4, elem_id="prompt",
+                    label="Prompt",
+                    value=default_instruction,
+                    lines=1,
+                    max_lines=4,
+                    elem_id="prompt",
                     info="What the model is asked about each image.",
                 )
                 with gr.Accordion("Generation settings", open=False):
                     max_new_tokens = gr.Slider(
-                        1, 512, value=captioner.max_new_tokens_default(), step=1, label="Max new tokens",
+                        1,
+                        512,
+                        value=captioner.max_new_tokens_default(),
+                        step=1,
+                        label="Max new tokens",
                         elem_id="max-new-tokens",
                     )
                     do_sample = gr.Checkbox(value=False, label="Sample (off: greedy, the same caption every time)")
@@ -418,8 +391,9 @@ def build_demo(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT_MAX_
                     reset = gr.Button("Default prompt", variant="secondary")
                     run = gr.Button("Caption", variant="primary", elem_id="caption-button")
             with gr.Column(scale=1):
-                caption_box = gr.Textbox(label="Caption", lines=3, interactive=False, elem_id="caption",
-                                         buttons=["copy"])
+                caption_box = gr.Textbox(
+                    label="Caption", lines=3, interactive=False, elem_id="caption", buttons=["copy"]
+                )
                 status = gr.Markdown(elem_id="status")
                 table = gr.HTML(elem_id="table")
         rows, labels = example_sets(examples_dir)
@@ -441,7 +415,7 @@ def build_demo(captioner, max_pixels=DEFAULT_MAX_PIXELS, max_images=DEFAULT_MAX_
     return demo
 
 
-def launch_kwargs(args):
+def launch_kwargs(args: argparse.Namespace) -> dict:
     import gradio as gr
 
     theme = gr.themes.Default(  # system fonts: the default theme would fetch Google Fonts
@@ -461,34 +435,51 @@ def launch_kwargs(args):
     )
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python app.py",
         description="Serve a web page that captions images with an MQwen checkpoint (Gradio).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default=os.environ.get("MQWEN_MODEL"),
-                        help=f"checkpoint folder or Hub repo id (default: $MQWEN_MODEL, else the shapes demo's "
-                             f"model, {DEMO_OUT_DEFAULT}/model)")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                        help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1; 0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
-                        help="port (default: $GRADIO_SERVER_PORT or 7860)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="weights dtype (auto: bfloat16 on a GPU that has it, else float32)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="largest accepted image, in pixels (default: %(default)s)")
-    parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
-                        help="most images per request (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("MQWEN_MODEL"),
+        help=f"checkpoint folder or Hub repo id (default: $MQWEN_MODEL, else the shapes demo's "
+        f"model, {DEMO_OUT_DEFAULT}/model)",
+    )
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1; 0.0.0.0 for all)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+        help="port (default: $GRADIO_SERVER_PORT or 7860)",
+    )
+    runtime.add_device_arguments(parser)
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="largest accepted image, in pixels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-images", type=int, default=DEFAULT_MAX_IMAGES, help="most images per request (default: %(default)s)"
+    )
     parser.add_argument("--max-file-size", default="50mb", help="largest upload, e.g. 50mb (default: %(default)s)")
-    parser.add_argument("--queue-size", type=int, default=64,
-                        help="most requests waiting in the queue; later ones are told to retry (default: %(default)s)")
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=64,
+        help="most requests waiting in the queue; later ones are told to retry (default: %(default)s)",
+    )
     return parser.parse_args(argv)
 
 
-def default_model_dirs():
+def default_model_dirs() -> list[Path]:
     """Where the main demo job leaves its model: OUT/model, under the working folder or this repository."""
     try:  # the demo's own setting, when this checkout has it (a Space does not)
         from mqwen.demo.run import DemoSettings
@@ -500,7 +491,7 @@ def default_model_dirs():
     return list(dict.fromkeys(dirs))
 
 
-def resolve_model(model):
+def resolve_model(model: str | None) -> str | None:
     """--model / $MQWEN_MODEL if given, else the demo's trained model if it exists, else None."""
     if model:
         return str(model)
@@ -510,7 +501,7 @@ def resolve_model(model):
     return None
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model = resolve_model(args.model)
     if model is None:

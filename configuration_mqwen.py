@@ -72,8 +72,14 @@ class MQwenVisionConfig(PretrainedConfig):
         image_std=OPENAI_CLIP_STD,
         **kwargs,
     ):
-        for name, value in (("image_size", image_size), ("patch_size", patch_size), ("width", width),
-                            ("layers", layers), ("heads", heads), ("output_dim", output_dim)):
+        for name, value in (
+            ("image_size", image_size),
+            ("patch_size", patch_size),
+            ("width", width),
+            ("layers", layers),
+            ("heads", heads),
+            ("output_dim", output_dim),
+        ):
             _require_int(f"vision_config.{name}", value, minimum=1)
         for name, value in (("mlp_ratio", mlp_ratio), ("layer_norm_eps", layer_norm_eps)):
             _require_positive_number(f"vision_config.{name}", value)

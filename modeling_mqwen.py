@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 from transformers.utils import can_return_tuple, logging
 
@@ -39,11 +40,6 @@ try:  # transformers >= 5: init helpers that skip tensors already loaded from a 
     from transformers import initialization as init
 except ImportError:  # transformers 4.x tracks that per module and calls _init_weights only where needed
     from torch.nn import init
-
-try:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-except ImportError:  # pragma: no cover - very old transformers
-    GradientCheckpointingLayer = nn.Module
 
 from .configuration_mqwen import MQwenConfig, MQwenVisionConfig
 
@@ -228,6 +224,38 @@ def _damaged_weights_message(source, kwargs, error):
     )
 
 
+def publish_folder(
+    folder, repo_id, token=None, private=None, revision=None, commit_message=None, create_pr=False, api=None
+):
+    """Upload every file of `folder` (`.git` aside) to the Hub repo `repo_id` in one commit; returns its CommitInfo.
+
+    The one publishing path: `push_to_hub(processor=)` and `mqwen-convert push` both end here. The repo (and
+    the `revision` branch) is created if missing; one `create_commit` with a `CommitOperationAdd` per file,
+    because `upload_folder` may split a large folder into several commits. The folder is only read.
+    """
+    from pathlib import Path
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    folder = Path(folder)
+    files = sorted(
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if path.is_file() and ".git" not in path.relative_to(folder).parts
+    )
+    api = api or HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.create_commit(
+        repo_id=repo_id,
+        operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files],
+        revision=revision,
+        commit_message=commit_message or f"Upload MQwen checkpoint ({len(files)} files)",
+        create_pr=create_pr,
+    )
+
+
 class MQwenPreTrainedModel(PreTrainedModel):
     config_class = MQwenConfig
     base_model_prefix = "mqwen"
@@ -263,19 +291,15 @@ class MQwenPreTrainedModel(PreTrainedModel):
         if processor is None:
             return super().push_to_hub(repo_id, *args, **kwargs)
         import tempfile
-        from pathlib import Path
 
-        from huggingface_hub import CommitOperationAdd, HfApi
-
-        api = HfApi(token=kwargs.get("token"))
-        repo_id = api.create_repo(repo_id, private=kwargs.get("private"), exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
             processor.save_pretrained(folder)
-            files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
-            return api.create_commit(
-                repo_id=repo_id,
-                operations=[CommitOperationAdd(p.relative_to(folder).as_posix(), str(p)) for p in files],
+            return publish_folder(
+                folder,
+                repo_id,
+                token=kwargs.get("token"),
+                private=kwargs.get("private"),
                 revision=kwargs.get("revision"),
                 commit_message=kwargs.get("commit_message") or "Upload MQwen model and processor",
                 create_pr=kwargs.get("create_pr", False),

@@ -2,7 +2,8 @@
 
 The processor's one MQwen-specific job is the placeholder expansion: every `<image>` in a prompt becomes
 `image_seq_length` image tokens, one per image feature the model will splice in. It also builds the default
-caption prompt (through the folder's chat template) when images come without a prompt, and left-pads batches for generation.
+caption prompt (through the folder's chat template) when images come without a prompt, and left-pads batches
+for generation.
 
 The pipeline lives here (not in its own file) so that a Hub repo needs only the three MQwen files.
 """
@@ -19,11 +20,7 @@ import transformers
 from transformers import GenerationConfig, Pipeline, ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import load_image
-
-try:  # transformers >= 4.52: what `_get_num_multimodal_tokens` returns (vLLM reads it)
-    from transformers.processing_utils import MultiModalData
-except ImportError:  # pragma: no cover - older transformers
-    MultiModalData = dict
+from transformers.processing_utils import MultiModalData  # what `_get_num_multimodal_tokens` returns (vLLM reads it)
 
 try:
     from PIL import Image

@@ -1,4 +1,4 @@
-"""Speed and memory of MQwen against the bare language model and transformers' LLaVA (`python -m benchmarks`).
+"""Speed and memory of MQwen against the bare language model and transformers' LLaVA (`mqwen-bench`).
 
 - `shapes`: the model sizes (quick, mid-size CPU, 7B GPU) and how much work each figure does.
 - `contenders`: MQwen, the bare LM and LLaVA-HF built to compute the same thing from the same weights.

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.compile_decode`: MQwen's decode speed with a static cache and a torch.compile'd forward.
+"""`python -m mqwen.benchmarks.compile_decode`: MQwen's decode speed with a static cache and a torch.compile'd forward.
 
 Four contenders, interleaved as in figure 1 (batch 1, the caption prompt with its image, greedy, no EOS):
 MQwen with the default dynamic cache; MQwen with `cache_implementation="static"`; the same with transformers'
@@ -12,14 +12,14 @@ import argparse
 import sys
 
 EXAMPLES = """examples:
-  python -m benchmarks.compile_decode --quick                  # tiny shapes (figure 1's --quick model)
-  python -m benchmarks.compile_decode --reps 20 --clock cpu    # mid-size shapes on a shared machine
+  python -m mqwen.benchmarks.compile_decode --quick                  # tiny shapes (figure 1's --quick model)
+  python -m mqwen.benchmarks.compile_decode --reps 20 --clock cpu    # mid-size shapes on a shared machine
 """
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.compile_decode",
+        prog="python -m mqwen.benchmarks.compile_decode",
         description="Decode tokens/s of MQwen: dynamic cache, static cache, static cache + torch.compile.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -27,7 +27,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny shapes (default: the CPU mid-size shapes)")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per contender (default 10)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per generation (default: the shapes')")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="as in `python -m benchmarks`")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="as in `mqwen-bench`")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.reps < 1:
@@ -40,11 +40,12 @@ def main(argv=None):
     import torch
     from transformers import CompileConfig
 
+    from mqwen.convert.build import build_processor
+
     from .contenders import build_mqwen, greedy_config, make_tokenizer
     from .figures import _generate, random_photos
     from .shapes import pick
     from .timing import interleave, use_clock
-    from mqwen.convert.tiny import build_processor
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,7 +19,7 @@ import torch
 from transformers import GenerationConfig
 
 from mqwen import MQwenConfig, MQwenForCausalLM, MQwenVisionConfig
-from mqwen.convert.tiny import build_processor
+from mqwen.convert.build import build_processor
 from mqwen.convert.tokenizer import train_qwen_style_tokenizer, wrap_as_transformers_tokenizer
 from mqwen.processing_mqwen import CHAT_TEMPLATE
 
@@ -235,7 +235,9 @@ def check_same_logits(contenders: Contenders, images, atol=1e-4):
     """
     prompts = [contenders.mqwen_processor.caption_prompt() for _ in images]
     ours = contenders.mqwen_processor(images=images, text=prompts)
-    theirs = contenders.llava_processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+    theirs = contenders.llava_processor(
+        images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt"
+    )
     if not torch.equal(ours["input_ids"], theirs["input_ids"]):
         raise RuntimeError(
             f"MQwen and LLaVA processors disagree on the prompt: {ours['input_ids'].shape} vs "

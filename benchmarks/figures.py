@@ -3,14 +3,12 @@
 Each figure function runs its contenders interleaved (`timing.interleave`) and returns table rows.
 """
 
-import time
-
 import numpy as np
 import torch
 
 from .contenders import greedy_config
 from .report import Row
-from .timing import StepClock, Stats, interleave, now, synchronize, unit
+from .timing import Stats, StepClock, interleave, now, synchronize, unit
 
 
 def random_photos(n, size, seed=0):
@@ -73,8 +71,8 @@ def decode_figure(c, shapes, device, dtype, reps, warmup):
     return [
         Row(
             "1",
-            f"decode tokens/{unit()}, batch 1, context {context} (incl. {c.mqwen.config.image_seq_length} image tokens), "
-            f"{shapes.decode_tokens} new",
+            f"decode tokens/{unit()}, batch 1, context {context} "
+            f"(incl. {c.mqwen.config.image_seq_length} image tokens), {shapes.decode_tokens} new",
             "MQwen",
             stats["MQwen"]["decode tokens/s"],
             "AutoModelForCausalLM, same text config and weights",

@@ -1,11 +1,12 @@
-"""`python -m benchmarks.gguf`: caption latency on CPU, llama.cpp (f16, q8_0) against MQwen in torch fp32.
+"""`python -m mqwen.benchmarks.gguf`: caption latency on CPU, llama.cpp (f16, q8_0) against MQwen in torch fp32.
 
 Same model, same images, same prompt, greedy, one image at a time, the same number of CPU threads for both.
-The model is exported with `python -m convert gguf` at each outtype; llama.cpp runs through
+The model is exported with `mqwen-convert gguf` at each outtype; llama.cpp runs through
 llama-cpp-python (built by scripts/build_llama_cpp.sh) in its own process, timed per image after loading.
 Writes benchmarks/RESULTS-gguf.md and RESULTS-gguf.json.
 
-    python -m benchmarks.gguf MODEL_DIR IMAGES_DIR --llama-cpp-python ~/.cache/mqwen-ci/llama-cpp-python-0.3.36-cls-first/bin/python
+    python -m mqwen.benchmarks.gguf MODEL_DIR IMAGES_DIR \\
+        --llama-cpp-python ~/.cache/mqwen-ci/llama-cpp-python-0.3.36-cls-first/bin/python
 """
 
 import argparse
@@ -22,30 +23,40 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def llama_cpp_command(python, lm, mmproj, prompt_file, out, images, max_new_tokens, threads=None) -> list:
+    """The command that captions `images` with llama.cpp: `llama_cpp_caption.py` run by `python`, the interpreter
+    of the environment llama-cpp-python is built in; it writes its captions and timings to `out` (JSON)."""
+    command = [python, str(HERE / "llama_cpp_caption.py"), "--model", str(lm), "--mmproj", str(mmproj)]
+    command += ["--prompt-file", str(prompt_file), "--out", str(out), "--max-new-tokens", str(max_new_tokens)]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    return command + [str(image) for image in images]
+
+
 def mqwen_latencies(model_dir, images, threads, max_new_tokens):
     import torch
     from PIL import Image
 
-    from mqwen import MQwenForCausalLM
-    from mqwen.processing_mqwen import MQwenProcessor
-    from mqwen.train.eval import generate_captions
+    from ..runtime import caption_images, load_for_inference
 
     torch.set_num_threads(threads)
-    model = MQwenForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = MQwenProcessor.from_pretrained(model_dir)
+    model, processor = load_for_inference(model_dir, device="cpu", dtype="float32")
     captions, seconds = {}, []
     with torch.no_grad():
         for path in images:
             image = Image.open(path).convert("RGB")
             start = time.perf_counter()
-            captions[path.name] = generate_captions(model, processor, [image], max_new_tokens=max_new_tokens)[0]
+            captions[path.name] = next(caption_images(model, processor, [image], max_new_tokens=max_new_tokens))
             seconds.append(time.perf_counter() - start)
     return {"captions": captions, "seconds_per_image": seconds}, processor.caption_prompt()
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gguf", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mqwen.benchmarks.gguf",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("model_dir")
     parser.add_argument("images_dir", help="a folder of images (captions.jsonl beside them adds exact match)")
     parser.add_argument("--llama-cpp-python", required=True, help="python of the environment with llama_cpp")
@@ -60,11 +71,15 @@ def main(argv=None):
     images = sorted(p for p in Path(args.images_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     images = images[: args.limit]
     truth_file = Path(args.images_dir) / "captions.jsonl"
-    truth = ({r["file"]: r["caption"] for r in map(json.loads, truth_file.read_text().splitlines())}
-             if truth_file.is_file() else {})
+    truth = (
+        {r["file"]: r["caption"] for r in map(json.loads, truth_file.read_text().splitlines())}
+        if truth_file.is_file()
+        else {}
+    )
     results = {}
-    results["MQwen torch fp32"], prompt = mqwen_latencies(Path(args.model_dir), images, args.threads,
-                                                          args.max_new_tokens)
+    results["MQwen torch fp32"], prompt = mqwen_latencies(
+        Path(args.model_dir), images, args.threads, args.max_new_tokens
+    )
     sizes = {"MQwen torch fp32": sum(p.stat().st_size for p in Path(args.model_dir).glob("*.safetensors"))}
     with tempfile.TemporaryDirectory() as tmp:
         prompt_file = Path(tmp) / "prompt.txt"
@@ -72,10 +87,10 @@ def main(argv=None):
         for outtype in ("f16", "q8_0"):
             lm, mmproj = export_gguf(args.model_dir, Path(tmp) / outtype, outtype, progress=False)
             out = Path(tmp) / f"{outtype}.json"
-            subprocess.run([args.llama_cpp_python, str(HERE / "llama_cpp_caption.py"), "--model", str(lm),
-                            "--mmproj", str(mmproj), "--prompt-file", str(prompt_file), "--out", str(out),
-                            "--threads", str(args.threads), "--max-new-tokens", str(args.max_new_tokens),
-                            *map(str, images)], check=True)
+            command = llama_cpp_command(
+                args.llama_cpp_python, lm, mmproj, prompt_file, out, images, args.max_new_tokens, args.threads
+            )
+            subprocess.run(command, check=True)
             name = f"llama.cpp {outtype}"
             results[name] = json.loads(out.read_text())
             sizes[name] = lm.stat().st_size + mmproj.stat().st_size
@@ -86,29 +101,43 @@ def main(argv=None):
     for name, result in results.items():
         median = statistics.median(result["seconds_per_image"])
         same = sum(result["captions"][p.name] == reference["captions"][p.name] for p in images)
-        exact = (f"{sum(result['captions'][p.name] == truth.get(p.name) for p in images) / len(images):.0%}"
-                 if truth else "-")
-        rows.append(f"| {name} | {median * 1000:.1f} | {median / base:.2f} | {sizes[name] / 1e6:.2f} | "
-                    f"{same}/{len(images)} | {exact} |")
-    table = "\n".join(["| runtime | median caption latency (ms) | ÷ MQwen torch fp32 | files (MB) | captions equal "
-                       "MQwen's | exact match |", "|---|---|---|---|---|---|", *rows])
+        exact = (
+            f"{sum(result['captions'][p.name] == truth.get(p.name) for p in images) / len(images):.0%}"
+            if truth
+            else "-"
+        )
+        rows.append(
+            f"| {name} | {median * 1000:.1f} | {median / base:.2f} | {sizes[name] / 1e6:.2f} | "
+            f"{same}/{len(images)} | {exact} |"
+        )
+    table = "\n".join(
+        [
+            "| runtime | median caption latency (ms) | ÷ MQwen torch fp32 | files (MB) | captions equal "
+            "MQwen's | exact match |",
+            "|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
     from safetensors import safe_open
 
     parameters = 0
     for file in Path(args.model_dir).glob("*.safetensors"):
         with safe_open(file, "np") as f:
             parameters += sum(int(__import__("numpy").prod(f.get_slice(k).get_shape())) for k in f.keys())
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} thread(s) "
-               f"for both runtimes, 1-minute load average {os.getloadavg()[0]:.1f} at the end (a shared machine: "
-               f"other jobs ran at the same time); Python {platform.python_version()}; model "
-               f"{Path(args.model_dir).resolve()} ({parameters / 1e6:.2f} M parameters); {len(images)} images from "
-               f"{args.images_dir}, greedy, at most {args.max_new_tokens} new tokens; latency per image excludes "
-               f"loading")
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} thread(s) "
+        f"for both runtimes, 1-minute load average {os.getloadavg()[0]:.1f} at the end (a shared machine: "
+        f"other jobs ran at the same time); Python {platform.python_version()}; model "
+        f"{Path(args.model_dir).resolve()} ({parameters / 1e6:.2f} M parameters); {len(images)} images from "
+        f"{args.images_dir}, greedy, at most {args.max_new_tokens} new tokens; latency per image excludes "
+        f"loading"
+    )
     report = f"# GGUF export: caption latency on CPU\n\n{table}\n\nMachine: {machine}.\n"
     print(report)
     Path(args.out).write_text(report)
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"machine": machine, "results": results,
-                                                               "sizes": sizes}, indent=1))
+    Path(args.out).with_suffix(".json").write_text(
+        json.dumps({"machine": machine, "results": results, "sizes": sizes}, indent=1)
+    )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.input_checks`: what MQwen's input checks cost next to the forward they guard.
+"""`python -m mqwen.benchmarks.input_checks`: what MQwen's input checks cost next to the forward they guard.
 
 `MQwenModel._check_inputs` runs at the top of every forward: types, dtypes and shapes always; token-id ranges
 on the CPU; one min/max pass over the pixels when images are given. This times the checks alone and the whole
@@ -13,8 +13,8 @@ import time
 import torch
 
 EXAMPLES = """examples:
-  python -m benchmarks.input_checks                 # batch 8, 2 images of 224 px for the prefill
-  python -m benchmarks.input_checks --repeats 2000 --batch 1
+  python -m mqwen.benchmarks.input_checks                 # batch 8, 2 images of 224 px for the prefill
+  python -m mqwen.benchmarks.input_checks --repeats 2000 --batch 1
 """
 
 
@@ -32,8 +32,12 @@ def timed(fn, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.input_checks", description=__doc__.split("\n")[0],
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mqwen.benchmarks.input_checks",
+        description=__doc__.split("\n")[0],
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--batch", type=int, default=8, help="samples per forward (default 8)")
     parser.add_argument("--repeats", type=int, default=300, help="timed calls per case (default 300)")
     args = parser.parse_args(argv)
@@ -57,20 +61,35 @@ def main(argv=None):
     decode = dict(input_ids=prompt[:, -1:], attention_mask=torch.ones(batch, prompt.shape[1] + 1, dtype=torch.long))
     cases = {
         "decode step (1 token, cached)": (decode, {"past_key_values": cache}),
-        f"prefill, {batch} images of 224 px": (dict(input_ids=image_ids, pixel_values=pixels,
-                                                    attention_mask=torch.ones_like(image_ids)), {}),
-        "training step with labels": (dict(input_ids=image_ids, pixel_values=pixels, labels=image_ids.clone(),
-                                           attention_mask=torch.ones_like(image_ids)), {}),
+        f"prefill, {batch} images of 224 px": (
+            dict(input_ids=image_ids, pixel_values=pixels, attention_mask=torch.ones_like(image_ids)),
+            {},
+        ),
+        "training step with labels": (
+            dict(
+                input_ids=image_ids,
+                pixel_values=pixels,
+                labels=image_ids.clone(),
+                attention_mask=torch.ones_like(image_ids),
+            ),
+            {},
+        ),
     }
     print(f"tiny MQwen, batch {batch}, one thread, median CPU time of {args.repeats} calls (forward: a tenth as many)")
     print(f"| {'case':<34} | checks (us) | forward (ms) | share |")
     print(f"|{'-' * 36}|-------------|--------------|-------|")
     for name, (inputs, extra) in cases.items():
-        check_args = (inputs["input_ids"], inputs.get("pixel_values"), inputs.get("attention_mask"), None,
-                      inputs.get("labels"), extra)
-        checks = timed(lambda: model._check_inputs(*check_args), args.repeats)
+        check_args = (
+            inputs["input_ids"],
+            inputs.get("pixel_values"),
+            inputs.get("attention_mask"),
+            None,
+            inputs.get("labels"),
+            extra,
+        )
+        checks = timed(lambda check_args=check_args: model._check_inputs(*check_args), args.repeats)
 
-        def forward():
+        def forward(inputs=inputs, extra=extra):
             with torch.no_grad():
                 model(**inputs, **extra)
             if extra:

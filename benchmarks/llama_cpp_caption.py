@@ -20,14 +20,14 @@ from pathlib import Path
 
 
 def caption_images(model, mmproj, prompt, images, max_new_tokens=24, threads=1):
-    import numpy as np
-
     import llama_cpp
     import llama_cpp.mtmd_cpp as mtmd
+    import numpy as np
 
     start = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=str(model), n_ctx=1024, n_batch=512, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(model), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
     params = mtmd.mtmd_context_params_default()
     params.use_gpu = False
     params.print_timings = False
@@ -92,8 +92,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("images", nargs="+")
     args = parser.parse_args(argv)
-    result = caption_images(args.model, args.mmproj, Path(args.prompt_file).read_text(), args.images,
-                            args.max_new_tokens, args.threads)
+    result = caption_images(
+        args.model, args.mmproj, Path(args.prompt_file).read_text(), args.images, args.max_new_tokens, args.threads
+    )
     result["chat_template"] = chat_template_of(args.model)
     Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

@@ -55,7 +55,7 @@ def from_pretrained_figure(c, shapes, workdir):
 
 
 def build_available() -> bool:
-    """Whether `python -m convert build` exists in this checkout."""
+    """Whether `mqwen-convert build` exists in this checkout."""
     return importlib.util.find_spec("mqwen.convert.build") is not None
 
 
@@ -83,7 +83,7 @@ def write_sharded_lm(shapes, folder, seed=0):
 
 
 def build_figure(c, shapes, workdir):
-    """Peak RSS of `python -m convert build` (above a bare interpreter with torch and transformers
+    """Peak RSS of `mqwen-convert build` (above a bare interpreter with torch and transformers
     imported) ÷ the largest shard of the ~1 GB sharded language model it assembles."""
     workdir = Path(workdir)
     lm_dir = write_sharded_lm(shapes, workdir / "lm")
@@ -109,7 +109,7 @@ def build_figure(c, shapes, workdir):
             "4",
             f"peak RSS MB of `convert build` above the imports ({total / MB:.0f} MB LM in "
             f"{len(list(lm_dir.glob('*.safetensors')))} shards, <= {seconds:.0f} s)",
-            "python -m convert build",
+            "mqwen-convert build",
             Stats(peaks),
             "largest LM shard MB",
             Stats([shard / MB]),

@@ -4,7 +4,6 @@ import datetime
 import os
 import platform
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,8 +72,7 @@ def _triple(stats: Stats) -> str:
 def markdown_table(rows) -> str:
     """min / **median** / max of each side, the ratio of medians (ours / reference) and the target."""
     lines = [
-        "| # | metric | MQwen | min / **median** / max | reference | min / **median** / max "
-        "| ratio | target | met |",
+        "| # | metric | MQwen | min / **median** / max | reference | min / **median** / max | ratio | target | met |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -129,7 +127,7 @@ def render(rows, machine: dict, settings: dict, notes, load_before: str, load_af
     parts = [
         "# MQwen benchmark results",
         "",
-        f"`{' '.join(['python -m benchmarks', *sys.argv[1:]])}`, {when}, {elapsed_s / 60:.1f} min.",
+        f"`{' '.join(['mqwen-bench', *sys.argv[1:]])}`, {when}, {elapsed_s / 60:.1f} min.",
         "",
         "Machine: " + ", ".join(f"{key} {value}" for key, value in machine.items()) + ".",
         f"Load average (1 / 5 / 15 min) before: {load_before}; after: {load_after}.",
@@ -144,18 +142,3 @@ def render(rows, machine: dict, settings: dict, notes, load_before: str, load_af
     if notes:
         parts += ["", "Notes:", ""] + [f"- {note}" for note in notes]
     return "\n".join(parts) + "\n"
-
-
-def write_atomically(path, text: str) -> Path:
-    """Write to a temporary file next to `path`, then rename over it: readers never see half a table."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -17,7 +17,6 @@ imports of torch, transformers and mqwen occupy is subtracted, so the figure is 
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading

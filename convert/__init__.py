@@ -1,7 +1,7 @@
-"""Building and publishing MQwen checkpoints (`python -m convert --help`).
+"""Building and publishing MQwen checkpoints (`mqwen-convert --help`).
 
-- `tiny.py`       a tiny random checkpoint for tests and examples (`python -m convert tiny`)
-- `build.py`      `python -m convert build`: pretrained LLM + CLIP ViT -> Hub-ready MQwen folder
+- `tiny.py`       a tiny random checkpoint for tests and examples (`mqwen-convert tiny`)
+- `build.py`      `mqwen-convert build`: pretrained LLM + CLIP ViT -> Hub-ready MQwen folder
 - `vision.py`     every vision source -> OpenCLIP-layout weights + vision config (the one key mapping)
 - `llm.py`        the LLM's weights, vocabulary growth for `<image>`, and its tensor plan
 - `chat_template.py` the LLM's own chat template, made to render image parts (or ChatML, with a warning)
@@ -11,5 +11,5 @@
 - `hub.py`        weight-file discovery and minimal Hub downloads
 - `staging.py`    write to a temporary folder, rename into place at the end
 - `card.py`       the model card
-- `push.py`       `python -m convert push`: one-commit upload with huggingface_hub
+- `push.py`       `mqwen-convert push`: one-commit upload with huggingface_hub
 """

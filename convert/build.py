@@ -1,4 +1,4 @@
-"""`python -m convert build`: assemble a Hub-ready MQwen folder from a pretrained LLM and a CLIP vision tower.
+"""`mqwen-convert build`: assemble a Hub-ready MQwen folder from a pretrained LLM and a CLIP vision tower.
 
 Order of work, chosen so that bad input fails before anything heavy runs and memory stays near one tensor:
 
@@ -13,9 +13,12 @@ Order of work, chosen so that bad input fails before anything heavy runs and mem
    to --dtype, written and freed (`shards.write_sharded`), into a temporary folder renamed at the end.
 """
 
+from __future__ import annotations
+
 import logging
-import shlex
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,26 +35,27 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def build(
-    llm,
-    vision,
-    out_dir,
-    dtype=None,
-    image_token_pooling=1,
-    projector=None,
-    projector_type=None,
-    overwrite=False,
-    allow_pickle=False,
-    push_to_hub=None,
-    private=False,
-    max_shard_size="5GB",
-    seed=0,
-    command=None,
-):
-    """Build an MQwen checkpoint in `out_dir` and return its path. See `python -m convert build --help`."""
-    from mqwen import MQwenConfig, MQwenForCausalLM, MQwenVisionConfig
+    llm: str,
+    vision: str,
+    out_dir: str | Path,
+    dtype: str | None = None,
+    image_token_pooling: int = 1,
+    projector: str | None = None,
+    projector_type: str | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    max_shard_size: str | int = "5GB",
+    seed: int = 0,
+    command: str | None = None,
+) -> Path:
+    """Build an MQwen checkpoint in `out_dir` and return its path. See `mqwen-convert build --help`.
 
-    from .projector import PROJECTOR_PREFIX, check_projector, fresh_projector, projector_type_of, read_projector
-    from .staging import check_destination, staged_folder
+    The steps of the module docstring, one function each: `_open_sources` (1), `load_vision` (2),
+    `_text_side` (3), `_meta_model` (4), `_tensor_plan` (5), `_write` (6), then an optional push.
+    """
+    from .staging import check_destination
     from .vision import load_vision
 
     # 1. cheap checks first
@@ -59,6 +63,65 @@ def build(
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     max_bytes = parse_size(max_shard_size)
+    sources = _open_sources(llm, projector, projector_type, allow_pickle)
+    target_dtype = DTYPES[dtype] if dtype else _source_dtype(sources.readers)
+
+    # 2. vision
+    print(f"Vision: reading {vision}")
+    vision_weights = load_vision(vision, allow_pickle)
+    print(f"Vision: {vision_weights.source}")
+
+    # 3. the language model's config and tokenizer, with `<image>`
+    text_config, tokenizer, vocabulary = _text_side(sources, target_dtype)
+
+    # 4. config + meta model: the single statement of what the checkpoint holds
+    config, model, expected = _meta_model(
+        text_config, vision_weights, vocabulary, image_token_pooling, sources.projector_type, target_dtype
+    )
+    projector_state = _projector_weights(sources, model, config, expected, seed)
+
+    # 5. the plan: every output tensor's name, dtype, shape and producer, in writing order
+    plan = _tensor_plan(vision_weights, projector_state, sources.readers, model, vocabulary, target_dtype, expected)
+
+    # 6. write, into a temporary folder renamed to OUT_DIR at the end
+    processor = _processor(tokenizer, config, vision_weights)
+    qwen_v1 = sources.qwen_v1
+    generation_config = qwen_v1.generation_config(tokenizer) if qwen_v1 else _generation_config(sources.llm, tokenizer)
+    card = dict(
+        llm_name=sources.llm.name,
+        llm_id=sources.llm.hub_id,
+        vision=vision_weights,
+        dtype=_dtype_name(target_dtype),
+        projector_source=Path(projector).name if projector else None,
+        command=command or "mqwen.convert.build.build(...)",
+        repo_id=push_to_hub,
+    )
+    _write(out_dir, overwrite, plan, max_bytes, sources, model, config, processor, generation_config, card)
+    print(f"Built {out_dir}")
+    if push_to_hub:
+        from .push import push
+
+        print(push(out_dir, push_to_hub, private=private))
+    return Path(out_dir)
+
+
+@dataclass
+class _Sources:
+    """The opened inputs of a build: the LLM (and its weight readers), Qwen v1 handling, the projector."""
+
+    llm: Any
+    qwen_v1: Any
+    readers: list
+    projector: str | None
+    projector_state: dict | None
+    projector_type: str | None
+
+
+def _open_sources(llm, projector, projector_type, allow_pickle) -> _Sources:
+    """Find the LLM's weights and open them (a Qwen v1 checkpoint through its converter); read --projector and
+    check it is of --projector-type."""
+    from .projector import projector_type_of, read_projector
+
     source = resolve_llm(llm, allow_pickle)
     qwen_v1 = QwenV1.detect(source.folder)  # the original Qwen: converted to Qwen2 (qwen_v1.py); else None
     projector_state = read_projector(projector, allow_pickle) if projector else None
@@ -71,23 +134,26 @@ def build(
     if qwen_v1:
         print(qwen_v1.notice())
         readers = qwen_v1.wrap_readers(readers)
-    target_dtype = DTYPES[dtype] if dtype else _source_dtype(readers)
+    return _Sources(source, qwen_v1, readers, projector, projector_state, projector_type)
 
-    # 2. vision
-    print(f"Vision: reading {vision}")
-    vision_weights = load_vision(vision, allow_pickle)
-    print(f"Vision: {vision_weights.source}")
 
-    # 3. the language model's config and tokenizer, with `<image>`
-    text_config, tokenizer = qwen_v1.text_side() if qwen_v1 else _load_text_side(source)
+def _text_side(sources: _Sources, target_dtype):
+    """(text config, tokenizer with `<image>` and a pad token, vocabulary): the LLM's own, made ready for MQwen."""
+    source = sources.llm
+    text_config, tokenizer = sources.qwen_v1.text_side() if sources.qwen_v1 else _load_text_side(source)
     vocabulary = Vocabulary(len(tokenizer), text_config.vocab_size, add_image_token(tokenizer))
     text_config.vocab_size = vocabulary.rows
     text_config._name_or_path = source.hub_id or ""
     _set_dtype(text_config, target_dtype)
     _adopt_chat_template(tokenizer)
     ensure_pad_token(tokenizer, getattr(text_config, "pad_token_id", None))
+    return text_config, tokenizer, vocabulary
 
-    # 4. config + meta model: the single statement of what the checkpoint holds
+
+def _meta_model(text_config, vision_weights, vocabulary, image_token_pooling, projector_type, target_dtype):
+    """(config, MQwenForCausalLM on the meta device, its expected tensors): what the checkpoint must hold."""
+    from mqwen import MQwenConfig, MQwenForCausalLM, MQwenVisionConfig
+
     try:
         config = MQwenConfig(
             text_config=text_config,
@@ -102,13 +168,26 @@ def build(
     with torch.device("meta"):
         model = MQwenForCausalLM(config)
     expected, _ = meta_state(model)
-    if projector_state is None:
-        projector_state = fresh_projector(model, seed)
-    else:
-        needed = {n[len(PROJECTOR_PREFIX) :]: s for n, s in expected.items() if n.startswith(PROJECTOR_PREFIX)}
-        check_projector(projector_state, needed, projector, config.vision_config.width, text_config.hidden_size)
+    return config, model, expected
 
-    # 5. the plan: every output tensor's name, dtype, shape and producer, in writing order
+
+def _projector_weights(sources: _Sources, model, config, expected, seed) -> dict:
+    """--projector's weights, checked against the model's projector shapes, or a fresh init from `seed`."""
+    from .projector import PROJECTOR_PREFIX, check_projector, fresh_projector
+
+    if sources.projector_state is None:
+        return fresh_projector(model, seed)
+    needed = {n[len(PROJECTOR_PREFIX) :]: s for n, s in expected.items() if n.startswith(PROJECTOR_PREFIX)}
+    check_projector(
+        sources.projector_state, needed, sources.projector, config.vision_config.width, config.text_config.hidden_size
+    )
+    return sources.projector_state
+
+
+def _tensor_plan(vision_weights, projector_state, readers, model, vocabulary, target_dtype, expected) -> list:
+    """Every output tensor in writing order (vision, projector, LLM), checked against the meta model's names."""
+    from .projector import PROJECTOR_PREFIX
+
     vision_state = vision_weights.state_dict
     plan = [
         TensorPlan(VISION_PREFIX + name, target_dtype, tuple(t.shape), lambda name=name: vision_state.pop(name))
@@ -122,43 +201,33 @@ def build(
     drift = set(expected) ^ {entry.name for entry in plan}
     if drift:  # a renamed module in modeling_mqwen.py would surface here, not as random weights after loading
         raise ConvertError(f"Internal error: planned tensor names differ from MQwenForCausalLM's: {sorted(drift)[:6]}")
+    return plan
 
-    # 6. write, into a temporary folder renamed to OUT_DIR at the end
-    processor = _processor(tokenizer, config, vision_weights)
-    generation_config = qwen_v1.generation_config(tokenizer) if qwen_v1 else _generation_config(source, tokenizer)
-    total = sum(entry.nbytes for entry in plan)
-    print(f"Writing {len(plan)} tensors ({total / 1e9:.2f} GB, {_dtype_name(target_dtype)}) to {out_dir}")
+
+def _write(out_dir, overwrite, plan, max_bytes, sources, model, config, processor, generation_config, card):
+    """Stream the planned tensors into shards, then the metadata and the model card, into a staged folder."""
     from tqdm.auto import tqdm
 
     from .card import read_card_license, write_model_card
+    from .staging import staged_folder
 
+    total = sum(entry.nbytes for entry in plan)
+    print(f"Writing {len(plan)} tensors ({total / 1e9:.2f} GB, {card['dtype']}) to {out_dir}")
     with staged_folder(out_dir, overwrite) as staging:
         with tqdm(total=total, unit="B", unit_scale=True, desc="Writing weights") as progress:
             write_sharded(staging, plan, max_bytes, progress)
-        for reader in readers:
+        for reader in sources.readers:
             reader.close()
-        del plan  # every vision tensor was popped as it was written
+        plan.clear()  # every vision tensor was popped as it was written
         _save_metadata(staging, model, config, processor, generation_config)
         write_model_card(
             staging / "README.md",
-            llm_name=source.name,
-            llm_id=source.hub_id,
-            llm_license=read_card_license(source.folder / "README.md"),
-            vision=vision_weights,
+            llm_license=read_card_license(sources.llm.folder / "README.md"),
             config=config,
-            dtype=_dtype_name(target_dtype),
-            projector_source=Path(projector).name if projector else None,
-            command=command or "mqwen.convert.build.build(...)",
-            repo_id=push_to_hub,
+            **card,
         )
-        if qwen_v1:
-            qwen_v1.add_card_section(staging / "README.md")
-    print(f"Built {out_dir}")
-    if push_to_hub:
-        from .push import push
-
-        print(push(out_dir, push_to_hub, private=private))
-    return Path(out_dir)
+        if sources.qwen_v1:
+            sources.qwen_v1.add_card_section(staging / "README.md")
 
 
 def _dtype_name(dtype):
@@ -183,7 +252,9 @@ def _load_text_side(source):
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        return AutoConfig.from_pretrained(source.folder), forget_load_location(AutoTokenizer.from_pretrained(source.folder))
+        return AutoConfig.from_pretrained(source.folder), forget_load_location(
+            AutoTokenizer.from_pretrained(source.folder)
+        )
     except Exception as error:
         raise ConvertError(
             f"transformers could not load the LLM's config or tokenizer from {source.folder}: {error}"
@@ -192,8 +263,6 @@ def _load_text_side(source):
 
 def _processor(tokenizer, config, vision_weights):
     """MQwen's processor with the vision source's normalisation, resampling filter and resize mode."""
-    from .tiny import build_processor
-
     processor = build_processor(tokenizer, config.vision_config, config.image_seq_length)
     processor.chat_template = tokenizer.chat_template  # the LLM's own, image-aware (`_adopt_chat_template`)
     image_processor = processor.image_processor
@@ -245,27 +314,42 @@ def _save_metadata(folder, model, config, processor, generation_config):
     processor.save_pretrained(folder)  # tokenizer, chat template, image processor, processing_mqwen.py
 
 
-def _public(arg):
+def public_argument(arg: str) -> str:
     """A command-line argument fit for a public model card: absolute local paths shortened to their name."""
     path = Path(str(arg))
     return path.name if path.is_absolute() and path.exists() else str(arg)
 
 
-def main(args):
-    build(
-        args.llm,
-        args.vision,
-        args.out_dir,
-        dtype=args.dtype,
-        image_token_pooling=args.image_token_pooling,
-        projector=args.projector,
-        projector_type=args.projector_type,
-        overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle,
-        push_to_hub=args.push_to_hub,
-        private=args.private,
-        max_shard_size=args.max_shard_size,
-        seed=args.seed,
-        command="python -m convert " + " ".join(shlex.quote(_public(arg)) for arg in args.argv),
+def build_processor(
+    tokenizer: Any, vision_config: Any, image_seq_length: int, caption_instruction: str | None = None
+) -> Any:
+    """MQwen's processor: a CLIP image processor at the vision tower's size and normalisation, `tokenizer`
+    (given MQwen's ChatML template if it has none) and the caption instruction."""
+    from transformers import CLIPImageProcessor
+
+    from mqwen.processing_mqwen import CHAT_TEMPLATE, DEFAULT_CAPTION_INSTRUCTION, MQwenProcessor
+
+    size = vision_config.image_size
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(vision_config.image_mean),
+        image_std=list(vision_config.image_std),
     )
-    return 0
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return MQwenProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        image_seq_length=image_seq_length,
+        caption_instruction=caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
+    )
+
+
+def generation_defaults(tokenizer: Any) -> Any:
+    """Qwen2.5-Instruct's stopping behaviour: stop on <|im_end|> or <|endoftext|>, pad with <|endoftext|>."""
+    from transformers import GenerationConfig
+
+    stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    return GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, do_sample=False)

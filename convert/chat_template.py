@@ -79,7 +79,9 @@ def image_aware_chat_template(tokenizer, fallback: str):
                 "The LLM's chat template%s %s, so the built folder uses MQwen's ChatML instead. What changes: every "
                 "conversation renders as <|im_start|>role\\n...<|im_end|> with the default system prompt 'You are "
                 "a helpful assistant.', tool definitions and tool calls are not rendered, and template options "
-                "(e.g. enable_thinking) are ignored.", f" {name!r}" if name else "", problem,
+                "(e.g. enable_thinking) are ignored.",
+                f" {name!r}" if name else "",
+                problem,
             )
             return fallback
         wrapped[name] = with_image_parts(template)

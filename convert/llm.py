@@ -131,8 +131,11 @@ def plan_language_model(readers, model, vocabulary, dtype):
     planned = {entry.name: tuple(entry.shape) for entry in plan}
     expected_lm = {name: shape for name, shape in expected.items() if name.startswith(LM_PREFIX)}
     missing = sorted(set(expected_lm) - set(planned))
-    wrong = [f"{n}: {planned[n]} != {expected_lm[n]}" for n in sorted(set(planned) & set(expected_lm))
-             if planned[n] != tuple(expected_lm[n])]
+    wrong = [
+        f"{n}: {planned[n]} != {expected_lm[n]}"
+        for n in sorted(set(planned) & set(expected_lm))
+        if planned[n] != tuple(expected_lm[n])
+    ]
     if unexpected or missing or wrong:
         raise ConvertError(
             f"The LLM checkpoint does not match the {type(lm).__name__} transformers builds from its config: "

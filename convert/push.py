@@ -1,31 +1,24 @@
-"""`python -m convert push OUT_DIR REPO_ID`: publish a built folder to the Hub in one commit.
+"""`mqwen-convert push OUT_DIR REPO_ID`: publish a built folder to the Hub in one commit.
 
-The commit is made with `HfApi.create_commit` and one `CommitOperationAdd` per file, rather than
-`upload_folder`, because recent huggingface_hub releases may split a large `upload_folder` into several
-commits. Already-uploaded large files are deduplicated by the Hub, so after a network failure the same
-command simply runs again; the local folder is only ever read.
+The upload itself is `modeling_mqwen.publish_folder`, the same function `MQwenForCausalLM.push_to_hub(processor=)`
+uses (it lives in the Hub file so that remote code has it too). Already-uploaded large files are deduplicated by
+the Hub, so after a network failure the same command simply runs again; the local folder is only ever read.
 """
+
+from __future__ import annotations
 
 from pathlib import Path
 
+from ..modeling_mqwen import publish_folder
 from .errors import ConvertError
 from .hub import SAFE_INDEX, SAFE_SINGLE
 
 
-def folder_files(folder):
-    """Every file of the folder, as repo paths (posix, relative), in a stable order."""
-    folder = Path(folder)
-    return sorted(
-        path.relative_to(folder).as_posix()
-        for path in folder.rglob("*")
-        if path.is_file() and ".git" not in path.relative_to(folder).parts
-    )
-
-
-def check_publishable(folder):
+def check_publishable(folder: str | Path) -> None:
+    """A ConvertError unless `folder` holds a complete build (config, model card, weights)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConvertError(f"{folder} is not a folder. Build one first: python -m convert build ... {folder}")
+        raise ConvertError(f"{folder} is not a folder. Build one first: mqwen-convert build ... {folder}")
     missing = [name for name in ("config.json", "README.md") if not (folder / name).is_file()]
     if not ((folder / SAFE_SINGLE).is_file() or (folder / SAFE_INDEX).is_file()):
         missing.append(f"{SAFE_SINGLE} or {SAFE_INDEX}")
@@ -33,24 +26,21 @@ def check_publishable(folder):
         raise ConvertError(f"{folder} is not a complete MQwen build (missing {', '.join(missing)}).")
 
 
-def push(folder, repo_id, private=False, revision=None, commit_message=None, api=None):
-    """Create the repo if needed and upload every file of `folder` in one commit; returns the commit URL."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-
+def push(
+    folder: str | Path,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    api=None,
+) -> str:
+    """Check `folder` is a build, then publish it in one commit (`modeling_mqwen.publish_folder`, the function
+    behind `push_to_hub(processor=)` too); returns the commit URL."""
     folder = Path(folder)
     check_publishable(folder)
-    files = folder_files(folder)
-    api = api or HfApi()
     try:
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
-        info = api.create_commit(
-            repo_id,
-            operations=operations,
-            commit_message=commit_message or f"Upload MQwen checkpoint ({len(files)} files)",
-            revision=revision,
+        info = publish_folder(
+            folder, repo_id, private=private, revision=revision, commit_message=commit_message, api=api
         )
     except Exception as error:
         raise ConvertError(
@@ -58,9 +48,3 @@ def push(folder, repo_id, private=False, revision=None, commit_message=None, api
             "fix the cause (network, `hf auth login` / HF_TOKEN, repo permissions) and run the same command again."
         ) from error
     return info.commit_url
-
-
-def main(args):
-    url = push(args.out_dir, args.repo_id, args.private, args.revision, args.commit_message)
-    print(url)
-    return 0

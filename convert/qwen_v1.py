@@ -126,8 +126,10 @@ class QwenV1:
         if not self._get("no_bias", True):
             refusals.append("no_bias=false (Qwen2 has no bias on the attention output and MLP projections)")
         if self._get("use_cache_quantization", False):
-            refusals.append("use_cache_quantization=true (an 8-bit KV cache: set it to false; the converted "
-                            "model then equals v1 with a full-precision cache)")
+            refusals.append(
+                "use_cache_quantization=true (an 8-bit KV cache: set it to false; the converted "
+                "model then equals v1 with a full-precision cache)"
+            )
         if self._get("pos_emb", "rotary") != "rotary":
             refusals.append(f"pos_emb={self._get('pos_emb')!r}")
         if self._get("apply_residual_connection_post_layernorm", False):
@@ -135,7 +137,8 @@ class QwenV1:
         if refusals:
             raise ConvertError(
                 f"This Qwen v1 checkpoint ({where}) uses features that transformers' Qwen2 cannot reproduce exactly: "
-                + "; ".join(refusals) + "."
+                + "; ".join(refusals)
+                + "."
             )
 
     def text_config(self):
@@ -191,8 +194,11 @@ class QwenV1:
         source_file = self.folder / "generation_config.json"
         if source_file.is_file():
             source = json.loads(source_file.read_text())
-        kept = {key: source[key] for key in ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty",
-                                            "max_new_tokens") if key in source}
+        kept = {
+            key: source[key]
+            for key in ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty", "max_new_tokens")
+            if key in source
+        }
         if kept.get("top_k") == 0:  # v1 writes 0 for "no top-k"; transformers spells that None
             kept["top_k"] = None
         kept.setdefault("do_sample", False)
@@ -204,7 +210,8 @@ class QwenV1:
         beyond = (
             f"Beyond that, v1 switches on {' and '.join(f'`{n}`' for n in changes)}, which this Qwen2 model does\n"
             "not reproduce: longer sequences give different outputs from the original."
-            if changes else "v1 has no length-dependent attention switched on in this checkpoint."
+            if changes
+            else "v1 has no length-dependent attention switched on in this checkpoint."
         )
         return f"""
 ## Converted from the original Qwen (v1)
@@ -270,8 +277,10 @@ class QwenV1Reader:
         if part is None:
             return dtype, shape
         if shape[0] != 3 * self.hidden_size:
-            raise ConvertError(f"Qwen v1 {source} has shape {tuple(shape)}; expected 3 * hidden_size = "
-                               f"{3 * self.hidden_size} rows (q, k, v).")
+            raise ConvertError(
+                f"Qwen v1 {source} has shape {tuple(shape)}; expected 3 * hidden_size = "
+                f"{3 * self.hidden_size} rows (q, k, v)."
+            )
         return dtype, (self.hidden_size, *shape[1:])
 
     def get(self, key):

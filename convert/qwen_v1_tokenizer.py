@@ -41,8 +41,9 @@ def qwen_v1_backend_tokenizer(tiktoken_file):
     try:
         import tiktoken  # noqa: F401  (TikTokenConverter reads the ranks with it)
     except ImportError:
-        raise ConvertError("Converting Qwen v1's qwen.tiktoken needs the `tiktoken` package: pip install tiktoken") \
-            from None
+        raise ConvertError(
+            "Converting Qwen v1's qwen.tiktoken needs the `tiktoken` package: pip install tiktoken"
+        ) from None
     specials = dict(  # the converter adds them, in order, after the ranks (the keyword is 4.x's or 5.x's)
         additional_special_tokens=QWEN_V1_SPECIAL_TOKENS, extra_special_tokens=QWEN_V1_SPECIAL_TOKENS
     )
@@ -56,8 +57,10 @@ def qwen_v1_backend_tokenizer(tiktoken_file):
     ranks = tokenizer.get_vocab_size(with_added_tokens=False)
     first = tokenizer.token_to_id(QWEN_V1_SPECIAL_TOKENS[0])
     if first != ranks or tokenizer.get_vocab_size() != ranks + len(QWEN_V1_SPECIAL_TOKENS):
-        raise ConvertError(f"{tiktoken_file}: its {ranks} ranks are not numbered 0..{ranks - 1}, so v1's special "
-                           "token ids (which follow the ranks) cannot be reproduced.")
+        raise ConvertError(
+            f"{tiktoken_file}: its {ranks} ranks are not numbered 0..{ranks - 1}, so v1's special "
+            "token ids (which follow the ranks) cannot be reproduced."
+        )
     return tokenizer
 
 
@@ -69,8 +72,10 @@ def convert_qwen_v1_tokenizer(folder):
 
     tiktoken_file = Path(folder) / TIKTOKEN_FILE
     if not tiktoken_file.is_file():
-        raise ConvertError(f"Qwen v1 folder {folder} has no {TIKTOKEN_FILE}: copy it from the original checkpoint "
-                           "(it holds v1's vocabulary).")
+        raise ConvertError(
+            f"Qwen v1 folder {folder} has no {TIKTOKEN_FILE}: copy it from the original checkpoint "
+            "(it holds v1's vocabulary)."
+        )
     # MQwen's template is v1's chat format: ChatML, "You are a helpful assistant." unless a system turn is given.
     return forget_load_location(
         wrap_as_transformers_tokenizer(qwen_v1_backend_tokenizer(tiktoken_file), chat_template=CHAT_TEMPLATE)

@@ -12,9 +12,9 @@ The files are ordinary safetensors; the tests read them back with `safetensors.s
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -203,9 +203,7 @@ def write_safetensors(path, entries, progress=None, metadata=(("format", "pt"),)
         for entry in entries:
             tensor = entry.load()
             if tuple(tensor.shape) != tuple(entry.shape):
-                raise ConvertError(
-                    f"{entry.name}: produced shape {tuple(tensor.shape)}, planned {tuple(entry.shape)}"
-                )
+                raise ConvertError(f"{entry.name}: produced shape {tuple(tensor.shape)}, planned {tuple(entry.shape)}")
             flat = tensor.detach().cpu().contiguous().reshape(-1)
             # Converted piece by piece, so a dtype change never holds a second full copy of a large tensor.
             step = max(1, CHUNK_BYTES // entry.dtype.itemsize)

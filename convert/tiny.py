@@ -1,14 +1,17 @@
-"""`python -m convert tiny OUT_DIR`: a complete, random, tiny, Hub-ready MQwen checkpoint in seconds.
+"""`mqwen-convert tiny OUT_DIR`: a complete, random, tiny, Hub-ready MQwen checkpoint in seconds.
 
 Tests and examples use it; it has every file a published MQwen has (config with auto_map, safetensors,
 tokenizer with Qwen's special tokens and `<image>`, processor config, chat template, the three code files).
 """
 
-import json
+from __future__ import annotations
+
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .build import build_processor, generation_defaults
 from .tokenizer import train_qwen_style_tokenizer, wrap_as_transformers_tokenizer
 
 TINY_VISION = dict(image_size=56, patch_size=14, width=32, layers=2, heads=2, output_dim=16)
@@ -30,38 +33,9 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
-def build_processor(tokenizer, vision_config, image_seq_length, caption_instruction=None):
-    from transformers import CLIPImageProcessor
-
-    from mqwen.processing_mqwen import CHAT_TEMPLATE, DEFAULT_CAPTION_INSTRUCTION, MQwenProcessor
-
-    size = vision_config.image_size
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=list(vision_config.image_mean),
-        image_std=list(vision_config.image_std),
-    )
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return MQwenProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-        image_seq_length=image_seq_length,
-        caption_instruction=caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
-    )
-
-
-def generation_defaults(tokenizer):
-    """Qwen2.5-Instruct's stopping behaviour: stop on <|im_end|> or <|endoftext|>, pad with <|endoftext|>."""
-    from transformers import GenerationConfig
-
-    stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    return GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, do_sample=False)
-
-
-def build_tiny(seed=0, vision=None, text=None, tokenizer=None, **config_kwargs):
+def build_tiny(
+    seed: int = 0, vision: dict | None = None, text: dict | None = None, tokenizer: Any = None, **config_kwargs: Any
+) -> tuple[Any, Any]:
     """A tiny random MQwenForCausalLM and its processor (in memory)."""
     from mqwen import MQwenConfig, MQwenForCausalLM, MQwenVisionConfig
     from mqwen.processing_mqwen import CHAT_TEMPLATE
@@ -89,7 +63,7 @@ def build_tiny(seed=0, vision=None, text=None, tokenizer=None, **config_kwargs):
     return model, processor
 
 
-def save_checkpoint(model, processor, out_dir):
+def save_checkpoint(model: Any, processor: Any, out_dir: str | Path) -> Path:
     """Write model + processor as one Hub-ready folder (safetensors only)."""
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -97,12 +71,7 @@ def save_checkpoint(model, processor, out_dir):
     return out_dir
 
 
-def write_tiny(out_dir, seed=0, **kwargs):
+def write_tiny(out_dir: str | Path, seed: int = 0, **kwargs: Any) -> Path:
+    """A tiny random checkpoint (`build_tiny`) written to `out_dir`; returns the folder."""
     model, processor = build_tiny(seed=seed, **kwargs)
     return save_checkpoint(model, processor, out_dir)
-
-
-def main(args):
-    out = write_tiny(args.out_dir, seed=args.seed)
-    files = sorted(p.name for p in Path(out).iterdir())
-    print(json.dumps({"out_dir": str(out), "files": files}, indent=1))

@@ -121,6 +121,8 @@ def ensure_pad_token(tokenizer, pad_token_id=None):
         if tokenizer.eos_token is None:
             from .errors import ConvertError
 
-            raise ConvertError("The LLM's tokenizer has neither a pad nor an eos token; set one in its tokenizer_config.json.")
+            raise ConvertError(
+                "The LLM's tokenizer has neither a pad nor an eos token; set one in its tokenizer_config.json."
+            )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -331,7 +331,9 @@ def _openclip_weights(create, checkpoint, source):
     if resize_mode not in ("shortest", "squash"):
         logger.warning(
             "%s is preprocessed with resize_mode=%r, which CLIPImageProcessor cannot do; the processor resizes the "
-            "shortest side and center-crops instead.", source, resize_mode,
+            "shortest side and center-crops instead.",
+            source,
+            resize_mode,
         )
         resize_mode = "shortest"
     state_dict = {name: tensor.detach() for name, tensor in visual.state_dict().items()}

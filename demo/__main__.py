@@ -26,13 +26,18 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m mqwen.demo",
         description="Train a small MQwen to caption synthetic shapes on CPU, save it in the Hub format, reload it "
-                    "with pipeline(trust_remote_code=True) in a fresh process and report its test accuracy.",
+        "with pipeline(trust_remote_code=True) in a fresh process and report its test accuracy.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", dest="out_dir", default=DEFAULTS.out_dir, help=f"output folder (default: {DEFAULTS.out_dir})")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"tiny model, tiny data, {QUICK['max_steps']} steps: checks the pipeline, not the accuracy")
+    parser.add_argument(
+        "--out", dest="out_dir", default=DEFAULTS.out_dir, help=f"output folder (default: {DEFAULTS.out_dir})"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"tiny model, tiny data, {QUICK['max_steps']} steps: checks the pipeline, not the accuracy",
+    )
     parser.add_argument("--max-steps", type=int, help=f"optimizer steps (default: {DEFAULTS.max_steps})")
     parser.add_argument("--batch-size", type=int, help=f"training batch size (default: {DEFAULTS.batch_size})")
     parser.add_argument("--learning-rate", type=float, help=f"peak learning rate (default: {DEFAULTS.learning_rate})")
@@ -40,18 +45,27 @@ def parse_args(argv=None):
     parser.add_argument("--test-size", type=int, help=f"test images (default: {DEFAULTS.test_size})")
     parser.add_argument("--validation-size", type=int, help=f"validation images (default: {DEFAULTS.validation_size})")
     parser.add_argument("--seed", type=int, help=f"data and initialisation seed (default: {DEFAULTS.seed})")
-    parser.add_argument("--curriculum-steps", type=int,
-                        help=f"train only on single-shape images for the first N steps (default: "
-                             f"{DEFAULTS.curriculum_steps}; 0: off)")
-    parser.add_argument("--vision-warmup-steps", type=int,
-                        help=f"train the vision tower alone for the first N steps (default: "
-                             f"{DEFAULTS.vision_warmup_steps}; 0: off)")
-    parser.add_argument("--max-train-minutes", type=float,
-                        help="stop training after this many minutes even if --max-steps is not reached")
+    parser.add_argument(
+        "--curriculum-steps",
+        type=int,
+        help=f"train only on single-shape images for the first N steps (default: {DEFAULTS.curriculum_steps}; 0: off)",
+    )
+    parser.add_argument(
+        "--vision-warmup-steps",
+        type=int,
+        help=f"train the vision tower alone for the first N steps (default: {DEFAULTS.vision_warmup_steps}; 0: off)",
+    )
+    parser.add_argument(
+        "--max-train-minutes",
+        type=float,
+        help="stop training after this many minutes even if --max-steps is not reached",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--loader-workers", type=int,
-                        help=f"processes drawing training images (default: {DEFAULTS.loader_workers}; 0: in the "
-                             "training process)")
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        help=f"processes drawing training images (default: {DEFAULTS.loader_workers}; 0: in the training process)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
     settings = dict(QUICK) if args.quick else {}

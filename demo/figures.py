@@ -4,9 +4,10 @@ matplotlib runs with the non-interactive Agg backend, so the figures are written
 display. Files are written to a temporary name and renamed, so a PNG on disk is always complete.
 """
 
-import os
 import textwrap
 from pathlib import Path
+
+from ..convert.staging import staged_file
 
 
 def _pyplot():
@@ -19,12 +20,9 @@ def _pyplot():
 
 
 def _save(fig, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    with staged_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    return Path(path)
 
 
 def caption_grid(images, predicted, truth, path, columns=4, title=None):
@@ -37,16 +35,28 @@ def caption_grid(images, predicted, truth, path, columns=4, title=None):
     rows = -(-n // columns)
     # Each cell is an image with up to four caption lines below it (two predicted, two true); the row
     # spacing leaves room for them so a caption never runs into the next row's image.
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.9 * rows), squeeze=False,
-                             gridspec_kw=dict(hspace=0.3, wspace=0.08, top=0.93 if title else 0.98, bottom=0.07))
+    fig, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(3.2 * columns, 3.9 * rows),
+        squeeze=False,
+        gridspec_kw=dict(hspace=0.3, wspace=0.08, top=0.93 if title else 0.98, bottom=0.07),
+    )
     for ax in axes.flat:
         ax.axis("off")
     wrap = lambda s: "\n".join(textwrap.wrap(s, 34)) or "(empty)"  # noqa: E731
     for ax, image, pred, true in zip(axes.flat, images, predicted, truth):
         ax.imshow(image, interpolation="nearest")
         ok = pred == true
-        pred_text = ax.text(0, -0.03, f"pred: {wrap(pred)}", fontsize=8, transform=ax.transAxes, va="top",
-                            color="green" if ok else "red")
+        pred_text = ax.text(
+            0,
+            -0.03,
+            f"pred: {wrap(pred)}",
+            fontsize=8,
+            transform=ax.transAxes,
+            va="top",
+            color="green" if ok else "red",
+        )
         lines = pred_text.get_text().count("\n") + 1
         ax.text(0, -0.03 - 0.075 * lines, f"true: {wrap(true)}", fontsize=8, transform=ax.transAxes, va="top")
     if title:

@@ -71,8 +71,17 @@ class ModelSize:
 
 PRESETS = {
     "full": ModelSize(),
-    "quick": ModelSize(vision_width=32, vision_layers=1, vision_heads=2, hidden_size=32, intermediate_size=64,
-                       text_layers=1, attention_heads=2, kv_heads=1, image_token_pooling=2),
+    "quick": ModelSize(
+        vision_width=32,
+        vision_layers=1,
+        vision_heads=2,
+        hidden_size=32,
+        intermediate_size=64,
+        text_layers=1,
+        attention_heads=2,
+        kv_heads=1,
+        image_token_pooling=2,
+    ),
 }
 
 
@@ -94,8 +103,9 @@ def sincos_2d(grid: int, width: int):
 
     quarter = width // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
     codes = []
     for position in (rows.flatten(), cols.flatten()):
         angles = position[:, None] * omega[None, :]
@@ -110,8 +120,9 @@ def build_shapes_model(size: ModelSize = PRESETS["full"], seed: int = 0):
     from mqwen.processing_mqwen import CHAT_TEMPLATE, DEFAULT_CAPTION_INSTRUCTION, DEFAULT_SYSTEM_PROMPT
 
     corpus = tokenizer_corpus(DEFAULT_CAPTION_INSTRUCTION, DEFAULT_SYSTEM_PROMPT)
-    tokenizer = wrap_as_transformers_tokenizer(train_qwen_style_tokenizer(corpus, vocab_size=400),
-                                               chat_template=CHAT_TEMPLATE)
+    tokenizer = wrap_as_transformers_tokenizer(
+        train_qwen_style_tokenizer(corpus, vocab_size=400), chat_template=CHAT_TEMPLATE
+    )
     vision = dict(
         image_size=size.image_size,
         patch_size=size.patch_size,

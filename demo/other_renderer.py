@@ -70,8 +70,14 @@ def _layout(rng: np.random.Generator, size: int):
         left += shares[i]
         top = rng.uniform(edge, size - edge - sides[i])
         colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
-        shapes.append(DrawnShape(SHAPES[int(rng.integers(len(SHAPES)))], colour,
-                                 (left + sides[i] / 2, top + sides[i] / 2), float(sides[i])))
+        shapes.append(
+            DrawnShape(
+                SHAPES[int(rng.integers(len(SHAPES)))],
+                colour,
+                (left + sides[i] / 2, top + sides[i] / 2),
+                float(sides[i]),
+            )
+        )
         left += sides[i] + spacing
     return shapes
 

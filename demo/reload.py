@@ -3,7 +3,8 @@
 The main job runs this in a fresh Python process, so nothing of the training process (imported classes,
 registered auto classes, in-memory weights) can leak into the check: the model is loaded from its folder
 alone, through `pipeline("image-to-text", model=MODEL_DIR, trust_remote_code=True)`, i.e. from the code
-files saved next to the weights.
+files saved next to the weights. (This is the one tool that does not load through `mqwen.runtime`: checking
+transformers' own `pipeline` path is its job.)
 """
 
 import argparse
@@ -12,6 +13,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from ..convert.staging import write_atomically
 
 
 def parse_args(argv=None):
@@ -55,10 +58,7 @@ def main(argv=None):
         "caption_seconds": round(time.perf_counter() - start, 2),
         "captions": captions,
     }
-    out = Path(args.out_json)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    write_atomically(args.out_json, json.dumps(result, indent=1))
     return 0
 
 

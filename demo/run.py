@@ -51,8 +51,18 @@ class DemoSettings:
     extra: dict = field(default_factory=dict)
 
 
-QUICK = dict(preset="quick", train_size=64, validation_size=8, test_size=8, other_test_size=8, max_steps=4,
-             batch_size=8, show=4, grid=4, max_new_tokens=8)
+QUICK = dict(
+    preset="quick",
+    train_size=64,
+    validation_size=8,
+    test_size=8,
+    other_test_size=8,
+    max_steps=4,
+    batch_size=8,
+    show=4,
+    grid=4,
+    max_new_tokens=8,
+)
 
 # The training loss sits near this value while the model still guesses every shape: ln(3) nats for each shape
 # word, about a quarter of the caption tokens. Where the logged loss first falls under it, training has left
@@ -62,14 +72,15 @@ PLATEAU_LOSS = 0.25
 
 def plateau_exit_step(log_history, threshold=PLATEAU_LOSS):
     """The first logged step whose caption loss is under `threshold` (vision warm-up steps aside), or None."""
-    return next((e["step"] for e in log_history if "loss" in e and not e.get("vision_warmup")
-                 and e["loss"] < threshold), None)
+    return next(
+        (e["step"] for e in log_history if "loss" in e and not e.get("vision_warmup") and e["loss"] < threshold), None
+    )
 
 
 def _atomic_write_json(path: Path, data):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    from ..convert.staging import write_atomically
+
+    write_atomically(path, json.dumps(data, indent=2))
 
 
 def _progress_callbacks(max_minutes):
@@ -133,8 +144,16 @@ def train_model(settings, model, processor, train_pairs, out_dir):
 
 
 def reload_in_fresh_process(model_dir, images_dir, out_json, max_new_tokens, progress=True):
-    command = [sys.executable, "-m", "mqwen.demo.reload", str(model_dir), str(images_dir), str(out_json),
-               "--max-new-tokens", str(max_new_tokens)]
+    command = [
+        sys.executable,
+        "-m",
+        "mqwen.demo.reload",
+        str(model_dir),
+        str(images_dir),
+        str(out_json),
+        "--max-new-tokens",
+        str(max_new_tokens),
+    ]
     if not progress:
         command.append("--no-progress")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -168,24 +187,33 @@ def run(settings: DemoSettings, log=print):
     test_dir = write_split(splits["test"], out_dir / "data" / "test")
     write_split(splits["validation"], out_dir / "data" / "validation")
     timings["data_seconds"] = time.perf_counter() - t
-    log(f"      train {len(splits['train'])}, validation {len(splits['validation'])}, test {len(splits['test'])} "
-        f"images; test images (each a held-out arrangement never seen in training) in {test_dir}")
+    log(
+        f"      train {len(splits['train'])}, validation {len(splits['validation'])}, test {len(splits['test'])} "
+        f"images; test images (each a held-out arrangement never seen in training) in {test_dir}"
+    )
 
     log(f"[2/6] Building a '{settings.preset}' MQwen from scratch ...")
     model, processor = build_shapes_model(PRESETS[settings.preset], seed=settings.seed)
-    parameters = {part: sum(p.numel() for p in getattr(model, part).parameters())
-                  for part in ("vision_tower", "multi_modal_projector", "language_model")}
-    log(f"      {sum(parameters.values()) / 1e6:.2f} M parameters ({', '.join(f'{k} {v / 1e6:.2f} M' for k, v in parameters.items())}); "
+    parameters = {
+        part: sum(p.numel() for p in getattr(model, part).parameters())
+        for part in ("vision_tower", "multi_modal_projector", "language_model")
+    }
+    by_part = ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in parameters.items())
+    log(
+        f"      {sum(parameters.values()) / 1e6:.2f} M parameters ({by_part}); "
         f"vocabulary {len(processor.tokenizer)} tokens; {model.config.image_seq_length} image tokens per image; "
-        f"{torch.get_num_threads()} CPU threads")
+        f"{torch.get_num_threads()} CPU threads"
+    )
 
     log(f"[3/6] Training for {settings.max_steps} steps of {settings.batch_size} ...")
     train_pairs = [(example, example.caption) for example in splits["train"]]
     trainer, model_dir, timings["train_seconds"] = train_model(settings, model, processor, train_pairs, out_dir)
     model = trainer.model.eval()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    log(f"      {trainer.state.global_step} steps in {timings['train_seconds']:.0f} s; last logged loss "
-        f"{losses[-1] if losses else float('nan'):.4f}; saved to {model_dir}")
+    log(
+        f"      {trainer.state.global_step} steps in {timings['train_seconds']:.0f} s; last logged loss "
+        f"{losses[-1] if losses else float('nan'):.4f}; saved to {model_dir}"
+    )
 
     log("[4/6] Evaluating in this process (validation, then test) ...")
     t = time.perf_counter()
@@ -193,15 +221,22 @@ def run(settings: DemoSettings, log=print):
     splits["other_renderer"] = draw_set(settings.other_test_size, settings.seed, settings.progress)
     for name in ("validation", "test", "other_renderer"):
         pairs = [(example.image, example.caption) for example in splits[name]]
-        scores[name] = evaluate_captions(model, processor, pairs, batch_size=settings.eval_batch_size,
-                                         max_new_tokens=settings.max_new_tokens, progress=settings.progress)
+        scores[name] = evaluate_captions(
+            model,
+            processor,
+            pairs,
+            batch_size=settings.eval_batch_size,
+            max_new_tokens=settings.max_new_tokens,
+            progress=settings.progress,
+        )
     timings["eval_seconds"] = time.perf_counter() - t
     in_process = [entry["caption"] for entry in scores["test"]["per_image"]]
 
     log("[5/6] Reloading the saved model in a fresh process: pipeline('image-to-text', trust_remote_code=True) ...")
     t = time.perf_counter()
-    reloaded = reload_in_fresh_process(model_dir, test_dir, out_dir / "reloaded_captions.json",
-                                       settings.max_new_tokens, settings.progress)
+    reloaded = reload_in_fresh_process(
+        model_dir, test_dir, out_dir / "reloaded_captions.json", settings.max_new_tokens, settings.progress
+    )
     timings["reload_seconds"] = time.perf_counter() - t
     files = [f"{i:05d}.png" for i in range(len(splits["test"]))]
     reloaded_captions = [reloaded["captions"][name] for name in files]
@@ -212,25 +247,40 @@ def run(settings: DemoSettings, log=print):
     log("[6/6] Results (test split, reloaded model):")
     for pred, true in list(zip(reloaded_captions, truth))[: settings.show]:
         log(f"      {'ok ' if pred == true else 'BAD'}  predicted: {pred!r:58} true: {true!r}")
-    log(f"      exact match {test_metrics['exact_match']:.1%}   BLEU-4 {test_metrics['bleu4']:.3f}   "
+    log(
+        f"      exact match {test_metrics['exact_match']:.1%}   BLEU-4 {test_metrics['bleu4']:.3f}   "
         f"CIDEr-D {test_metrics['cider']:.3f}   ({test_metrics['images']} images; validation exact match "
-        f"{scores['validation']['metrics']['exact_match']:.1%})")
-    log(f"      other renderer (other code, image sizes, shape sizes, colours): exact match "
-        f"{scores['other_renderer']['metrics']['exact_match']:.1%} ({len(splits['other_renderer'])} images)")
-    log(f"      reloaded captions equal the in-process ones for {same}/{len(truth)} images "
-        f"(loaded as {reloaded['model_class']})")
+        f"{scores['validation']['metrics']['exact_match']:.1%})"
+    )
+    log(
+        f"      other renderer (other code, image sizes, shape sizes, colours): exact match "
+        f"{scores['other_renderer']['metrics']['exact_match']:.1%} ({len(splits['other_renderer'])} images)"
+    )
+    log(
+        f"      reloaded captions equal the in-process ones for {same}/{len(truth)} images "
+        f"(loaded as {reloaded['model_class']})"
+    )
 
     n = min(settings.grid, len(truth))
-    grid_path = caption_grid([example.image for example in splits["test"][:n]], reloaded_captions[:n], truth[:n],
-                             out_dir / "captions.png", title="test split: predicted (reloaded model) vs true")
+    grid_path = caption_grid(
+        [example.image for example in splits["test"][:n]],
+        reloaded_captions[:n],
+        truth[:n],
+        out_dir / "captions.png",
+        title="test split: predicted (reloaded model) vs true",
+    )
     loss_path = loss_curve(trainer.state.log_history, out_dir / "loss.png")
     timings["total_seconds"] = time.perf_counter() - started
     results = {
         "settings": asdict(settings),
-        "model": {"size": PRESETS[settings.preset].to_dict(), "parameters": parameters,
-                  "vocab_size": len(processor.tokenizer), "image_seq_length": model.config.image_seq_length},
+        "model": {
+            "size": PRESETS[settings.preset].to_dict(),
+            "parameters": parameters,
+            "vocab_size": len(processor.tokenizer),
+            "image_seq_length": model.config.image_seq_length,
+        },
         "held_out": f"test arrangements (left-to-right colour-shape sequences) never seen in training; about "
-                    f"1 in {HELD_OUT_ONE_IN} arrangements of 2-3 shapes is held out",
+        f"1 in {HELD_OUT_ONE_IN} arrangements of 2-3 shapes is held out",
         "seed": settings.seed,
         "steps": trainer.state.global_step,
         "plateau_exit_step": plateau_exit_step(trainer.state.log_history),
@@ -240,17 +290,32 @@ def run(settings: DemoSettings, log=print):
         "test_in_process": scores["test"]["metrics"],
         "validation": scores["validation"]["metrics"],
         "other_renderer": scores["other_renderer"]["metrics"],
-        "reload": {"identical_captions": same, "images": len(truth), "model_class": reloaded["model_class"],
-                   "pipeline_class": reloaded["pipeline_class"]},
-        "loss": [{"step": e["step"], "loss": e["loss"], "vision_warmup": bool(e.get("vision_warmup"))}
-                 for e in trainer.state.log_history if "loss" in e],
-        "samples": [{"file": f, "predicted": p, "in_process": q, "true": t}
-                    for f, p, q, t in zip(files, reloaded_captions, in_process, truth)],
-        "files": {"model": str(model_dir), "captions_png": str(grid_path), "loss_png": str(loss_path),
-                  "test_images": str(test_dir)},
+        "reload": {
+            "identical_captions": same,
+            "images": len(truth),
+            "model_class": reloaded["model_class"],
+            "pipeline_class": reloaded["pipeline_class"],
+        },
+        "loss": [
+            {"step": e["step"], "loss": e["loss"], "vision_warmup": bool(e.get("vision_warmup"))}
+            for e in trainer.state.log_history
+            if "loss" in e
+        ],
+        "samples": [
+            {"file": f, "predicted": p, "in_process": q, "true": t}
+            for f, p, q, t in zip(files, reloaded_captions, in_process, truth)
+        ],
+        "files": {
+            "model": str(model_dir),
+            "captions_png": str(grid_path),
+            "loss_png": str(loss_path),
+            "test_images": str(test_dir),
+        },
     }
     _atomic_write_json(out_dir / "results.json", results)
-    log(f"      wrote {grid_path}, {loss_path} and {out_dir / 'results.json'} "
-        f"(total {timings['total_seconds']:.0f} s, of which training {timings['train_seconds']:.0f} s)")
+    log(
+        f"      wrote {grid_path}, {loss_path} and {out_dir / 'results.json'} "
+        f"(total {timings['total_seconds']:.0f} s, of which training {timings['train_seconds']:.0f} s)"
+    )
     log(f"      caption your own images: mqwen-caption IMAGE_OR_DIR --model {model_dir}")
     return results

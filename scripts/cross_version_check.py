@@ -43,8 +43,10 @@ def main(mode, folder):
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     same = generate(model, processor) == reference["tokens"]
-    print(f"saved with transformers {reference['transformers']}, loaded with {transformers.__version__}: "
-          f"{'identical generations' if same else 'DIFFERENT generations'}")
+    print(
+        f"saved with transformers {reference['transformers']}, loaded with {transformers.__version__}: "
+        f"{'identical generations' if same else 'DIFFERENT generations'}"
+    )
     return 0 if same else 1
 
 

@@ -6,9 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${VENV:-.venv}"
-python="${PYTHON:-python3}"
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
-"${pip[@]}" install --upgrade pip setuptools wheel
-"${pip[@]}" install -c constraints.txt -e ".[convert,train]" "transformers>=5,<6"
+bash scripts/venv.sh "$venv" convert,train "transformers>=5,<6"
 exec "$venv/bin/python" -m mqwen.demo "$@"

@@ -18,11 +18,7 @@ while [ $# -gt 0 ]; do
 done
 
 venv="${VENV:-.venv-test}"
-python="${PYTHON:-python3}"
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
-"${pip[@]}" install --upgrade pip setuptools wheel
-"${pip[@]}" install -c constraints.txt -e ".[dev,convert,train,app]" "$transformers_spec"
+bash scripts/venv.sh "$venv" dev,convert,train,app "$transformers_spec"
 "$venv/bin/python" - <<'PY'
 import open_clip, torch, torchvision, transformers
 print(f"torch {torch.__version__} | torchvision {torchvision.__version__} | open_clip {open_clip.__version__} "

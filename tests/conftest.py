@@ -21,11 +21,23 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, tiny):
-    """The same tiny model saved as a Hub-ready folder (the `python -m convert tiny` layout)."""
+    """The same tiny model saved as a Hub-ready folder (the `mqwen-convert tiny` layout)."""
     from mqwen.convert.tiny import save_checkpoint
 
     model, processor = tiny
     return save_checkpoint(model, processor, tmp_path_factory.mktemp("mqwen-tiny"))
+
+
+def stop_process(process, timeout):
+    """Stop a server the test started: SIGTERM, then SIGKILL if it has not exited after `timeout` seconds."""
+    import subprocess
+
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def random_image(seed, size=(64, 80), mode="RGB"):

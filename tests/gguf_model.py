@@ -12,8 +12,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-SIZE_OVERRIDES = dict(vision_width=32, vision_layers=2, vision_heads=2, hidden_size=64, intermediate_size=128,
-                      text_layers=1, attention_heads=2, kv_heads=1, image_token_pooling=1)
+SIZE_OVERRIDES = dict(
+    vision_width=32,
+    vision_layers=2,
+    vision_heads=2,
+    hidden_size=64,
+    intermediate_size=128,
+    text_layers=1,
+    attention_heads=2,
+    kv_heads=1,
+    image_token_pooling=1,
+)
 TRAIN = dict(train_size=20000, max_steps=1200, batch_size=16, learning_rate=2e-3, seed=0, threads=1)
 N_IMAGES = 50
 
@@ -36,8 +45,10 @@ def train_gguf_test_model(out_dir, progress=False, **train):
     # trained gets some of them right, so exact-match accuracy is a number worth comparing across runtimes.
     images = make_split("validation", N_IMAGES, settings.seed, size.image_size)
     test_dir = write_split(images, out_dir / "data" / "test")
-    train_pairs = [(example, example.caption)
-                   for example in lazy_split("train", settings.train_size, settings.seed, size.image_size)]
+    train_pairs = [
+        (example, example.caption)
+        for example in lazy_split("train", settings.train_size, settings.seed, size.image_size)
+    ]
     model, processor = build_shapes_model(size, seed=settings.seed)
     start = time.perf_counter()
     _, model_dir, _ = train_model(settings, model, processor, train_pairs, out_dir)

@@ -26,11 +26,14 @@ def generate_in_fresh_process(source, seeds, new_tokens, env=None):
     """Load `source` (folder or repo id) with trust_remote_code in a new interpreter and greedy-generate."""
     result = subprocess.run(
         [sys.executable, "-c", FRESH_PROCESS_GENERATE, str(source), json.dumps(seeds), str(new_tokens)],
-        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     line = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def write_hub_cache(cache_dir, repo_id, files, commit="1" * 40):

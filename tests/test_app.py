@@ -194,7 +194,7 @@ def test_decompression_bombs_are_refused(app, captioner, make_image, tmp_path, g
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses > 2x this before decoding anything
     handler = app.caption_handler(captioner, max_pixels=10**9)
     with pytest.warns(UserWarning):
-        (_, _, status), = handler([path], "Describe this image.", 8, False, 0.7, 0.9)
+        ((_, _, status),) = handler([path], "Describe this image.", 8, False, 0.7, 0.9)
     assert "too large to open safely" in status
 
 
@@ -206,7 +206,7 @@ def test_decompression_bombs_are_refused(app, captioner, make_image, tmp_path, g
 def test_help_lists_options_and_examples():
     done = subprocess.run([sys.executable, str(REPO / "app.py"), "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    for option in ("--model", "--host", "--port", "--device", "--dtype", "examples:", "python -m convert tiny"):
+    for option in ("--model", "--host", "--port", "--device", "--dtype", "examples:", "mqwen-convert tiny"):
         assert option in done.stdout
 
 
@@ -217,7 +217,7 @@ def test_without_a_model_it_says_how_to_get_one(app, tmp_path, monkeypatch, caps
     assert app.main([]) == 2
     message = capsys.readouterr().err
     assert "No model to serve" in message and str(trained) in message
-    assert "python -m mqwen.demo" in message and "python -m convert tiny" in message and "--model" in message
+    assert "python -m mqwen.demo" in message and "mqwen-convert tiny" in message and "--model" in message
 
     trained.mkdir(parents=True)
     (trained / "config.json").write_text("{}")
@@ -234,8 +234,8 @@ def test_default_model_is_where_the_demo_job_writes_it(app, tmp_path, monkeypatc
 
 def test_examples_are_shapes_test_images_labelled_with_their_captions(app):
     shapes = pytest.importorskip("mqwen.demo.shapes")
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     rows, labels = app.example_sets()
     singles = [(row[0][0], label) for row, label in zip(rows, labels) if len(row[0]) == 1]
@@ -247,6 +247,21 @@ def test_examples_are_shapes_test_images_labelled_with_their_captions(app):
         assert shapes.parse_caption(label)
         with Image.open(path) as image:
             assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(example.image)), path
+
+
+def test_space_layout_runs_without_the_package(tmp_path):
+    """A Space holds app.py and runtime.py only: the page must start from them (here: its --help) with no
+    mqwen package importable."""
+    for name in ("app.py", "runtime.py"):
+        (tmp_path / name).write_text((REPO / name).read_text())
+    # `import mqwen` fails in this process (sys.modules entry None), whatever is installed.
+    code = (
+        "import runpy, sys; sys.modules['mqwen'] = None; sys.argv = ['app.py', '--help']; "
+        "runpy.run_path('app.py', run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--model" in done.stdout and "--dtype" in done.stdout
 
 
 def test_space_card_points_at_app_py():

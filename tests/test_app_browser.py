@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM_FLAGS = [
@@ -107,12 +108,7 @@ def server(tiny_dir, tmp_path_factory):
             time.sleep(0.5)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=20)
     log = log_path.read_text()
     assert log.count("Loading model ") == 1, "the model should be loaded once, at start-up"
     assert "Traceback" not in log, log[-4000:]

@@ -33,8 +33,13 @@ def is_uniform(pixels, processor, rgb):
 
 @pytest.mark.parametrize(
     "image",
-    [np.zeros((5, 0)), np.zeros((0, 4, 3), dtype=np.uint8), np.zeros((3, 4, 0)), torch.zeros(3, 0, 7),
-     Image.new("RGB", (0, 4))],
+    [
+        np.zeros((5, 0)),
+        np.zeros((0, 4, 3), dtype=np.uint8),
+        np.zeros((3, 4, 0)),
+        torch.zeros(3, 0, 7),
+        Image.new("RGB", (0, 4)),
+    ],
     ids=["hw", "hwc", "chw-array", "chw-tensor", "pil"],
 )
 def test_an_empty_image_is_a_clear_error(tiny, image):
@@ -181,7 +186,9 @@ def test_pixel_values_of_the_wrong_shape_name_the_shape_not_truncation(tiny, cap
 @pytest.mark.parametrize("convert", [lambda p: p.numpy(), lambda p: p.tolist()], ids=["numpy", "list"])
 def test_pixel_values_that_are_not_tensors_are_type_errors(tiny, captioned, convert):
     model, _ = tiny
-    with pytest.raises(TypeError, match=r"pixel_values must be a float tensor .* got (ndarray|list) \(torch.from_numpy"):
+    with pytest.raises(
+        TypeError, match=r"pixel_values must be a float tensor .* got (ndarray|list) \(torch.from_numpy"
+    ):
         model(input_ids=captioned["input_ids"], pixel_values=convert(captioned["pixel_values"]))
 
 
@@ -229,14 +236,18 @@ def test_attention_mask_of_the_wrong_shape_is_an_error(tiny, captioned):
     model, _ = tiny
     ids, pixels = captioned["input_ids"], captioned["pixel_values"]
     for mask in (torch.ones(2, ids.shape[1] + 2), torch.ones(1, ids.shape[1]), torch.ones(ids.shape[1])):
-        with pytest.raises(ValueError, match=rf"attention_mask must have the shape of the input tokens, \(2, {ids.shape[1]}\)"):
+        with pytest.raises(
+            ValueError, match=rf"attention_mask must have the shape of the input tokens, \(2, {ids.shape[1]}\)"
+        ):
             model(input_ids=ids, pixel_values=pixels, attention_mask=mask)
 
 
 def test_labels_of_the_wrong_shape_dtype_or_vocabulary_are_errors(tiny, captioned):
     model, _ = tiny
     ids, pixels = captioned["input_ids"], captioned["pixel_values"]
-    with pytest.raises(ValueError, match=r"labels must have the shape of the input tokens.*broadcast into a wrong loss"):
+    with pytest.raises(
+        ValueError, match=r"labels must have the shape of the input tokens.*broadcast into a wrong loss"
+    ):
         model(input_ids=ids, pixel_values=pixels, labels=ids[:1])  # would broadcast over the batch
     with pytest.raises(TypeError, match="labels must hold int64"):
         model(input_ids=ids, pixel_values=pixels, labels=ids.int())
@@ -253,7 +264,9 @@ def test_labels_of_the_wrong_shape_dtype_or_vocabulary_are_errors(tiny, captione
 def test_inputs_embeds_of_the_wrong_width_is_an_error(tiny):
     model, _ = tiny
     hidden = model.config.text_config.hidden_size
-    with pytest.raises(ValueError, match=rf"inputs_embeds must be a float tensor of shape \(batch, sequence, {hidden}\)"):
+    with pytest.raises(
+        ValueError, match=rf"inputs_embeds must be a float tensor of shape \(batch, sequence, {hidden}\)"
+    ):
         model(inputs_embeds=torch.zeros(1, 4, hidden + 1))
 
 
@@ -276,14 +289,22 @@ def test_valid_inputs_give_the_same_outputs_as_without_the_checks(tiny, captione
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"text_config": "qwen2"}, TypeError, r"text_config must be a dict or a transformers config .* got str 'qwen2'"),
+        (
+            {"text_config": "qwen2"},
+            TypeError,
+            r"text_config must be a dict or a transformers config .* got str 'qwen2'",
+        ),
         ({"text_config": {"model_type": ["qwen2"]}}, ValueError, "not a model type transformers knows"),
         ({"text_config": {"model_type": "qwen2", "hidden_size": "big"}}, TypeError, "hidden_size.* (must be an )?int"),
         ({"vision_config": {"width": "wide"}}, TypeError, r"vision_config.width must be an int, got str 'wide'"),
         ({"vision_config": {"heads": 0}}, ValueError, "vision_config.heads must be at least 1, got 0"),
         ({"vision_config": {"layers": 2.5}}, TypeError, "vision_config.layers must be an int, got float"),
         ({"vision_config": {"mlp_ratio": "4"}}, TypeError, "vision_config.mlp_ratio must be a number"),
-        ({"vision_config": {"image_std": [0.2, 0.0, 0.2]}}, ValueError, "vision_config.image_std must be a finite number > 0"),
+        (
+            {"vision_config": {"image_std": [0.2, 0.0, 0.2]}},
+            ValueError,
+            "vision_config.image_std must be a finite number > 0",
+        ),
         ({"vision_config": {"image_mean": 0.5}}, TypeError, "vision_config.image_mean must be a list of 3 numbers"),
         ({"vision_config": "ViT-L-14"}, TypeError, "vision_config must be a dict or an MQwenVisionConfig, got str"),
         ({"vision_feature_layer": "-2"}, TypeError, "vision_feature_layer must be an int, got str"),
@@ -309,7 +330,8 @@ def test_a_damaged_weight_file_is_named(tiny_dir, tmp_path, damage):
     weights = folder / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
-    pattern = rf"Could not load the weights of .*{weights.name} \({weights.stat().st_size} bytes: .*\)\. The file is empty or truncated"
+    size = weights.stat().st_size
+    pattern = rf"Could not load the weights of .*{weights.name} \({size} bytes: .*\)\. The file is empty or truncated"
     with pytest.raises(ValueError, match=pattern) as error:
         MQwenForCausalLM.from_pretrained(folder)
     assert str(weights.resolve()) in str(error.value)
@@ -340,9 +362,19 @@ def _train_config(tmp_path, tiny_dir, make_image, **overrides):
     from mqwen.train import TrainConfig
 
     pairs = [(make_image(seed, size=(56, 56)), f"caption {seed}") for seed in range(4)]
-    values = dict(model=str(tiny_dir), data=pairs, output_dir=str(tmp_path / "run"), stage="align", max_steps=4,
-                  per_device_train_batch_size=2, save_steps=2, logging_steps=1, disable_tqdm=True, seed=0,
-                  warmup_ratio=0.0)
+    values = dict(
+        model=str(tiny_dir),
+        data=pairs,
+        output_dir=str(tmp_path / "run"),
+        stage="align",
+        max_steps=4,
+        per_device_train_batch_size=2,
+        save_steps=2,
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        warmup_ratio=0.0,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -386,10 +418,13 @@ def test_resume_last_skips_an_incomplete_checkpoint(tiny_dir, tmp_path, make_ima
             self.steps.append(state.global_step)
 
     with caplog.at_level(logging.WARNING):
-        result = train(_train_config(tmp_path, tiny_dir, make_image, resume_from_checkpoint="last"),
-                       callbacks=[RecordSteps()])
-    assert ("skipped incomplete checkpoint-5 (trainer_state.json is truncated); checkpoint-3 (no "
-            "trainer_state.json); resuming from checkpoint-2") in caplog.text
+        result = train(
+            _train_config(tmp_path, tiny_dir, make_image, resume_from_checkpoint="last"), callbacks=[RecordSteps()]
+        )
+    assert (
+        "skipped incomplete checkpoint-5 (trainer_state.json is truncated); checkpoint-3 (no "
+        "trainer_state.json); resuming from checkpoint-2"
+    ) in caplog.text
     assert result.trainer.state.global_step == 4
     assert RecordSteps.steps == [3, 4]  # steps 1 and 2 came from checkpoint-2
     assert (run / "checkpoint-4" / "trainer_state.json").is_file()
@@ -401,7 +436,10 @@ def test_resume_with_no_complete_checkpoint_is_a_clear_error(tiny_dir, tmp_path,
 
     run = tmp_path / "run"
     (run / "checkpoint-7").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint-\* folder in .*\(incomplete: checkpoint-7 \(no trainer_state.json\)\)"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no complete checkpoint-\* folder in .*\(incomplete: checkpoint-7 \(no trainer_state.json\)\)",
+    ):
         train(_train_config(tmp_path, tiny_dir, make_image, resume_from_checkpoint="last"))
     with pytest.raises(FileNotFoundError, match=r"--resume-from-checkpoint .*checkpoint-7: no trainer_state.json"):
         train(_train_config(tmp_path, tiny_dir, make_image, resume_from_checkpoint=str(run / "checkpoint-7")))

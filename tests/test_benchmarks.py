@@ -1,4 +1,4 @@
-"""`python -m benchmarks --quick` runs every figure and prints the table; the comparison it rests on is fair.
+"""`mqwen-bench --quick` runs every figure and prints the table; the comparison it rests on is fair.
 
 Speed targets are not asserted here (they live in benchmarks/RESULTS.md); these tests check that the
 benchmark runs, reports what it measured, and that its contenders really compute the same thing.
@@ -11,7 +11,7 @@ import statistics
 import pytest
 import torch
 
-from mqwen.benchmarks import __main__ as cli
+from mqwen.benchmarks import cli
 from mqwen.benchmarks.contenders import build_all, check_same_logits
 from mqwen.benchmarks.figures import random_photos
 from mqwen.benchmarks.report import Row, markdown_table

@@ -43,8 +43,8 @@ def _direct_captions(tiny_dir, paths, max_new_tokens):
 
 def test_folder_with_an_unreadable_file(tiny_dir, image_dir, capsys):
     good = ["img0.png", "img1.png", "img2.png", "img3_alpha.png"]
-    code = main([str(image_dir), "--model", str(tiny_dir), "--batch-size", "3", "--max-new-tokens", "6",
-                 "--device", "cpu", "--no-progress"])
+    argv = [str(image_dir), "--model", str(tiny_dir), "--batch-size", "3", "--max-new-tokens", "6", "--no-progress"]
+    code = main([*argv, "--device", "cpu"])
     out, err = capsys.readouterr()
     assert code == 1
     # One line per readable image, in sorted order, whatever bytes the random model generates.
@@ -52,8 +52,7 @@ def test_folder_with_an_unreadable_file(tiny_dir, image_dir, capsys):
     assert "broken.png" in err and "Could not read" in err and "1 of 5 inputs could not be read" in err
     assert "notes.txt" not in out + err
 
-    code = main([str(image_dir), "--model", str(tiny_dir), "--batch-size", "3", "--max-new-tokens", "6",
-                 "--jsonl", "--no-progress"])
+    code = main([*argv, "--jsonl"])
     out, err = capsys.readouterr()
     assert code == 1
     records = [json.loads(line) for line in out.splitlines()]
@@ -75,8 +74,20 @@ def test_one_line_escapes_line_breaks():
 
 def test_jsonl_and_explicit_missing_file(tiny_dir, image_dir, capsys):
     missing = image_dir / "nope.jpg"
-    code = main([str(image_dir / "img1.png"), str(missing), "--model", str(tiny_dir), "--jsonl",
-                 "--max-new-tokens", "4", "--prompt", "What is this?", "--no-progress"])
+    code = main(
+        [
+            str(image_dir / "img1.png"),
+            str(missing),
+            "--model",
+            str(tiny_dir),
+            "--jsonl",
+            "--max-new-tokens",
+            "4",
+            "--prompt",
+            "What is this?",
+            "--no-progress",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 1
     records = [json.loads(line) for line in out.splitlines()]
@@ -86,8 +97,21 @@ def test_jsonl_and_explicit_missing_file(tiny_dir, image_dir, capsys):
 
 
 def test_all_good_exits_zero(tiny_dir, image_dir, capsys):
-    assert main([str(image_dir / "img0.png"), "--model", str(tiny_dir), "--max-new-tokens", "2",
-                 "--dtype", "fp32", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                str(image_dir / "img0.png"),
+                "--model",
+                str(tiny_dir),
+                "--max-new-tokens",
+                "2",
+                "--dtype",
+                "fp32",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.count("\n") == 1
 
 
@@ -111,12 +135,16 @@ def test_collect_images_recursive(tmp_path):
 
 
 def test_help_and_module_entry_point():
-    result = subprocess.run([sys.executable, "-m", "mqwen.caption", "--help"], capture_output=True, text=True,
-                            env=dict(os.environ), timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mqwen.caption", "--help"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=120,
+    )
     assert result.returncode == 0
     assert "examples:" in result.stdout and "mqwen-caption photos/" in result.stdout
     for flag in ("--model", "--prompt", "--max-new-tokens", "--batch-size", "--device", "--dtype", "--jsonl"):
         assert flag in result.stdout
-    bad = subprocess.run([sys.executable, "-m", "mqwen.caption", "x.png"], capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run([sys.executable, "-m", "mqwen.caption", "x.png"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--model" in bad.stderr

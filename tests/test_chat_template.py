@@ -15,7 +15,8 @@ from mqwen.processing_mqwen import CHAT_TEMPLATE
 # and indented tags that depend on trim_blocks/lstrip_blocks (the preamble must leave both as they were).
 LLAMA_STYLE = (
     "\n  {{- bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' "
+    "+ message['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 LEADING_NEWLINE = "\n{% for message in messages %}{{ message['content'] }}|{% endfor %}"
@@ -27,8 +28,9 @@ PARTS_ONLY = "{% for message in messages %}{% for part in message['content'] %}{
 def tokenizer():
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=train_qwen_style_tokenizer(), bos_token="<|endoftext|>",
-                                   eos_token="<|im_end|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=train_qwen_style_tokenizer(), bos_token="<|endoftext|>", eos_token="<|im_end|>"
+    )
 
 
 def render(tokenizer, messages, template, **kwargs):
@@ -40,12 +42,20 @@ def test_wrapped_template_renders_text_and_places_images(tokenizer, template):
     tokenizer.chat_template = template
     wrapped = image_aware_chat_template(tokenizer, CHAT_TEMPLATE)
     assert wrapped == FLATTEN_IMAGE_PARTS + template
-    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."},
-            {"role": "assistant", "content": "Hello."}]
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "Hello."},
+    ]
     assert render(tokenizer, chat, wrapped, add_generation_prompt=True) == render(
-        tokenizer, chat, template, add_generation_prompt=True)
-    parts = [{"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image"},
-                                          {"type": "text", "text": "What is it?"}]}]
+        tokenizer, chat, template, add_generation_prompt=True
+    )
+    parts = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": "What is it?"}],
+        }
+    ]
     flat = [{"role": "user", "content": "Look: <image>\nWhat is it?"}]
     assert render(tokenizer, parts, wrapped) == render(tokenizer, flat, template)
     assert with_image_parts(wrapped) == wrapped  # wrapping twice changes nothing
@@ -54,7 +64,9 @@ def test_wrapped_template_renders_text_and_places_images(tokenizer, template):
 def test_named_templates_are_each_wrapped(tokenizer):
     tokenizer.chat_template = {"default": LLAMA_STYLE, "tool_use": LEADING_NEWLINE}
     assert image_aware_chat_template(tokenizer, CHAT_TEMPLATE) == {
-        "default": FLATTEN_IMAGE_PARTS + LLAMA_STYLE, "tool_use": FLATTEN_IMAGE_PARTS + LEADING_NEWLINE}
+        "default": FLATTEN_IMAGE_PARTS + LLAMA_STYLE,
+        "tool_use": FLATTEN_IMAGE_PARTS + LEADING_NEWLINE,
+    }
 
 
 def test_a_template_that_cannot_place_images_falls_back_to_chatml_with_a_warning(tokenizer, caplog):
@@ -88,7 +100,9 @@ def test_processor_adds_no_second_bos(tiny):
     processor = copy.deepcopy(tiny[1])
     inner = processor.tokenizer
     bos = inner.convert_tokens_to_ids("<|endoftext|>")
-    inner._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    inner._tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
     inner.bos_token = "<|endoftext|>"
     assert processor(text=["hi"])["input_ids"][0].tolist()[0] == bos  # plain text: the tokenizer's BOS
     ids = processor(text=["<|endoftext|>hi"])["input_ids"][0].tolist()

@@ -58,8 +58,15 @@ def test_bad_settings_are_clear_errors(kwargs, message):
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
 def test_round_trip(tmp_path, model_type):
     config = MQwenConfig(
-        text_config={"model_type": model_type, "hidden_size": 64, "num_hidden_layers": 1, "vocab_size": 128,
-                     "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96},
+        text_config={
+            "model_type": model_type,
+            "hidden_size": 64,
+            "num_hidden_layers": 1,
+            "vocab_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 96,
+        },
         vision_config=MQwenVisionConfig(image_size=56, patch_size=14, width=32, layers=2, heads=2),
         image_token_pooling=2,
         image_token_id=100,

@@ -176,7 +176,7 @@ def test_beam_search_from_inputs_embeds_with_images(tiny, make_image):
             do_sample=False,
             num_beams=2,
         )
-    assert torch.equal(from_embeds, from_ids[:, batch["input_ids"].shape[1]:])
+    assert torch.equal(from_embeds, from_ids[:, batch["input_ids"].shape[1] :])
 
 
 # -- 3. placeholders without pixels ------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def test_inputs_embeds_with_pixels_equals_input_ids(tiny, prompt):
             do_sample=False,
         )
     assert torch.equal(from_embeds, from_ids)
-    assert torch.equal(generated, reference[:, inputs["input_ids"].shape[1]:])  # generate returns new tokens only
+    assert torch.equal(generated, reference[:, inputs["input_ids"].shape[1] :])  # generate returns new tokens only
 
     with pytest.raises(ValueError, match="do not match"):  # the count check holds for embeddings too
         model(inputs_embeds=embeds[:, 3:], pixel_values=inputs["pixel_values"])

@@ -1,4 +1,4 @@
-"""`python -m convert build` and `push`: a small sharded Qwen2 + small CLIP towers, written by their libraries.
+"""`mqwen-convert build` and `push`: a small sharded Qwen2 + small CLIP towers, written by their libraries.
 
 The built folder must load with trust_remote_code and agree with the sources: text-only logits equal
 Qwen2ForCausalLM's, the vision tower equals CLIP's, the tokenizer gains exactly `<image>`.
@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import randomize
 
-from mqwen.convert.__main__ import main
+from mqwen.convert.cli import main
 from mqwen.convert.errors import ConvertError
 from mqwen.convert.tokenizer import QWEN_SPECIAL_TOKENS, train_qwen_style_tokenizer
 
@@ -40,8 +40,11 @@ def save_source_tokenizer(folder):
     from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerFast
 
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=train_qwen_style_tokenizer(), eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        model_max_length=32768, clean_up_tokenization_spaces=False,
+        tokenizer_object=train_qwen_style_tokenizer(),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=32768,
+        clean_up_tokenization_spaces=False,
     )
     wrapped.add_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL_TOKENS])
     wrapped.chat_template = SOURCE_TEMPLATE
@@ -60,30 +63,49 @@ def make_llm(folder, rows, tie=False, seed=0):
     tokenizer = save_source_tokenizer(folder)
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=rows, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
+        vocab_size=rows,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = Qwen2ForCausalLM(config).eval()
     model.save_pretrained(folder, max_shard_size=40_000)
     stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=0.7,
-                     top_p=0.8).save_pretrained(folder)
+    GenerationConfig(
+        eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=0.7, top_p=0.8
+    ).save_pretrained(folder)
     (Path(folder) / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny qwen\n")
     assert len(list(Path(folder).glob("model-*.safetensors"))) >= 3
     return model, tokenizer
 
 
-
 def make_hf_clip(folder, image_size=28):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=image_size, patch_size=14, projection_dim=24, hidden_act="quick_gelu")
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=14,
+        projection_dim=24,
+        hidden_act="quick_gelu",
+    )
     model = randomize(CLIPVisionModelWithProjection(config), 1).eval()
     model.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                       image_mean=list(MEAN), image_std=list(STD)).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(MEAN),
+        image_std=list(STD),
+    ).save_pretrained(folder)
     return model
 
 
@@ -92,9 +114,12 @@ def make_openclip(folder, image_size=42):
     from open_clip.push_to_hf_hub import save_for_hf
     from open_clip.transform import PreprocessCfg
 
-    cfg = {"embed_dim": 16, "quick_gelu": False,
-           "vision_cfg": {"image_size": image_size, "layers": 2, "width": 32, "head_width": 16, "patch_size": 14},
-           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    cfg = {
+        "embed_dim": 16,
+        "quick_gelu": False,
+        "vision_cfg": {"image_size": image_size, "layers": 2, "width": 32, "head_width": 16, "patch_size": 14},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+    }
     model = randomize(open_clip.CLIP(**cfg), 2).eval()
     open_clip.set_model_preprocess_cfg(model, asdict(PreprocessCfg(mean=MEAN, std=STD, size=image_size)))
 
@@ -120,8 +145,11 @@ def text_logits(model, ids):
 
 
 def tree_digest(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -132,13 +160,17 @@ def sources(tmp_path_factory):
     return dict(root=root, llm=llm, tokenizer=tokenizer, clip=clip)
 
 
+def build_argv(sources, out):
+    """`mqwen-convert build` of the test LLM and CLIP into `out`, in 60 KB shards (so there are several)."""
+    root = sources["root"]
+    return ["build", "--llm", str(root / "qwen"), "--vision", str(root / "clip"), str(out), "--max-shard-size", "60KB"]
+
+
 @pytest.fixture(scope="module")
 def built(sources, tmp_path_factory):
     """The main build, through the CLI: padded vocabulary, transformers CLIP, fp32."""
     out = tmp_path_factory.mktemp("built") / "mqwen"
-    argv = ["build", "--llm", str(sources["root"] / "qwen"), "--vision", str(sources["root"] / "clip"), str(out),
-            "--dtype", "fp32", "--max-shard-size", "60KB"]
-    assert main(argv) == 0
+    assert main([*build_argv(sources, out), "--dtype", "fp32"]) == 0
     model, processor = load_built(out)
     return dict(out=out, model=model, processor=processor)
 
@@ -151,9 +183,18 @@ def built(sources, tmp_path_factory):
 def test_built_folder_layout(built):
     out = built["out"]
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "README.md", "processor_config.json", "tokenizer.json",
-            "tokenizer_config.json", "model.safetensors.index.json", "configuration_mqwen.py", "modeling_mqwen.py",
-            "processing_mqwen.py"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "README.md",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors.index.json",
+        "configuration_mqwen.py",
+        "modeling_mqwen.py",
+        "processing_mqwen.py",
+    } <= names
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(n for n in names if n.startswith("model-"))
     assert len(shards) >= 2 and set(index["weight_map"].values()) == set(shards)
@@ -200,8 +241,12 @@ def test_tokenizer_gains_exactly_image_and_decodes_the_source_text_identically(b
     from mqwen.convert.chat_template import FLATTEN_IMAGE_PARTS
 
     assert tokenizer.chat_template == built["processor"].chat_template == FLATTEN_IMAGE_PARTS + SOURCE_TEMPLATE
-    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."},
-            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye."}]
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye."},
+    ]
     render = dict(tokenize=False, add_generation_prompt=True)
     assert tokenizer.apply_chat_template(chat, **render) == source.apply_chat_template(chat, **render)
 
@@ -274,15 +319,28 @@ def test_bf16_build_with_a_projector_file(tmp_path, sources):
 
     from mqwen.convert.build import build
 
-    projector = {"model.mm_projector.0.weight": torch.randn(32, 32), "model.mm_projector.0.bias": torch.randn(32),
-                 "model.mm_projector.2.weight": torch.randn(32, 32), "model.mm_projector.2.bias": torch.randn(32)}
+    projector = {
+        "model.mm_projector.0.weight": torch.randn(32, 32),
+        "model.mm_projector.0.bias": torch.randn(32),
+        "model.mm_projector.2.weight": torch.randn(32, 32),
+        "model.mm_projector.2.bias": torch.randn(32),
+    }
     save_file(projector, tmp_path / "mm_projector.safetensors")  # the original LLaVA names
-    out = build(sources["root"] / "qwen", sources["root"] / "clip", tmp_path / "out", dtype="bf16",
-                projector=tmp_path / "mm_projector.safetensors")
+    out = build(
+        sources["root"] / "qwen",
+        sources["root"] / "clip",
+        tmp_path / "out",
+        dtype="bf16",
+        projector=tmp_path / "mm_projector.safetensors",
+    )
     with safe_open(out / "model.safetensors", "pt") as handle:
         assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"BF16"}
-        torch.testing.assert_close(handle.get_tensor("multi_modal_projector.linear_2.weight"),
-                                   projector["model.mm_projector.2.weight"].bfloat16(), atol=0, rtol=0)
+        torch.testing.assert_close(
+            handle.get_tensor("multi_modal_projector.linear_2.weight"),
+            projector["model.mm_projector.2.weight"].bfloat16(),
+            atol=0,
+            rtol=0,
+        )
     config = json.loads((out / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     assert "loaded from" in (out / "README.md").read_text()
@@ -295,8 +353,12 @@ def test_projector_of_the_wrong_shape_is_refused(tmp_path, sources):
     with pytest.raises(ConvertError, match=r"linear_1.weight has shape \(64, 48\) but this build needs \(32, 32\)"):
         from mqwen.convert.build import build
 
-        build(sources["root"] / "qwen", sources["root"] / "clip", tmp_path / "out",
-              projector=tmp_path / "proj.safetensors")
+        build(
+            sources["root"] / "qwen",
+            sources["root"] / "clip",
+            tmp_path / "out",
+            projector=tmp_path / "proj.safetensors",
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -324,16 +386,18 @@ def test_pickle_llm_needs_allow_pickle(tmp_path, sources):
 def test_llm_folder_without_weights(tmp_path, sources, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text((sources["root"] / "qwen" / "config.json").read_text())
-    code = main(["build", "--llm", str(tmp_path / "empty"), "--vision", str(sources["root"] / "clip"),
-                 str(tmp_path / "out")])
+    code = main(
+        ["build", "--llm", str(tmp_path / "empty"), "--vision", str(sources["root"] / "clip"), str(tmp_path / "out")]
+    )
     assert code == 2 and "has no weights" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_unknown_vision_name_from_the_cli(tmp_path, sources, capsys):
     pytest.importorskip("open_clip")
-    code = main(["build", "--llm", str(sources["root"] / "qwen"), "--vision", "ViT-L-14:no_such_tag",
-                 str(tmp_path / "out")])
+    code = main(
+        ["build", "--llm", str(sources["root"] / "qwen"), "--vision", "ViT-L-14:no_such_tag", str(tmp_path / "out")]
+    )
     assert code == 2 and "no pretrained tag 'no_such_tag'" in capsys.readouterr().err
 
 
@@ -384,13 +448,16 @@ def test_killed_build_leaves_no_out_dir(tmp_path, sources, how):
         f"    open({str(marker)!r}, 'w').close()\n"
         "    time.sleep(600)\n"
         "shards.write_safetensors = slow\n"
-        "from mqwen.convert.__main__ import main\n"
+        "from mqwen.convert.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    argv = ["build", "--llm", str(sources["root"] / "qwen"), "--vision", str(sources["root"] / "clip"), str(out),
-            "--max-shard-size", "60KB"]
-    process = subprocess.Popen([sys.executable, "-c", script, *argv], env=dict(os.environ, HF_HUB_OFFLINE="1"),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = build_argv(sources, out)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *argv],
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while not marker.exists():
@@ -426,8 +493,11 @@ class FakeHub:
         from huggingface_hub import HfApi, RepoUrl
 
         self.commits, self.repos, self.fail = [], [], fail
-        monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: self.repos.append((repo_id, kw))
-                            or RepoUrl(f"https://huggingface.co/{repo_id}"))
+        monkeypatch.setattr(
+            HfApi,
+            "create_repo",
+            lambda api, repo_id, **kw: self.repos.append((repo_id, kw)) or RepoUrl(f"https://huggingface.co/{repo_id}"),
+        )
         monkeypatch.setattr(HfApi, "create_branch", lambda api, repo_id, **kw: None)
         monkeypatch.setattr(HfApi, "create_commit", self.create_commit)
 
@@ -514,8 +584,11 @@ def test_llm_hub_id_fetches_configs_tokenizer_and_only_the_safetensors_shards(so
                 shutil.copy(path, cache / path.name)
         return str(cache)
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
-                        lambda api, repo_id, revision=None, **kw: sorted(p.name for p in repo.iterdir()))
+    monkeypatch.setattr(
+        huggingface_hub.HfApi,
+        "list_repo_files",
+        lambda api, repo_id, revision=None, **kw: sorted(p.name for p in repo.iterdir()),
+    )
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, name, **kw: str(repo / name))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     source = resolve_llm("Org/tiny-qwen")

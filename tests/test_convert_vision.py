@@ -13,6 +13,7 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 
 from conftest import randomize  # noqa: E402
+
 from mqwen import MQwenVisionConfig  # noqa: E402
 from mqwen.convert.errors import ConvertError  # noqa: E402
 from mqwen.convert.vision import load_vision  # noqa: E402
@@ -20,7 +21,6 @@ from mqwen.modeling_mqwen import MQwenVisionTransformer  # noqa: E402
 
 ATOL = 1e-5
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-
 
 
 def openclip_cfg(image_size, quick_gelu):
@@ -36,7 +36,9 @@ def make_openclip(cfg, seed=0):
     from open_clip.transform import PreprocessCfg
 
     model = randomize(open_clip.CLIP(**cfg), seed).eval()
-    open_clip.set_model_preprocess_cfg(model, asdict(PreprocessCfg(mean=MEAN, std=STD, size=cfg["vision_cfg"]["image_size"])))
+    open_clip.set_model_preprocess_cfg(
+        model, asdict(PreprocessCfg(mean=MEAN, std=STD, size=cfg["vision_cfg"]["image_size"]))
+    )
     return model
 
 
@@ -124,8 +126,14 @@ def test_openclip_name_and_tag_takes_quick_gelu_and_normalisation_from_the_tag(t
 
     save_file(model.state_dict(), tmp_path / "weights.safetensors")
     arch = dict(cfg, quick_gelu=False)  # the architecture itself says GELU; the tag says QuickGELU
-    tag_cfg = {"file": str(tmp_path / "weights.safetensors"), "quick_gelu": True, "mean": MEAN, "std": STD,
-               "interpolation": "bilinear", "resize_mode": "shortest"}
+    tag_cfg = {
+        "file": str(tmp_path / "weights.safetensors"),
+        "quick_gelu": True,
+        "mean": MEAN,
+        "std": STD,
+        "interpolation": "bilinear",
+        "resize_mode": "shortest",
+    }
     name = registered_openclip("MQwenTest-ViT-T", arch, "testtag", tag_cfg)
     weights = load_vision(f"{name}:testtag")
     assert weights.config["hidden_act"] == "quick_gelu"
@@ -180,16 +188,27 @@ def _clip_vision_config(image_size, act):
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
-        hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
-        patch_size=14, projection_dim=24, hidden_act=act, layer_norm_eps=1e-5,
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=14,
+        projection_dim=24,
+        hidden_act=act,
+        layer_norm_eps=1e-5,
     )
 
 
 def _save_clip_preprocessor(folder, image_size):
     from transformers import CLIPImageProcessor
 
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                       image_mean=list(MEAN), image_std=list(STD)).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(MEAN),
+        image_std=list(STD),
+    ).save_pretrained(folder)
 
 
 def _rename_on_disk(folder, add_prefix):
@@ -199,8 +218,10 @@ def _rename_on_disk(folder, add_prefix):
     path = folder / "model.safetensors"
     state = load_file(path)
     if add_prefix:
-        state = {("vision_model." + k if not k.startswith(("vision_model.", "visual_projection")) else k): v
-                 for k, v in state.items()}
+        state = {
+            ("vision_model." + k if not k.startswith(("vision_model.", "visual_projection")) else k): v
+            for k, v in state.items()
+        }
     else:
         state = {k.removeprefix("vision_model."): v for k, v in state.items()}
     save_file(state, path, metadata={"format": "pt"})
@@ -229,9 +250,18 @@ def test_transformers_clip_model_with_projection(tmp_path):
     from transformers import CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
 
     vision = _clip_vision_config(28, "quick_gelu")
-    config = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, vocab_size=99, max_position_embeddings=16),
-                        vision_config=vision.to_dict(), projection_dim=24)
+    config = CLIPConfig(
+        text_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=99,
+            max_position_embeddings=16,
+        ),
+        vision_config=vision.to_dict(),
+        projection_dim=24,
+    )
     clip = randomize(CLIPModel(config), 5).eval()
     clip.save_pretrained(tmp_path / "clip")
     _save_clip_preprocessor(tmp_path / "clip", 28)
@@ -263,7 +293,6 @@ def test_unsupported_transformers_vision_model(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip_vision_model"}))
     with pytest.raises(ConvertError, match="must be CLIP"):
         load_vision(tmp_path)
-
 
 
 def test_openclip_hf_hub_repo(tmp_path, monkeypatch):

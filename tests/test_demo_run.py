@@ -22,8 +22,16 @@ def demo(tmp_path_factory):
 def test_writes_model_figures_and_results(demo):
     out, results = demo
     model_dir = out / "model"
-    for name in ("config.json", "model.safetensors", "configuration_mqwen.py", "modeling_mqwen.py",
-                 "processing_mqwen.py", "tokenizer.json", "processor_config.json", "generation_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "configuration_mqwen.py",
+        "modeling_mqwen.py",
+        "processing_mqwen.py",
+        "tokenizer.json",
+        "processor_config.json",
+        "generation_config.json",
+    ):
         assert (model_dir / name).is_file(), name
     assert not list(out.glob(".*tmp*")), "no temporary files are left behind"
     for name in ("captions.png", "loss.png"):
@@ -36,7 +44,9 @@ def test_writes_model_figures_and_results(demo):
     for key in ("exact_match", "bleu4", "cider"):
         assert 0 <= on_disk["test"][key] <= (1 if key != "cider" else 10)
     assert on_disk["test"]["images"] == QUICK["test_size"]
-    truth = [json.loads(line)["caption"] for line in (out / "data" / "test" / "captions.jsonl").read_text().splitlines()]
+    truth = [
+        json.loads(line)["caption"] for line in (out / "data" / "test" / "captions.jsonl").read_text().splitlines()
+    ]
     assert [s["true"] for s in on_disk["samples"]] == truth
 
 
@@ -62,7 +72,9 @@ def test_saved_weights_are_the_trained_ones(demo):
     inputs = processor(images=images, return_tensors="pt")
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=QUICK["max_new_tokens"])
-    assert processor.decode_captions(generated, inputs["input_ids"].shape[1]) == [s["predicted"] for s in results["samples"]]
+    assert processor.decode_captions(generated, inputs["input_ids"].shape[1]) == [
+        s["predicted"] for s in results["samples"]
+    ]
     # Training changed the weights (the saved model is not the initialisation).
     initial, _ = build_shapes_model(PRESETS["quick"], seed=0)
     trained, start = model.state_dict(), initial.state_dict()

@@ -39,7 +39,7 @@ def test_same_seed_same_data_other_seed_other_data():
 def test_lazy_examples_draw_the_same_images():
     eager, lazy = make_split("test", 6, seed=2), lazy_split("test", 6, seed=2)
     assert [e.caption for e in eager] == [e.caption for e in lazy]
-    assert all(np.array_equal(_pixels(e), np.asarray(l())) for e, l in zip(eager, lazy))
+    assert all(np.array_equal(_pixels(e), np.asarray(drawn())) for e, drawn in zip(eager, lazy))
 
 
 def test_example_does_not_depend_on_split_length_and_splits_differ():
@@ -61,15 +61,26 @@ def test_captions_follow_the_grammar_and_parse_back():
     assert counts == {1, 2, 3}
     assert caption_for([("red", "circle")]) == "a red circle"
     assert caption_for([("red", "circle"), ("blue", "square")]) == "a red circle and a blue square"
-    assert (caption_for([("red", "circle"), ("blue", "square"), ("green", "triangle")])
-            == "a red circle, a blue square and a green triangle")
+    assert (
+        caption_for([("red", "circle"), ("blue", "square"), ("green", "triangle")])
+        == "a red circle, a blue square and a green triangle"
+    )
 
 
-@pytest.mark.parametrize("bad", [
-    "a red circle.", "A red circle", "a purple circle", "a red circle, a blue square",
-    "a red circle and a blue square and a green triangle", "a red circle,a blue square and a green triangle",
-    "a red circle ", "", "a red circle, a blue square, a green triangle and a red square",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "a red circle.",
+        "A red circle",
+        "a purple circle",
+        "a red circle, a blue square",
+        "a red circle and a blue square and a green triangle",
+        "a red circle,a blue square and a green triangle",
+        "a red circle ",
+        "",
+        "a red circle, a blue square, a green triangle and a red square",
+    ],
+)
 def test_parse_rejects_anything_outside_the_grammar(bad):
     with pytest.raises(ValueError, match="Not a shapes caption"):
         parse_caption(bad)

@@ -86,8 +86,25 @@ def documented_rgb(array):
 
 
 DTYPES = ["uint8", "bool", "uint16", "int8", "int16", "int32", "int64", "float16", "float32", "float64", "complex64"]
-PIL_MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "PA", "LA", "La", "RGBa",
-             "I", "I;16", "F"]
+PIL_MODES = [
+    "1",
+    "L",
+    "P",
+    "RGB",
+    "RGBA",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "HSV",
+    "RGBX",
+    "PA",
+    "LA",
+    "La",
+    "RGBa",
+    "I",
+    "I;16",
+    "F",
+]
 
 
 def fill(rng, dtype, shape, regime, constant):
@@ -326,7 +343,10 @@ def test_processor_inputs_work_or_raise_a_clear_error(tiny, data):
         expanded = prompt.replace(processor.image_token, processor.image_token * processor.image_seq_length)
         decoded = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         assert decoded == unicodedata.normalize("NFC", expanded)
-        assert int((ids == processor.image_token_id).sum()) == prompt.count(processor.image_token) * processor.image_seq_length
+        assert (
+            int((ids == processor.image_token_id).sum())
+            == prompt.count(processor.image_token) * processor.image_seq_length
+        )
     # Pixels: one normalised image per input image, each from the documented RGB values.
     if not flat:
         assert "pixel_values" not in output
@@ -351,13 +371,45 @@ def test_processor_inputs_work_or_raise_a_clear_error(tiny, data):
 
 MODEL_OUTCOMES = Counter()
 MUTATIONS = [
-    "none", "none", "none", "embeds",
-    "ids float", "ids int16", "ids list", "ids numpy", "ids 1d", "ids 3d", "empty batch", "empty sequence",
-    "id too big", "id negative", "both ids and embeds", "embeds width", "embeds with pixels",
-    "pixels numpy", "pixels list", "pixels uint8", "pixels float64", "pixels bfloat16", "pixels 3d",
-    "pixels size", "pixels empty", "pixels extra image", "pixels nan", "pixels inf", "pixels raw",
-    "mask long", "mask short", "mask batch", "mask 1d", "mask list",
-    "labels", "labels shape", "labels int32", "labels too big", "labels list",
+    "none",
+    "none",
+    "none",
+    "embeds",
+    "ids float",
+    "ids int16",
+    "ids list",
+    "ids numpy",
+    "ids 1d",
+    "ids 3d",
+    "empty batch",
+    "empty sequence",
+    "id too big",
+    "id negative",
+    "both ids and embeds",
+    "embeds width",
+    "embeds with pixels",
+    "pixels numpy",
+    "pixels list",
+    "pixels uint8",
+    "pixels float64",
+    "pixels bfloat16",
+    "pixels 3d",
+    "pixels size",
+    "pixels empty",
+    "pixels extra image",
+    "pixels nan",
+    "pixels inf",
+    "pixels raw",
+    "mask long",
+    "mask short",
+    "mask batch",
+    "mask 1d",
+    "mask list",
+    "labels",
+    "labels shape",
+    "labels int32",
+    "labels too big",
+    "labels list",
 ]
 VALID_MUTATIONS = {"none", "embeds", "pixels float64", "pixels bfloat16", "labels"}
 
@@ -390,7 +442,9 @@ def mutate(kwargs, mutation, model, rng):
     if mutation.startswith("pixels") and pixels is None and mutation != "pixels extra image":
         mutation = "none"
     changes = {
-        "embeds": lambda: kwargs.update(input_ids=None, inputs_embeds=torch.randn(*ids.shape, hidden), pixel_values=None),
+        "embeds": lambda: kwargs.update(
+            input_ids=None, inputs_embeds=torch.randn(*ids.shape, hidden), pixel_values=None
+        ),
         "ids float": lambda: kwargs.update(input_ids=ids.float()),
         "ids int16": lambda: kwargs.update(input_ids=ids.short()),
         "ids list": lambda: kwargs.update(input_ids=ids.tolist()),
@@ -402,10 +456,12 @@ def mutate(kwargs, mutation, model, rng):
         "id too big": lambda: ids.__setitem__((0, -1), vocab + int(rng.integers(0, 10**6))),
         "id negative": lambda: ids.__setitem__((0, -1), -int(rng.integers(1, 10**6))),
         "both ids and embeds": lambda: kwargs.update(inputs_embeds=torch.randn(*ids.shape, hidden)),
-        "embeds width": lambda: kwargs.update(input_ids=None, pixel_values=None,
-                                              inputs_embeds=torch.randn(*ids.shape, hidden + 1)),
-        "embeds with pixels": lambda: kwargs.update(input_ids=None, inputs_embeds=torch.randn(*ids.shape, hidden),
-                                                    pixel_values=torch.zeros(1, 3, size, size)),
+        "embeds width": lambda: kwargs.update(
+            input_ids=None, pixel_values=None, inputs_embeds=torch.randn(*ids.shape, hidden + 1)
+        ),
+        "embeds with pixels": lambda: kwargs.update(
+            input_ids=None, inputs_embeds=torch.randn(*ids.shape, hidden), pixel_values=torch.zeros(1, 3, size, size)
+        ),
         "pixels numpy": lambda: kwargs.update(pixel_values=pixels.numpy()),
         "pixels list": lambda: kwargs.update(pixel_values=pixels.tolist()),
         "pixels uint8": lambda: kwargs.update(pixel_values=pixels.to(torch.uint8)),
@@ -414,8 +470,9 @@ def mutate(kwargs, mutation, model, rng):
         "pixels 3d": lambda: kwargs.update(pixel_values=pixels[0]),
         "pixels size": lambda: kwargs.update(pixel_values=pixels[..., :-14, :-14]),
         "pixels empty": lambda: kwargs.update(pixel_values=pixels[:0]),
-        "pixels extra image": lambda: kwargs.update(pixel_values=torch.zeros(
-            (0 if pixels is None else len(pixels)) + 1, 3, size, size)),
+        "pixels extra image": lambda: kwargs.update(
+            pixel_values=torch.zeros((0 if pixels is None else len(pixels)) + 1, 3, size, size)
+        ),
         "pixels nan": lambda: pixels.view(-1).__setitem__(int(rng.integers(0, pixels.numel())), float("nan")),
         "pixels inf": lambda: pixels.view(-1).__setitem__(int(rng.integers(0, pixels.numel())), -float("inf")),
         "pixels raw": lambda: kwargs.update(pixel_values=pixels.abs() * 100 + 30),

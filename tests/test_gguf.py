@@ -1,4 +1,4 @@
-"""GGUF export (`python -m convert gguf`) for llama.cpp.
+"""GGUF export (`mqwen-convert gguf`) for llama.cpp.
 
 - Without llama.cpp: the files' metadata and tensors read back (gguf.GGUFReader) equal the checkpoint's; the
   language model GGUF loaded by transformers' own GGUF reader gives the checkpoint's logits; bad input and
@@ -101,10 +101,11 @@ def test_mmproj_metadata_and_tensors_equal_the_checkpoint(exports, mqwen_model):
     width = vision.width
     fused = state["vision_tower.transformer.resblocks.0.attn.in_proj_weight"]
     np.testing.assert_array_equal(as_float(tensors["v.blk.0.attn_q.weight"]), fused[:width])
-    np.testing.assert_array_equal(as_float(tensors["v.blk.0.attn_k.weight"]), fused[width:2 * width])
-    np.testing.assert_array_equal(as_float(tensors["v.blk.0.attn_v.weight"]), fused[2 * width:])
-    np.testing.assert_array_equal(as_float(tensors["v.position_embd.weight"]),
-                                  state["vision_tower.positional_embedding"])
+    np.testing.assert_array_equal(as_float(tensors["v.blk.0.attn_k.weight"]), fused[width : 2 * width])
+    np.testing.assert_array_equal(as_float(tensors["v.blk.0.attn_v.weight"]), fused[2 * width :])
+    np.testing.assert_array_equal(
+        as_float(tensors["v.position_embd.weight"]), state["vision_tower.positional_embedding"]
+    )
     np.testing.assert_array_equal(as_float(tensors["v.patch_embd.weight"]), state["vision_tower.conv1.weight"])
     np.testing.assert_array_equal(as_float(tensors["mm.2.weight"]), state["multi_modal_projector.linear_2.weight"])
     assert not any(name.startswith("v.post_ln") for name in tensors)  # MQwen never applies ln_post to features
@@ -139,7 +140,8 @@ def test_language_model_tokenizer_and_chat_template(exports, mqwen_model):
 
     rendered = jinja2.Template(fields["tokenizer.chat_template"]).render(
         messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
-        add_generation_prompt=True)
+        add_generation_prompt=True,
+    )
     assert rendered == processor.caption_prompt().replace("<image>", "<__media__>")
     assert "output.weight" in tensors and "blk.0.attn_q.bias" in tensors
 
@@ -163,14 +165,30 @@ def test_transformers_reads_the_language_model_gguf_back(exports, mqwen_model, o
 
 def test_export_streams_into_place_and_cli(trained, tmp_path):
     out = tmp_path / "cli"
-    result = subprocess.run([sys.executable, "-m", "mqwen.convert", "gguf", str(trained[0]), str(out),
-                             "--outtype", "q8_0", "--name", "demo", "--no-progress"],
-                            capture_output=True, text=True, env=dict(os.environ))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mqwen.convert",
+            "gguf",
+            str(trained[0]),
+            str(out),
+            "--outtype",
+            "q8_0",
+            "--name",
+            "demo",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["demo-q8_0.gguf", "mmproj-demo-q8_0.gguf"]
     assert not list(tmp_path.glob(".cli.partial-*"))
-    again = subprocess.run([sys.executable, "-m", "mqwen.convert", "gguf", str(trained[0]), str(out)],
-                           capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, "-m", "mqwen.convert", "gguf", str(trained[0]), str(out)], capture_output=True, text=True
+    )
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
@@ -196,11 +214,14 @@ def test_not_an_mqwen_folder(tmp_path):
         export_gguf(tmp_path, tmp_path / "out")
 
 
-@pytest.mark.parametrize("setting, message", [
-    (dict(image_token_pooling=2), "image_token_pooling=2"),
-    (dict(keep_class_token=True), "keep_class_token=True"),
-    (dict(projector_type="linear"), "projector_type='linear'"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (dict(image_token_pooling=2), "image_token_pooling=2"),
+        (dict(keep_class_token=True), "keep_class_token=True"),
+        (dict(projector_type="linear"), "projector_type='linear'"),
+    ],
+)
 def test_settings_llama_cpp_cannot_express_are_refused(tmp_path, setting, message):
     folder = _save_tiny(tmp_path / "model", **setting)
     with pytest.raises(ConvertError, match=message):
@@ -211,8 +232,10 @@ def test_settings_llama_cpp_cannot_express_are_refused(tmp_path, setting, messag
 def test_q8_0_refused_when_rows_are_not_multiples_of_32(tmp_path):
     # A 48-channel language model: its weight rows (48 values) do not split into q8_0's blocks of 32. (The ViT's
     # 14 px patch kernel is never quantized: llama.cpp's convolution takes F16 kernels.)
-    folder = _save_tiny(tmp_path / "model", text=dict(hidden_size=48, intermediate_size=96,
-                                                      num_attention_heads=4, num_key_value_heads=2))
+    folder = _save_tiny(
+        tmp_path / "model",
+        text=dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2),
+    )
     with pytest.raises(ConvertError, match=r"q8_0 needs every weight row to be a multiple of 32.*--outtype f16"):
         export_gguf(folder, tmp_path / "out", "q8_0")
     lm, mmproj = export_gguf(folder, tmp_path / "out16", "f16", progress=False)
@@ -226,11 +249,15 @@ def test_q8_0_refused_when_rows_are_not_multiples_of_32(tmp_path):
 
 def llama_cpp_python():
     """The python of the environment with llama-cpp-python (MQWEN_LLAMA_CPP_PYTHON, or the CI cache's)."""
-    candidates = [os.environ.get("MQWEN_LLAMA_CPP_PYTHON"),
-                  str(CACHE / "llama-cpp-python-0.3.36-cls-first" / "bin" / "python")]
+    candidates = [
+        os.environ.get("MQWEN_LLAMA_CPP_PYTHON"),
+        str(CACHE / "llama-cpp-python-0.3.36-cls-first" / "bin" / "python"),
+    ]
     for python in filter(None, candidates):
-        if Path(python).exists() and subprocess.run([python, "-c", "import llama_cpp.mtmd_cpp"],
-                                                    capture_output=True).returncode == 0:
+        if (
+            Path(python).exists()
+            and subprocess.run([python, "-c", "import llama_cpp.mtmd_cpp"], capture_output=True).returncode == 0
+        ):
             return python
     if os.environ.get("MQWEN_REQUIRE_LLAMA_CPP") == "1":
         pytest.fail("llama-cpp-python is missing: run `bash scripts/build_llama_cpp.sh` (CI does)")
@@ -240,9 +267,9 @@ def llama_cpp_python():
 def caption_with_llama_cpp(python, lm, mmproj, prompt, images, tmp_path):
     prompt_file, out = tmp_path / "prompt.txt", tmp_path / f"{lm.stem}.json"
     prompt_file.write_text(prompt)
-    command = [python, str(REPO / "benchmarks" / "llama_cpp_caption.py"), "--model", str(lm), "--mmproj",
-               str(mmproj), "--prompt-file", str(prompt_file), "--out", str(out), "--max-new-tokens",
-               str(MAX_NEW_TOKENS), *map(str, images)]
+    from mqwen.benchmarks.gguf import llama_cpp_command
+
+    command = llama_cpp_command(python, lm, mmproj, prompt_file, out, images, MAX_NEW_TOKENS)
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())
@@ -251,7 +278,7 @@ def caption_with_llama_cpp(python, lm, mmproj, prompt, images, tmp_path):
 def test_llama_cpp_captions_equal_mqwen_captions(trained, exports, mqwen_model, tmp_path):
     from PIL import Image
 
-    from mqwen.train.eval import generate_captions
+    from mqwen.runtime import caption_images
 
     python = llama_cpp_python()
     model, processor = mqwen_model
@@ -261,8 +288,10 @@ def test_llama_cpp_captions_equal_mqwen_captions(trained, exports, mqwen_model, 
     truth = [r["caption"] for r in records]
     assert len(images) == N_IMAGES
     with torch.no_grad():
-        ours = [generate_captions(model, processor, [Image.open(p).convert("RGB")], max_new_tokens=MAX_NEW_TOKENS)[0]
-                for p in images]
+        ours = [
+            next(caption_images(model, processor, [Image.open(p).convert("RGB")], max_new_tokens=MAX_NEW_TOKENS))
+            for p in images
+        ]
     prompt = processor.caption_prompt().replace("<image>", "<__media__>")
     theirs = {t: caption_with_llama_cpp(python, *exports[t], prompt, images, tmp_path) for t in OUTTYPES}
 
@@ -287,8 +316,7 @@ def test_llama_language_model_round_trips_through_transformers(tmp_path):
 
     from mqwen import MQwenForCausalLM
 
-    folder = _save_tiny(tmp_path / "model", text=dict(model_type="llama", num_attention_heads=4,
-                                                      num_key_value_heads=2))
+    folder = _save_tiny(tmp_path / "model", text=dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2))
     lm, _ = export_gguf(folder, tmp_path / "out", "f32", progress=False)
     fields, _ = read(lm)
     assert fields["general.architecture"] == "llama"

@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, pipeline
-
 from hub_utils import folder_files, generate_in_fresh_process, write_hub_cache
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, pipeline
 
 SEEDS, NEW = [1, 2], 6
 
@@ -25,7 +24,13 @@ def reference_tokens(tiny):
 def test_saved_folder_has_the_hub_layout(tiny_dir):
     files = set(folder_files(tiny_dir))
     assert {"configuration_mqwen.py", "modeling_mqwen.py", "processing_mqwen.py"} <= files
-    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
     config = json.loads((tiny_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mqwen.MQwenForCausalLM"
@@ -84,19 +89,25 @@ def test_image_to_text_pipeline_needs_no_prompt(tiny, tiny_dir, make_image):
         generated = model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
     caption = processor.decode_captions(generated, inputs["input_ids"].shape[1])[0]
     assert result == [{"generated_text": caption}]
-    assert captioner(image, prompt="Name the shapes.", max_new_tokens=NEW)[0]["generated_text"] == \
-        processor.decode_captions(
+    assert (
+        captioner(image, prompt="Name the shapes.", max_new_tokens=NEW)[0]["generated_text"]
+        == processor.decode_captions(
             model.generate(**processor(images=[image], text=["Name the shapes."]), max_new_tokens=NEW),
             processor(images=[image], text=["Name the shapes."])["input_ids"].shape[1],
         )[0]
+    )
 
 
 def test_image_text_to_text_pipeline_with_chat_messages(tiny, tiny_dir, make_image):
     model, processor = tiny
     chat = pipeline("image-text-to-text", model=str(tiny_dir), trust_remote_code=True)
     image = make_image(5)
-    messages = [{"role": "user", "content": [{"type": "image", "image": image},
-                                             {"type": "text", "text": "Describe this image."}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe this image."}],
+        }
+    ]
     result = chat(text=messages, max_new_tokens=NEW, return_full_text=False)
     inputs = processor(images=[image])  # the default prompt is exactly this conversation
     with torch.no_grad():
@@ -104,7 +115,9 @@ def test_image_text_to_text_pipeline_with_chat_messages(tiny, tiny_dir, make_ima
     assert result[0]["generated_text"].strip() == processor.decode_captions(generated, inputs["input_ids"].shape[1])[0]
 
 
-def test_push_to_hub_publishes_model_and_processor_in_one_commit(tiny, tiny_dir, reference_tokens, tmp_path, monkeypatch):
+def test_push_to_hub_publishes_model_and_processor_in_one_commit(
+    tiny, tiny_dir, reference_tokens, tmp_path, monkeypatch
+):
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import CommitInfo, RepoUrl
 
@@ -117,8 +130,12 @@ def test_push_to_hub_publishes_model_and_processor_in_one_commit(tiny, tiny_dir,
             source = op.path_or_fileobj
             files[op.path_in_repo] = source if isinstance(source, bytes) else open(source, "rb").read()
         commits.append((repo_id, files))
-        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{'2' * 40}", commit_message="",
-                          commit_description="", oid="2" * 40)
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/{'2' * 40}",
+            commit_message="",
+            commit_description="",
+            oid="2" * 40,
+        )
 
     def create_repo(self, repo_id, **kwargs):
         return RepoUrl(f"https://huggingface.co/{repo_id}")
@@ -133,7 +150,10 @@ def test_push_to_hub_publishes_model_and_processor_in_one_commit(tiny, tiny_dir,
     assert repo_id == "mqwen-org/published"
     assert set(files) == set(folder_files(tiny_dir))
     assert sorted(n for n in files if n.endswith(".py")) == [
-        "configuration_mqwen.py", "modeling_mqwen.py", "processing_mqwen.py"]
+        "configuration_mqwen.py",
+        "modeling_mqwen.py",
+        "processing_mqwen.py",
+    ]
     assert "model.safetensors" in files and not any(n.endswith(".bin") for n in files)
     assert "auto_map" in json.loads(files["config.json"])
 

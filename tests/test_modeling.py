@@ -19,7 +19,7 @@ def greedy(model, inputs, **kwargs):
 
 
 def new_tokens(generated, inputs):
-    return generated[:, inputs["input_ids"].shape[1]:]
+    return generated[:, inputs["input_ids"].shape[1] :]
 
 
 def capture_lm_inputs_embeds(model):
@@ -77,9 +77,7 @@ def test_loss_ignores_image_positions(tiny, make_image):
     with torch.no_grad():
         out = model(**inputs, labels=labels)
     expected_labels = labels.masked_fill(labels == model.config.image_token_id, -100)
-    reference = F.cross_entropy(
-        out.logits[0, :-1].float(), expected_labels[0, 1:], ignore_index=-100
-    )
+    reference = F.cross_entropy(out.logits[0, :-1].float(), expected_labels[0, 1:], ignore_index=-100)
     torch.testing.assert_close(out.loss, reference)
 
 
@@ -213,8 +211,12 @@ def test_streamer_and_return_dict_in_generate(tiny, make_image):
 
     with torch.no_grad():
         rich = model.generate(
-            **inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-            return_dict_in_generate=True, output_scores=True,
+            **inputs,
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_scores=True,
         )
     assert torch.equal(rich.sequences, out)
     assert len(rich.scores) == NEW

@@ -13,16 +13,20 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import random_image
 from transformers import pipeline
 from transformers.pipelines.pt_utils import KeyDataset
-
-from conftest import random_image
 
 NEW = 6
 IMAGES = [random_image(30), random_image(31, size=(40, 90)), random_image(32), random_image(33), random_image(34)]
 # Prompts of different lengths, so that batches are padded; None is the default caption prompt.
-PROMPTS = [None, "Write one short caption for this picture, please, with the colours.", "Name the shapes.", None,
-           "Count."]
+PROMPTS = [
+    None,
+    "Write one short caption for this picture, please, with the colours.",
+    "Name the shapes.",
+    None,
+    "Count.",
+]
 TWO_IMAGES = "<|im_start|>user\n<image>\n<image>\nWhat differs?<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -91,8 +95,9 @@ def test_generator_of_dicts_and_datasets_batch(captioner, references, generate_c
     assert list(captioner(items, max_new_tokens=NEW, batch_size=2)) == references
     assert [rows for rows, _ in generate_calls] == [2, 2, 1]
 
-    features = datasets.Features({"image": datasets.Image(), "prompt": datasets.Value("string"),
-                                  "label": datasets.Value("int64")})
+    features = datasets.Features(
+        {"image": datasets.Image(), "prompt": datasets.Value("string"), "label": datasets.Value("int64")}
+    )
     columns = {"image": IMAGES, "prompt": PROMPTS, "label": list(range(5))}  # "label": a column the pipeline ignores
     dataset = datasets.Dataset.from_dict(columns, features=features)
     generate_calls.clear()
@@ -106,8 +111,10 @@ def test_generator_of_dicts_and_datasets_batch(captioner, references, generate_c
 def test_several_images_per_prompt_batch_with_single_image_items(captioner, tiny, generate_calls):
     a, b, c, d = IMAGES[:4]
     items, prompts = [[a, b], c, [d]], [TWO_IMAGES, None, "Count."]
-    expected = [generate_captions(tiny, images, prompt, max_new_tokens=NEW)
-                for images, prompt in zip([[a, b], [c], [d]], prompts)]
+    expected = [
+        generate_captions(tiny, images, prompt, max_new_tokens=NEW)
+        for images, prompt in zip([[a, b], [c], [d]], prompts)
+    ]
     assert captioner(items, prompt=prompts, max_new_tokens=NEW, batch_size=3) == expected
     assert generate_calls == [(3, True)]
     assert captioner([[a, b]], prompt=TWO_IMAGES, max_new_tokens=NEW) == [expected[0]]

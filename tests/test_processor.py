@@ -15,8 +15,12 @@ def pixels(processor, image):
 def test_image_modes_become_rgb(tiny, make_image):
     _, processor = tiny
     rgb = make_image(1)
-    assert torch.equal(processor(images=[rgb.convert("L")])["pixel_values"], pixels(processor, rgb.convert("L").convert("RGB")))
-    assert torch.equal(processor(images=[rgb.convert("CMYK")])["pixel_values"], pixels(processor, rgb.convert("CMYK").convert("RGB")))
+    assert torch.equal(
+        processor(images=[rgb.convert("L")])["pixel_values"], pixels(processor, rgb.convert("L").convert("RGB"))
+    )
+    assert torch.equal(
+        processor(images=[rgb.convert("CMYK")])["pixel_values"], pixels(processor, rgb.convert("CMYK").convert("RGB"))
+    )
     palette = rgb.convert("P")
     assert torch.equal(processor(images=[palette])["pixel_values"], pixels(processor, palette.convert("RGB")))
     transparent = Image.new("RGBA", rgb.size, (10, 200, 30, 0))
@@ -33,8 +37,14 @@ def test_arrays_tensors_and_paths_equal_the_pil_image(tiny, make_image, tmp_path
     array = np.array(image)
     path = tmp_path / "image.png"
     image.save(path)
-    for same in (array, array.astype(np.float32) / 255.0, torch.from_numpy(array).permute(2, 0, 1),
-                 torch.from_numpy(array), str(path), path):
+    for same in (
+        array,
+        array.astype(np.float32) / 255.0,
+        torch.from_numpy(array).permute(2, 0, 1),
+        torch.from_numpy(array),
+        str(path),
+        path,
+    ):
         assert torch.equal(processor(images=[same])["pixel_values"], expected), type(same)
 
 
@@ -52,7 +62,8 @@ def test_text_without_placeholder_is_the_instruction(tiny, make_image):
     _, processor = tiny
     inputs = processor(images=[make_image(4)], text="Name the shapes.")
     assert processor.tokenizer.decode(inputs["input_ids"][0]) == processor.caption_prompt("Name the shapes.").replace(
-        "<image>", "<image>" * processor.image_seq_length)
+        "<image>", "<image>" * processor.image_seq_length
+    )
 
 
 def test_chat_template_renders_qwen_chatml(tiny):
@@ -74,9 +85,15 @@ def test_chat_template_renders_qwen_chatml(tiny):
 def test_chat_template_tokenized_with_images_equals_direct_call(tiny, make_image):
     _, processor = tiny
     image = make_image(5)
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe this image."}]}]
-    via_chat = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                             return_tensors="pt")
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe this image."}],
+        }
+    ]
+    via_chat = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     direct = processor(images=[image])
     assert torch.equal(via_chat["input_ids"], direct["input_ids"])
     assert torch.equal(via_chat["pixel_values"], direct["pixel_values"])
@@ -122,7 +139,11 @@ def test_save_and_reload_keeps_settings(tiny, tmp_path):
     finally:
         processor.caption_instruction = "Describe this image."
     loaded = MQwenProcessor.from_pretrained(tmp_path)
-    assert (loaded.image_seq_length, loaded.caption_instruction, loaded.image_token) == (16, "Name the shapes.", "<image>")
+    assert (loaded.image_seq_length, loaded.caption_instruction, loaded.image_token) == (
+        16,
+        "Name the shapes.",
+        "<image>",
+    )
     assert loaded.chat_template == processor.chat_template
 
 
@@ -158,9 +179,10 @@ def test_unreadable_inputs_are_clear_errors(tiny, tmp_path):
 
 def test_tokenizer_without_image_token_is_refused(tiny):
 
+    from transformers import PreTrainedTokenizerFast
+
     from mqwen import MQwenProcessor
     from mqwen.convert.tokenizer import train_qwen_style_tokenizer
-    from transformers import PreTrainedTokenizerFast
 
     _, processor = tiny
     bare = PreTrainedTokenizerFast(tokenizer_object=train_qwen_style_tokenizer(), eos_token="<|im_end|>")
@@ -173,9 +195,12 @@ def test_named_chat_templates_use_the_default_one(tiny, make_image):
     from mqwen import MQwenProcessor
 
     _, processor = tiny
-    named = MQwenProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer,
-                           chat_template={"default": processor.chat_template, "llm": "{{ messages }}"},
-                           image_seq_length=processor.image_seq_length)
+    named = MQwenProcessor(
+        image_processor=processor.image_processor,
+        tokenizer=processor.tokenizer,
+        chat_template={"default": processor.chat_template, "llm": "{{ messages }}"},
+        image_seq_length=processor.image_seq_length,
+    )
     assert named.caption_prompt() == processor.caption_prompt()
     assert torch.equal(named(images=[make_image(1)])["input_ids"], processor(images=[make_image(1)])["input_ids"])
 

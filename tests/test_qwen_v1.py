@@ -1,4 +1,4 @@
-"""`python -m convert build --llm QWEN_V1_DIR`: the original Qwen (v1) converted losslessly to transformers' Qwen2.
+"""`mqwen-convert build --llm QWEN_V1_DIR`: the original Qwen (v1) converted losslessly to transformers' Qwen2.
 
 The reference is written here, independently of v1's code (which is not ours): a small forward pass over
 v1-layout weights (RMSNorm, rotate-half rotary embeddings, fused q/k/v with bias, the SiLU-gated MLP
@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_convert_build import load_built, make_hf_clip
 
-from mqwen.convert.__main__ import main
+from mqwen.convert.cli import main
 from mqwen.convert.errors import ConvertError
 
 # v1's pre-tokenizer regex and special tokens, as tokenization_qwen.py states them.
@@ -30,8 +30,10 @@ NEWLINE = 198  # "\n", the last token of ChatML's "<|im_start|>assistant\n"
 
 V1_CONFIG = {
     "architectures": ["QWenLMHeadModel"],
-    "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig",
-                 "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+    "auto_map": {
+        "AutoConfig": "configuration_qwen.QWenConfig",
+        "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+    },
     "model_type": "qwen",
     "vocab_size": 151936,
     "hidden_size": 16,
@@ -49,11 +51,20 @@ V1_CONFIG = {
     "use_dynamic_ntk": True,
     "use_logn_attn": True,
     "use_flash_attn": "auto",
-    "bf16": False, "fp16": False, "fp32": False,
+    "bf16": False,
+    "fp16": False,
+    "fp32": False,
 }
 V1_GENERATION_CONFIG = {
-    "chat_format": "chatml", "eos_token_id": ENDOFTEXT, "pad_token_id": ENDOFTEXT, "max_window_size": 6144,
-    "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.8, "repetition_penalty": 1.1,
+    "chat_format": "chatml",
+    "eos_token_id": ENDOFTEXT,
+    "pad_token_id": ENDOFTEXT,
+    "max_window_size": 6144,
+    "max_new_tokens": 512,
+    "do_sample": True,
+    "top_k": 0,
+    "top_p": 0.8,
+    "repetition_penalty": 1.1,
 }
 PROMPTS = {
     "english": "<|im_start|>user\nWhat is in this picture? A cat on a wooden table.<|im_end|>",
@@ -109,8 +120,11 @@ def v1_forward(weights, config, embeds):
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
     x = embeds
     for layer in range(config["num_hidden_layers"]):
-        w = {key[len(f"transformer.h.{layer}.") :]: value for key, value in weights.items()
-             if key.startswith(f"transformer.h.{layer}.")}
+        w = {
+            key[len(f"transformer.h.{layer}.") :]: value
+            for key, value in weights.items()
+            if key.startswith(f"transformer.h.{layer}.")
+        }
         h = rms_norm(x, w["ln_1.weight"], eps)
         fused = h @ w["attn.c_attn.weight"].T + w["attn.c_attn.bias"]
         q, k, v = (part.view(seq, heads, head_dim) for part in fused.split(hidden, dim=-1))
@@ -154,16 +168,18 @@ def v1_weights(caption_token, seed=0):
     weights = {"transformer.wte.weight": randn(vocab, hidden, scale=1.0)}
     for layer in range(config["num_hidden_layers"]):
         prefix = f"transformer.h.{layer}."
-        weights.update({
-            prefix + "ln_1.weight": 1 + randn(hidden),
-            prefix + "attn.c_attn.weight": randn(3 * hidden, hidden, scale=0.5),
-            prefix + "attn.c_attn.bias": randn(3 * hidden),
-            prefix + "attn.c_proj.weight": randn(hidden, hidden),
-            prefix + "ln_2.weight": 1 + randn(hidden),
-            prefix + "mlp.w1.weight": randn(inner, hidden, scale=0.5),
-            prefix + "mlp.w2.weight": randn(inner, hidden, scale=0.5),
-            prefix + "mlp.c_proj.weight": randn(hidden, inner),
-        })
+        weights.update(
+            {
+                prefix + "ln_1.weight": 1 + randn(hidden),
+                prefix + "attn.c_attn.weight": randn(3 * hidden, hidden, scale=0.5),
+                prefix + "attn.c_attn.bias": randn(3 * hidden),
+                prefix + "attn.c_proj.weight": randn(hidden, hidden),
+                prefix + "ln_2.weight": 1 + randn(hidden),
+                prefix + "mlp.w1.weight": randn(inner, hidden, scale=0.5),
+                prefix + "mlp.w2.weight": randn(inner, hidden, scale=0.5),
+                prefix + "mlp.c_proj.weight": randn(hidden, inner),
+            }
+        )
         weights[prefix + "attn.c_proj.weight"][:2] = 0
         weights[prefix + "mlp.c_proj.weight"][:2] = 0
     weights["transformer.ln_f.weight"] = 1 + randn(hidden)
@@ -212,8 +228,18 @@ def v1_source(tmp_path_factory, v1_encoding):
 def built(v1_source, tmp_path_factory):
     """The v1 folder built through the CLI, fp32."""
     out = tmp_path_factory.mktemp("v1-built") / "mqwen-v1"
-    argv = ["build", "--llm", str(v1_source["folder"]), "--vision", str(v1_source["root"] / "clip"), str(out),
-            "--dtype", "fp32", "--max-shard-size", "12MB"]
+    argv = [
+        "build",
+        "--llm",
+        str(v1_source["folder"]),
+        "--vision",
+        str(v1_source["root"] / "clip"),
+        str(out),
+        "--dtype",
+        "fp32",
+        "--max-shard-size",
+        "12MB",
+    ]
     assert main(argv) == 0
     model, processor = load_built(out)
     return dict(out=out, model=model, processor=processor)
@@ -256,24 +282,34 @@ def test_weights_are_mapped_exactly(built, v1_source):
             for kind in ("weight", "bias"):
                 expected = source[v1 + f"attn.c_attn.{kind}"][16 * part : 16 * (part + 1)]
                 assert torch.equal(stored(qwen2 + f"self_attn.{name}_proj.{kind}"), expected)
-        pairs = {"attn.c_proj": "self_attn.o_proj", "mlp.w2": "mlp.gate_proj", "mlp.w1": "mlp.up_proj",
-                 "mlp.c_proj": "mlp.down_proj", "ln_1": "input_layernorm", "ln_2": "post_attention_layernorm"}
+        pairs = {
+            "attn.c_proj": "self_attn.o_proj",
+            "mlp.w2": "mlp.gate_proj",
+            "mlp.w1": "mlp.up_proj",
+            "mlp.c_proj": "mlp.down_proj",
+            "ln_1": "input_layernorm",
+            "ln_2": "post_attention_layernorm",
+        }
         for theirs, ours in pairs.items():
             assert torch.equal(stored(qwen2 + ours + ".weight"), source[v1 + theirs + ".weight"]), ours
     assert torch.equal(stored("model.embed_tokens.weight"), source["transformer.wte.weight"])
     assert torch.equal(stored("lm_head.weight"), source["lm_head.weight"])
     assert torch.equal(stored("model.norm.weight"), source["transformer.ln_f.weight"])
     language = [name for name in index if name.startswith("language_model.")]
-    assert not [name for name in language if name.endswith(".bias") and "o_proj" in name or ".mlp." in name
-                and name.endswith(".bias")]
+    assert not [
+        name
+        for name in language
+        if name.endswith(".bias") and "o_proj" in name or ".mlp." in name and name.endswith(".bias")
+    ]
 
 
 @pytest.mark.parametrize("language", sorted(PROMPTS))
 def test_text_logits_equal_v1(built, v1_source, v1_encoding, language):
     ids = v1_encoding(PROMPTS[language])
     assert len(ids) <= V1_CONFIG["seq_length"]
-    torch.testing.assert_close(model_logits(built["model"], ids), v1_logits(v1_source["weights"], ids),
-                               atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model_logits(built["model"], ids), v1_logits(v1_source["weights"], ids), atol=2e-5, rtol=1e-5
+    )
 
 
 def test_swapping_gate_and_up_would_be_caught(v1_source, v1_encoding):
@@ -281,8 +317,10 @@ def test_swapping_gate_and_up_would_be_caught(v1_source, v1_encoding):
     weights = dict(v1_source["weights"])
     for layer in range(2):
         prefix = f"transformer.h.{layer}.mlp."
-        weights[prefix + "w1.weight"], weights[prefix + "w2.weight"] = weights[prefix + "w2.weight"], \
-            weights[prefix + "w1.weight"]
+        weights[prefix + "w1.weight"], weights[prefix + "w2.weight"] = (
+            weights[prefix + "w2.weight"],
+            weights[prefix + "w1.weight"],
+        )
     ids = v1_encoding(PROMPTS["english"])
     assert (v1_logits(weights, ids) - v1_logits(v1_source["weights"], ids)).abs().max() > 1e-2
 
@@ -292,8 +330,13 @@ def test_greedy_generation_equals_v1(built, v1_source, v1_encoding, language):
     ids = v1_encoding(PROMPTS[language])
     expected = v1_greedy(v1_source["weights"], ids, max_new_tokens=12)
     with torch.no_grad():
-        out = built["model"].generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
-                                      max_new_tokens=12, do_sample=False, repetition_penalty=1.0)
+        out = built["model"].generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids)),
+            max_new_tokens=12,
+            do_sample=False,
+            repetition_penalty=1.0,
+        )
     assert out[0].tolist() == expected
     assert len(expected) - len(ids) >= 4  # a real continuation, not an immediate stop
 
@@ -343,10 +386,13 @@ def test_tokenizer_ids_equal_v1_tiktoken(built, v1_encoding):
 def test_chat_template_is_v1_chat_format(built, v1_encoding):
     """v1's chat(): ChatML with the system prompt "You are a helpful assistant." by default."""
     tokenizer = built["processor"].tokenizer
-    expected = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n"
-                "<|im_start|>assistant\n")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False,
-                                         add_generation_prompt=True)
+    expected = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "你好"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == expected
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == v1_encoding(expected)
 
@@ -376,11 +422,15 @@ def test_image_caption_runs_end_to_end_and_stops_on_im_end(built, v1_source, mak
         features = model.get_image_features(inputs["pixel_values"])[0]
     embeds = v1_source["weights"]["transformer.wte.weight"][torch.tensor(ids)].clone()
     embeds[torch.tensor(ids) == model.config.image_token_id] = features
-    torch.testing.assert_close(model_logits(model, ids, pixel_values=inputs["pixel_values"]),
-                               v1_forward(v1_source["weights"], V1_CONFIG, embeds), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model_logits(model, ids, pixel_values=inputs["pixel_values"]),
+        v1_forward(v1_source["weights"], V1_CONFIG, embeds),
+        atol=2e-5,
+        rtol=1e-5,
+    )
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=10, do_sample=False, repetition_penalty=1.0)
-    assert out[0, len(ids):].tolist() == [v1_source["caption_token"], IM_END]  # stopped on <|im_end|>
+    assert out[0, len(ids) :].tolist() == [v1_source["caption_token"], IM_END]  # stopped on <|im_end|>
     assert processor.decode_captions(out, len(ids)) == ["cat"]
 
 
@@ -404,22 +454,29 @@ def test_bf16_pickle_checkpoint_needs_allow_pickle_and_maps_exactly(v1_source, t
     out = build(folder, v1_source["root"] / "clip", tmp_path / "out", allow_pickle=True)
     with safe_open(out / "model.safetensors", "pt") as handle:
         assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"BF16"}  # the source's dtype
-        assert torch.equal(handle.get_tensor("language_model.model.layers.1.self_attn.v_proj.bias"),
-                           weights["transformer.h.1.attn.c_attn.bias"][32:])
-        assert torch.equal(handle.get_tensor("language_model.model.layers.1.mlp.gate_proj.weight"),
-                           weights["transformer.h.1.mlp.w2.weight"])
+        assert torch.equal(
+            handle.get_tensor("language_model.model.layers.1.self_attn.v_proj.bias"),
+            weights["transformer.h.1.attn.c_attn.bias"][32:],
+        )
+        assert torch.equal(
+            handle.get_tensor("language_model.model.layers.1.mlp.gate_proj.weight"),
+            weights["transformer.h.1.mlp.w2.weight"],
+        )
     config = json.loads((out / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     load_built(out)
 
 
-@pytest.mark.parametrize("change, named", [
-    ({"rotary_pct": 0.5}, "rotary_pct=0.5"),
-    ({"no_bias": False}, "no_bias=false"),
-    ({"use_cache_quantization": True}, "use_cache_quantization=true"),
-    ({"kv_channels": 4}, "kv_channels=4"),
-    ({"seq_length_expansion": 2}, "seq_length_expansion=2"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"rotary_pct": 0.5}, "rotary_pct=0.5"),
+        ({"no_bias": False}, "no_bias=false"),
+        ({"use_cache_quantization": True}, "use_cache_quantization=true"),
+        ({"kv_channels": 4}, "kv_channels=4"),
+        ({"seq_length_expansion": 2}, "seq_length_expansion=2"),
+    ],
+)
 def test_features_qwen2_cannot_reproduce_are_refused(v1_source, tmp_path, capsys, change, named):
     folder = tmp_path / "v1"
     shutil.copytree(v1_source["folder"], folder, ignore=shutil.ignore_patterns("*.safetensors", "qwen.tiktoken"))
@@ -437,11 +494,17 @@ def test_first_release_config_names_map_the_same(tmp_path):
     padded_vocab_size for the embedding rows next to vocab_size for the tokens."""
     from mqwen.convert.qwen_v1 import QwenV1
 
-    renamed = {"hidden_size": "n_embd", "num_attention_heads": "n_head", "num_hidden_layers": "n_layer",
-               "max_position_embeddings": "n_positions", "intermediate_size": "ffn_hidden_size"}
+    renamed = {
+        "hidden_size": "n_embd",
+        "num_attention_heads": "n_head",
+        "num_hidden_layers": "n_layer",
+        "max_position_embeddings": "n_positions",
+        "intermediate_size": "ffn_hidden_size",
+    }
     first = {renamed.get(key, key): value for key, value in V1_CONFIG.items()}
-    first.update(vocab_size=151851, padded_vocab_size=151936, pos_emb="rotary",
-                 apply_residual_connection_post_layernorm=False)
+    first.update(
+        vocab_size=151851, padded_vocab_size=151936, pos_emb="rotary", apply_residual_connection_post_layernorm=False
+    )
     assert QwenV1(tmp_path, first).text_config().to_dict() == QwenV1(tmp_path, V1_CONFIG).text_config().to_dict()
     with pytest.raises(ConvertError, match="pos_emb='learned'"):
         QwenV1(tmp_path, dict(first, pos_emb="learned"))

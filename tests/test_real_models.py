@@ -13,9 +13,16 @@ from test_convert_build import load_built, make_openclip, text_logits
 
 from mqwen.convert.build import build
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 CONVERSATIONS = {
     "no system prompt": [{"role": "user", "content": "What is the capital of France?"}],
     "custom system prompt, multi-turn": [
@@ -26,8 +33,11 @@ CONVERSATIONS = {
     ],
     "tool call and result": [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
         {"role": "tool", "content": "sunny, 21 C"},
     ],
     "earlier thinking": [
@@ -52,8 +62,7 @@ def assert_renders_like_the_source(source, processor, conversations, **options):
             assert processor.tokenizer.apply_chat_template(messages, **kwargs) == expected, name
             assert rendered(processor.apply_chat_template(messages, **kwargs)) == expected, name
             # the same text as a list of text parts (the multimodal message form) renders the same too
-            parts = [dict(m, content=[{"type": "text", "text": m["content"]}]) if m["content"] else m
-                     for m in messages]
+            parts = [dict(m, content=[{"type": "text", "text": m["content"]}]) if m["content"] else m for m in messages]
             assert rendered(processor.apply_chat_template(parts, **kwargs)) == expected, name
 
 
@@ -72,14 +81,20 @@ def smol(tmp_path_factory):
     build(folder, root / "openclip", root / "mqwen", dtype="fp32")
     model, processor = load_built(root / "mqwen")
     source = AutoModelForCausalLM.from_pretrained(folder).eval()
-    return dict(folder=folder, source=source, tokenizer=AutoTokenizer.from_pretrained(folder), model=model,
-                processor=processor, out=root / "mqwen")
+    return dict(
+        folder=folder,
+        source=source,
+        tokenizer=AutoTokenizer.from_pretrained(folder),
+        model=model,
+        processor=processor,
+        out=root / "mqwen",
+    )
 
 
 def greedy(model, inputs, tokens=4):
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
-    return out[:, inputs["input_ids"].shape[1]:]
+    return out[:, inputs["input_ids"].shape[1] :]
 
 
 def test_smollm2_image_token_grows_the_full_embedding_matrices(smol):
@@ -92,8 +107,12 @@ def test_smollm2_image_token_grows_the_full_embedding_matrices(smol):
 
 def test_smollm2_text_logits_equal_the_source(smol):
     tokenizer = smol["tokenizer"]
-    ids = tokenizer.apply_chat_template(CONVERSATIONS["custom system prompt, multi-turn"], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        CONVERSATIONS["custom system prompt, multi-turn"],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     ours, theirs = text_logits(smol["model"], ids), text_logits(smol["source"], ids)
     torch.testing.assert_close(ours[..., :49152], theirs, atol=1e-4, rtol=1e-4)
     assert ours.argmax(-1).eq(theirs.argmax(-1)).all()  # no grown row outscores the real tokens
@@ -110,17 +129,30 @@ def test_smollm2_image_parts_render_as_the_placeholder_in_the_source_format(smol
     expected = source.apply_chat_template(with_placeholder, tokenize=False, add_generation_prompt=True)
     assert processor.caption_prompt() == expected  # SmolLM2's own default system prompt, then the image
     assert expected.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
-    parts = [{"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image"},
-                                          {"type": "text", "text": "with "}, {"type": "image"}]}]
+    parts = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare "},
+                {"type": "image"},
+                {"type": "text", "text": "with "},
+                {"type": "image"},
+            ],
+        }
+    ]
     assert rendered(processor.apply_chat_template(parts, tokenize=False)) == source.apply_chat_template(
-        [{"role": "user", "content": "Compare <image>\nwith <image>\n"}], tokenize=False)
+        [{"role": "user", "content": "Compare <image>\nwith <image>\n"}], tokenize=False
+    )
 
 
 def test_smollm2_answers_a_real_question_like_the_source(smol):
     source, processor = smol["tokenizer"], smol["processor"]
     messages = [{"role": "user", "content": QUESTIONS[0]}]
-    theirs = greedy(smol["source"], source.apply_chat_template(messages, add_generation_prompt=True,
-                                                               return_tensors="pt", return_dict=True), tokens=8)
+    theirs = greedy(
+        smol["source"],
+        source.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True),
+        tokens=8,
+    )
     prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ours = greedy(smol["model"], processor(text=rendered(prompt)), tokens=8)
     assert ours.tolist() == theirs.tolist()
@@ -129,8 +161,12 @@ def test_smollm2_answers_a_real_question_like_the_source(smol):
 
 def test_smollm2_batched_equals_single_on_real_prompts(smol):
     processor = smol["processor"]
-    prompts = [rendered(processor.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                      add_generation_prompt=True)) for q in QUESTIONS]
+    prompts = [
+        rendered(
+            processor.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        )
+        for q in QUESTIONS
+    ]
     batched = greedy(smol["model"], processor(text=prompts))
     singles = [greedy(smol["model"], processor(text=[p]))[0] for p in prompts]
     assert batched.tolist() == [s.tolist() for s in singles]
@@ -166,9 +202,17 @@ def qwen3(tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(files)
     tokenizer.save_pretrained(root / "llm")
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    config = Qwen3Config(
+        vocab_size=151936,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
     Qwen3ForCausalLM(config).save_pretrained(root / "llm")  # no generation_config.json: the build decides
     (root / "llm" / "generation_config.json").unlink(missing_ok=True)
     make_openclip(root / "openclip")
@@ -177,8 +221,11 @@ def qwen3(tmp_path_factory):
     return dict(tokenizer=AutoTokenizer.from_pretrained(files), model=model, processor=processor, out=root / "mqwen")
 
 
-@pytest.mark.parametrize("options", [{}, {"enable_thinking": False}, {"enable_thinking": True}, {"tools": TOOLS}],
-                         ids=["default", "no-thinking", "thinking", "tools"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"enable_thinking": False}, {"enable_thinking": True}, {"tools": TOOLS}],
+    ids=["default", "no-thinking", "thinking", "tools"],
+)
 def test_qwen3_chat_rendering_equals_the_source(qwen3, options):
     assert_renders_like_the_source(qwen3["tokenizer"], qwen3["processor"], CONVERSATIONS, **options)
 
@@ -208,12 +255,14 @@ def test_qwen3_stops_on_im_end_and_endoftext_and_pads_with_endoftext(qwen3):
 
 
 def test_qwen3_caption_prompt_is_qwen3s_own_format(qwen3):
-    expected = qwen3["tokenizer"].apply_chat_template([{"role": "user", "content": "<image>\nDescribe this image."}],
-                                                      tokenize=False, add_generation_prompt=True)
+    expected = qwen3["tokenizer"].apply_chat_template(
+        [{"role": "user", "content": "<image>\nDescribe this image."}], tokenize=False, add_generation_prompt=True
+    )
     assert qwen3["processor"].caption_prompt() == expected
     inputs = qwen3["processor"](images=[photo("chelsea.png")])
     assert qwen3["processor"].tokenizer.decode(inputs["input_ids"][0]) == expected.replace(
-        "<image>", "<image>" * qwen3["processor"].image_seq_length)
+        "<image>", "<image>" * qwen3["processor"].image_seq_length
+    )
 
 
 @pytest.mark.parametrize("name", ["smol", "qwen3"])

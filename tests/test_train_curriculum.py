@@ -65,9 +65,18 @@ def test_trainer_draws_its_first_batches_from_the_shortest_captions(tmp_path):
     model, processor = build_tiny(seed=0)
     image = Image.new("RGB", (32, 32), (200, 30, 30))
     captions = [("red" if i % 3 == 0 else "a red square on a light background") for i in range(48)]
-    config = TrainConfig(model=model, data=[(image, c) for c in captions], output_dir=str(tmp_path), stage="full",
-                         per_device_train_batch_size=4, max_steps=6, curriculum_steps=3, curriculum_fraction=1 / 3,
-                         seed=0, training_args={"save_strategy": "no"})
+    config = TrainConfig(
+        model=model,
+        data=[(image, c) for c in captions],
+        output_dir=str(tmp_path),
+        stage="full",
+        per_device_train_batch_size=4,
+        max_steps=6,
+        curriculum_steps=3,
+        curriculum_fraction=1 / 3,
+        seed=0,
+        training_args={"save_strategy": "no"},
+    )
     trainer = build_trainer(config, model=model, processor=processor)
     assert isinstance(trainer._get_train_sampler(), ShortCaptionsFirstSampler)
     tokenizer = processor.tokenizer

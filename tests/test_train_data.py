@@ -53,11 +53,16 @@ def test_coco_json_groups_captions_by_image(tmp_path, image_folder):
 def test_llava_json_keeps_the_conversation(tmp_path, image_folder):
     folder, names, _ = image_folder
     entries = [
-        {"id": "a", "image": names[0], "conversations": [
-            {"from": "human", "value": "<image>\nWhat shapes are there?"},
-            {"from": "gpt", "value": "A red circle."},
-            {"from": "human", "value": "And the colour?"},
-            {"from": "gpt", "value": "Red."}]},
+        {
+            "id": "a",
+            "image": names[0],
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat shapes are there?"},
+                {"from": "gpt", "value": "A red circle."},
+                {"from": "human", "value": "And the colour?"},
+                {"from": "gpt", "value": "Red."},
+            ],
+        },
         {"id": "text-only", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
     ]
     path = folder / "llava.json"
@@ -107,12 +112,14 @@ def test_datasets_object_and_saved_folder(tmp_path, make_image):
 
 def test_in_memory_pairs_accept_images_paths_and_callables(image_folder, make_image):
     folder, names, images = image_folder
-    dataset = load_caption_dataset([
-        (images[0], CAPTIONS[0]),
-        (folder / names[1], CAPTIONS[1]),
-        (lambda: make_image(7, size=(20, 20)), CAPTIONS[2]),
-        {"image": str(folder / names[3]), "caption": [CAPTIONS[3], "four"]},
-    ])
+    dataset = load_caption_dataset(
+        [
+            (images[0], CAPTIONS[0]),
+            (folder / names[1], CAPTIONS[1]),
+            (lambda: make_image(7, size=(20, 20)), CAPTIONS[2]),
+            {"image": str(folder / names[3]), "caption": [CAPTIONS[3], "four"]},
+        ]
+    )
     assert len(dataset) == 5
     assert np.array_equal(_pixels(dataset[2]["image"]), _pixels(make_image(7, size=(20, 20))))
     with pytest.raises(ValueError, match="pairs"):
@@ -123,13 +130,19 @@ def test_in_memory_pairs_accept_images_paths_and_callables(image_folder, make_im
 
 def test_missing_and_corrupt_images_are_skipped_and_reported(image_folder, tiny):
     folder, names, _ = image_folder
-    pairs = [(folder / names[0], "zero"), (folder / "gone.png", "missing"), (folder / "corrupt.png", "corrupt"),
-             (folder / names[1], "one")]
+    pairs = [
+        (folder / names[0], "zero"),
+        (folder / "gone.png", "missing"),
+        (folder / "corrupt.png", "corrupt"),
+        (folder / names[1], "one"),
+    ]
     dataset = load_caption_dataset(pairs)
     example = dataset[1]  # missing -> corrupt -> the next readable example
     assert example["caption"] == "one" and example["index"] == 3
     assert [(kind, record_id) for kind, record_id, _ in example["skipped"]] == [
-        ("missing", str(folder / "gone.png")), ("corrupt", str(folder / "corrupt.png"))]
+        ("missing", str(folder / "gone.png")),
+        ("corrupt", str(folder / "corrupt.png")),
+    ]
     strict = load_caption_dataset(pairs, resample_bad=False)
     with pytest.raises(ImageLoadError) as error:
         strict[2]
@@ -165,7 +178,7 @@ def test_labels_token_by_token_against_the_chat_template(tiny, make_image):
     assert full[: len(prompt)] == prompt
     answer = tokenizer(caption + "<|im_end|>", add_special_tokens=False)["input_ids"]
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    assert full[len(prompt):] == answer + newline
+    assert full[len(prompt) :] == answer + newline
 
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     mask = batch["attention_mask"][0].tolist()
@@ -184,8 +197,12 @@ def test_labels_token_by_token_against_the_chat_template(tiny, make_image):
 def test_every_assistant_turn_is_learnt_in_a_conversation(tiny, make_image):
     _, processor = tiny
     tokenizer = processor.tokenizer
-    turns = [{"role": "user", "content": "<image>\nWhat shapes?"}, {"role": "assistant", "content": "A circle."},
-             {"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "Red."}]
+    turns = [
+        {"role": "user", "content": "<image>\nWhat shapes?"},
+        {"role": "assistant", "content": "A circle."},
+        {"role": "user", "content": "Colour?"},
+        {"role": "assistant", "content": "Red."},
+    ]
     example = {"image": make_image(2), "conversation": turns, "skipped": []}
     batch = CaptionCollator(processor)([example])
     learnt = [t for t, label in zip(batch["input_ids"][0].tolist(), batch["labels"][0].tolist()) if label != -100]

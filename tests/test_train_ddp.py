@@ -56,7 +56,9 @@ def jsonl_data(tmp_path, make_image):
     rows = []
     for seed in range(12):
         make_image(seed, size=(56, 56)).save(folder / f"{seed}.png")
-        rows.append({"image": f"images/{seed}.png", "caption": f"shape number {seed} is {'red' if seed % 2 else 'blue'}"})
+        rows.append(
+            {"image": f"images/{seed}.png", "caption": f"shape number {seed} is {'red' if seed % 2 else 'blue'}"}
+        )
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in rows))
     return path
@@ -67,8 +69,17 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_dir, jsonl_data):
     worker.write_text(WORKER)
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(worker), str(tiny_dir), str(jsonl_data), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(worker),
+        str(tiny_dir),
+        str(jsonl_data),
+        str(out),
+    ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-4000:]
 

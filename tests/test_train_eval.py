@@ -1,12 +1,13 @@
-"""train/: caption metrics, batched evaluation, `python -m train.eval`, accelerate configs."""
+"""train/: caption metrics, batched evaluation, `mqwen-eval`, accelerate configs."""
 
 import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from mqwen.train.eval import evaluate_captions, generate_captions, main
+from mqwen.runtime import caption_images
+from mqwen.train.cli import eval_main as main
+from mqwen.train.eval import evaluate_captions
 from mqwen.train.metrics import caption_scores, tokenize_caption
 
 CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
@@ -24,10 +25,16 @@ def test_bleu4_matches_a_hand_computed_value():
 
 
 def test_cider_d_and_exact_match_of_perfect_captions():
-    references = {"a": ["a red circle above a blue square"], "b": ["two green triangles next to each other"],
-                  "c": ["one big yellow square in the middle"]}
-    predictions = {"a": "A red circle above a blue square.", "b": "two green triangles next to each other",
-                   "c": "a small yellow square at the top"}
+    references = {
+        "a": ["a red circle above a blue square"],
+        "b": ["two green triangles next to each other"],
+        "c": ["one big yellow square in the middle"],
+    }
+    predictions = {
+        "a": "A red circle above a blue square.",
+        "b": "two green triangles next to each other",
+        "c": "a small yellow square at the top",
+    }
     corpus, per_image = caption_scores(predictions, references)
     # Identical (after tokenization) captions: cosine 1 for every n, no length penalty, x10.
     assert per_image["a"]["cider"] == pytest.approx(10.0) and per_image["b"]["cider"] == pytest.approx(10.0)
@@ -43,7 +50,7 @@ def test_cider_d_and_exact_match_of_perfect_captions():
 def test_evaluate_captions_batches_skips_and_scores(tiny, make_image, tmp_path):
     model, processor = tiny
     images = [make_image(seed, size=(56, 60)) for seed in range(5)]
-    single = [generate_captions(model, processor, [image], max_new_tokens=6)[0] for image in images]
+    single = [next(caption_images(model, processor, [image], max_new_tokens=6)) for image in images]
     # References equal to the model's own captions: every image is an exact match.
     data = [(image, caption or "empty") for image, caption in zip(images, single)]
     data.insert(2, (tmp_path / "missing.png", "never read"))
@@ -68,8 +75,24 @@ def test_eval_cli_writes_per_image_results(tiny_dir, make_image, tmp_path, capsy
     data = folder / "val.jsonl"
     data.write_text("\n".join(json.dumps(row) for row in rows))
     out = tmp_path / "results" / "results.json"
-    assert main(["--model", str(tiny_dir), "--data", str(data), "--batch-size", "2", "--out", str(out),
-                 "--max-new-tokens", "4", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(data),
+                "--batch-size",
+                "2",
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
     assert set(results["metrics"]) >= {"bleu4", "cider", "exact_match", "images", "skipped_images"}
     assert [entry["id"] for entry in results["per_image"]] == ["0.png", "1.png", "2.png"]
@@ -86,5 +109,10 @@ def test_accelerate_configs_are_valid():
     for path in sorted(CONFIGS.glob("*.yaml")):
         config = ClusterConfig.from_yaml_file(str(path))  # raises on unknown keys
         kinds[path.stem] = (str(config.distributed_type).split(".")[-1], config.deepspeed_config.get("zero_stage"))
-    assert kinds == {"ddp": ("MULTI_GPU", None), "deepspeed_zero2": ("DEEPSPEED", 2),
-                     "deepspeed_zero3": ("DEEPSPEED", 3), "fsdp": ("FSDP", None), "fsdp_cpu": ("FSDP", None)}
+    assert kinds == {
+        "ddp": ("MULTI_GPU", None),
+        "deepspeed_zero2": ("DEEPSPEED", 2),
+        "deepspeed_zero3": ("DEEPSPEED", 3),
+        "fsdp": ("FSDP", None),
+        "fsdp_cpu": ("FSDP", None),
+    }

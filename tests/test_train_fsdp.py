@@ -26,13 +26,22 @@ STEPS = 4
 CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
 FSDP_CPU_CONFIG = CONFIGS / "fsdp_cpu.yaml"
 # The WORKER's settings as command-line flags.
-COMMON_FLAGS = dict(max_steps=STEPS, save_steps=2, logging_steps=1, learning_rate=1e-3, warmup_ratio=0.0, seed=0,
-                    disable_tqdm=True, max_shard_size="20KB")
+COMMON_FLAGS = dict(
+    max_steps=STEPS,
+    save_steps=2,
+    logging_steps=1,
+    learning_rate=1e-3,
+    warmup_ratio=0.0,
+    seed=0,
+    disable_tqdm=True,
+    max_shard_size="20KB",
+)
 
 # `python WORKER MODEL DATA OUT STAGE SETTINGS_JSON`: one training run through the public `train()`. With
 # STOP_AT_STEP set, every process dies (no cleanup, like a killed job) once that step ends.
-WORKER = textwrap.dedent(
-    """
+WORKER = (
+    textwrap.dedent(
+        """
     import json, os, sys
     from transformers import TrainerCallback
     from mqwen.train import TrainConfig, train
@@ -53,7 +62,10 @@ WORKER = textwrap.dedent(
                          disable_tqdm=True, max_shard_size="20KB", **settings)
     train(config, callbacks=[Die()] if "STOP_AT_STEP" in os.environ else None)
     """
-).replace("GLOBAL_BATCH", str(GLOBAL_BATCH)).replace("STEPS", str(STEPS))
+    )
+    .replace("GLOBAL_BATCH", str(GLOBAL_BATCH))
+    .replace("STEPS", str(STEPS))
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +78,9 @@ def setup(tmp_path_factory, tiny_dir):
     rows = []
     for seed in range(16):
         random_image(seed, size=(56, 56)).save(tmp / "images" / f"{seed}.png")
-        rows.append({"image": f"images/{seed}.png", "caption": f"shape number {seed} is {'red' if seed % 2 else 'blue'}"})
+        rows.append(
+            {"image": f"images/{seed}.png", "caption": f"shape number {seed} is {'red' if seed % 2 else 'blue'}"}
+        )
     data = tmp / "train.jsonl"
     data.write_text("\n".join(json.dumps(row) for row in rows))
     worker = tmp / "worker.py"
@@ -83,10 +97,18 @@ def setup(tmp_path_factory, tiny_dir):
         if launcher == "worker":
             script = [str(worker), str(tiny_dir), str(data), str(out), stage, json.dumps(settings)]
         else:
-            flags = dict(COMMON_FLAGS, model=tiny_dir, data=data, output_dir=out, stage=stage,
-                         per_device_train_batch_size=GLOBAL_BATCH // processes, **settings)
+            flags = dict(
+                COMMON_FLAGS,
+                model=tiny_dir,
+                data=data,
+                output_dir=out,
+                stage=stage,
+                per_device_train_batch_size=GLOBAL_BATCH // processes,
+                **settings,
+            )
             script = ["-m", "mqwen.train"] + [
-                part for key, value in flags.items()
+                part
+                for key, value in flags.items()
                 for part in (["--" + key.replace("_", "-")] + ([] if value is True else [str(value)]))
             ]
         if launcher == "accelerate":
@@ -111,7 +133,9 @@ def setup(tmp_path_factory, tiny_dir):
 def _weights(folder):
     """Every tensor of a saved model, from one file or from sharded safetensors (index + shards)."""
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     weights = {}
     for name in files:
         weights.update(load_file(folder / name))
@@ -153,7 +177,10 @@ def test_fsdp_full_stage_equals_one_process(full_runs, tiny_dir, make_image):
 
     # Checkpoints are sharded: one piece of the model and of the optimizer per process.
     checkpoint = fsdp / "checkpoint-2"
-    assert sorted(p.name for p in (checkpoint / "pytorch_model_fsdp_0").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (checkpoint / "pytorch_model_fsdp_0").glob("*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
     assert sorted(p.name for p in (checkpoint / "optimizer_0").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
@@ -166,7 +193,11 @@ def test_fsdp_final_model_is_ordinary_sharded_safetensors(full_runs):
     config = json.loads((final / "config.json").read_text())
     assert config["architectures"] == ["MQwenForCausalLM"]
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mqwen.MQwenForCausalLM"
-    assert sorted(p.name for p in final.glob("*.py")) == ["configuration_mqwen.py", "modeling_mqwen.py", "processing_mqwen.py"]
+    assert sorted(p.name for p in final.glob("*.py")) == [
+        "configuration_mqwen.py",
+        "modeling_mqwen.py",
+        "processing_mqwen.py",
+    ]
     assert not list(fsdp.glob(".final*"))
     model = MQwenForCausalLM.from_pretrained(final)  # one process, no torch.distributed
     state = model.state_dict()
@@ -207,11 +238,16 @@ def test_fsdp_lora_saves_adapter_and_projector_and_merges(setup, tiny_dir, make_
     # torchrun -m mqwen.train --fsdp, with activation checkpointing (the same numbers, recomputed)
     merged = run("lora-fsdp-merged", "lora", 2, launcher="torchrun", gradient_checkpointing=True, **settings)
 
-    want, got = load_file(single / "final" / "adapter_model.safetensors"), load_file(adapter / "final" / "adapter_model.safetensors")
+    want, got = (
+        load_file(single / "final" / "adapter_model.safetensors"),
+        load_file(adapter / "final" / "adapter_model.safetensors"),
+    )
     _assert_same_weights(got, want)
     assert any("lora_A" in name for name in got)
     assert any("multi_modal_projector" in name for name in got)  # the trained projector travels with the adapter
-    assert json.loads((adapter / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_dir)
+    assert json.loads((adapter / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_dir
+    )
 
     # The merged FSDP model equals the one-process adapter merged into the base.
     reference, _ = load_trained(single / "final")
@@ -222,7 +258,7 @@ def test_fsdp_lora_saves_adapter_and_projector_and_merges(setup, tiny_dir, make_
 
 
 def test_deepspeed_zero3_full_stage_equals_one_process(setup, full_runs):
-    """DeepSpeed's CPU accelerator (gloo) runs ZeRO-3 here: `torchrun -m train --deepspeed
+    """DeepSpeed's CPU accelerator (gloo) runs ZeRO-3 here: `torchrun -m mqwen.train --deepspeed
     train/configs/deepspeed_zero3.json`. The first run on a machine compiles DeepSpeed's shared-memory
     communication op (cached in the environment's folder, see `setup`)."""
     if importlib.util.find_spec("deepspeed") is None:

@@ -10,8 +10,14 @@ from mqwen.train import TrainConfig, build_trainer, load_trained, save_final_mod
 from mqwen.train.cli import main as cli_main
 from mqwen.train.stages import PROJECTOR
 
-CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a yellow square and a red circle",
-            "two blue circles", "a green square"]
+CAPTIONS = [
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "a yellow square and a red circle",
+    "two blue circles",
+    "a green square",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,9 +29,18 @@ def pairs(make_image):
 
 
 def config(tmp_path, model, data, **overrides):
-    values = dict(model=str(model), data=data, output_dir=str(tmp_path / "run"), max_steps=8,
-                  per_device_train_batch_size=2, logging_steps=1, save_steps=1000, disable_tqdm=True, seed=0,
-                  warmup_ratio=0.0)
+    values = dict(
+        model=str(model),
+        data=data,
+        output_dir=str(tmp_path / "run"),
+        max_steps=8,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        save_steps=1000,
+        disable_tqdm=True,
+        seed=0,
+        warmup_ratio=0.0,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -60,8 +75,9 @@ def test_align_optimizer_holds_only_the_projector(tmp_path, tiny_dir, pairs):
 
 
 def test_full_stage_gives_the_projector_its_own_learning_rate(tmp_path, tiny_dir, pairs):
-    trainer = build_trainer(config(tmp_path, tiny_dir, pairs, stage="full", learning_rate=1e-5, projector_lr=1e-3,
-                                   weight_decay=0.1))
+    trainer = build_trainer(
+        config(tmp_path, tiny_dir, pairs, stage="full", learning_rate=1e-5, projector_lr=1e-3, weight_decay=0.1)
+    )
     optimizer = trainer.create_optimizer()
     lr_of = {id(p): (group["lr"], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]}
     model = trainer.model
@@ -73,10 +89,23 @@ def test_full_stage_gives_the_projector_its_own_learning_rate(tmp_path, tiny_dir
 
 
 def test_vision_tower_gets_its_own_learning_rate(tmp_path, tiny_dir, pairs):
-    trainer = build_trainer(config(tmp_path, tiny_dir, pairs, stage="full", learning_rate=1e-5, vision_lr=3e-4,
-                                   train_vision_tower=True, weight_decay=0.1))
-    lr_of = {id(p): (group["lr"], group["weight_decay"])
-             for group in trainer.create_optimizer().param_groups for p in group["params"]}
+    trainer = build_trainer(
+        config(
+            tmp_path,
+            tiny_dir,
+            pairs,
+            stage="full",
+            learning_rate=1e-5,
+            vision_lr=3e-4,
+            train_vision_tower=True,
+            weight_decay=0.1,
+        )
+    )
+    lr_of = {
+        id(p): (group["lr"], group["weight_decay"])
+        for group in trainer.create_optimizer().param_groups
+        for p in group["params"]
+    }
     model = trainer.model
     tower = dict(model.vision_tower.named_parameters())
     trained = {n for n, p in tower.items() if p.requires_grad}
@@ -164,8 +193,19 @@ def test_align_learns_and_leaves_vision_tower_and_language_model_bit_identical(t
 
 
 def test_full_stage_reduces_the_loss(tmp_path, tiny_dir, pairs):
-    result = train(config(tmp_path, tiny_dir, pairs, stage="full", max_steps=30, learning_rate=3e-3,
-                          gradient_accumulation_steps=2, gradient_checkpointing=True), save=False)
+    result = train(
+        config(
+            tmp_path,
+            tiny_dir,
+            pairs,
+            stage="full",
+            max_steps=30,
+            learning_rate=3e-3,
+            gradient_accumulation_steps=2,
+            gradient_checkpointing=True,
+        ),
+        save=False,
+    )
     losses = list(_losses(result.log_history).values())
     assert len(losses) == 30
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0, losses  # more than 1 nat lower
@@ -185,8 +225,17 @@ def test_resume_after_a_kill_continues_at_the_same_step_with_the_same_data(tmp_p
                 if state.global_step == stop_at:
                     raise _Interrupt  # nothing after the checkpoint runs, as if the process died
 
-        cfg = config(tmp_path, tiny_dir, pairs, stage="full", output_dir=str(tmp_path / output), max_steps=8,
-                     save_steps=4, learning_rate=1e-3, warmup_ratio=0.1)
+        cfg = config(
+            tmp_path,
+            tiny_dir,
+            pairs,
+            stage="full",
+            output_dir=str(tmp_path / output),
+            max_steps=8,
+            save_steps=4,
+            learning_rate=1e-3,
+            warmup_ratio=0.1,
+        )
         trainer = build_trainer(cfg, callbacks=[Kill()] if stop_at else None)
         # Record the examples of every batch the model trains on (the loader prefetches one batch ahead,
         # so the collator alone would over-count).
@@ -258,11 +307,30 @@ def test_cli_run_skips_and_counts_missing_and_corrupt_images(tmp_path, tiny_dir,
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(row) for row in rows))
     out = tmp_path / "cli"
-    assert cli_main([
-        "--model", str(tiny_dir), "--data", str(data), "--output-dir", str(out), "--stage", "align",
-        "--max-steps", "8", "--per-device-train-batch-size", "2", "--save-steps", "4", "--disable-tqdm",
-        "--logging-steps", "2",
-    ]) == 0
+    assert (
+        cli_main(
+            [
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(out),
+                "--stage",
+                "align",
+                "--max-steps",
+                "8",
+                "--per-device-train-batch-size",
+                "2",
+                "--save-steps",
+                "4",
+                "--disable-tqdm",
+                "--logging-steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["skipped_images"]["missing"] == 1 and summary["skipped_images"]["corrupt"] == 1
     assert summary["metrics"]["train_loss"] > 0

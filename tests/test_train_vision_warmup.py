@@ -53,9 +53,21 @@ def test_trainer_trains_only_the_vision_tower_during_the_warmup(tmp_path):
 
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     data = [(Image.new("RGB", (32, 32), c), f"a {c} image") for c in ("red", "green", "blue", "white")] * 2
-    config = TrainConfig(model=model, data=data, output_dir=str(tmp_path), stage="full", train_vision_tower=True,
-                         max_steps=4, per_device_train_batch_size=2, logging_steps=1, vision_warmup_steps=2,
-                         learning_rate=1e-3, warmup_ratio=0.0, seed=0, training_args={"save_strategy": "no"})
+    config = TrainConfig(
+        model=model,
+        data=data,
+        output_dir=str(tmp_path),
+        stage="full",
+        train_vision_tower=True,
+        max_steps=4,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        vision_warmup_steps=2,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,
+        seed=0,
+        training_args={"save_strategy": "no"},
+    )
     result = train(config, model=model, processor=processor, callbacks=[Snapshot()])
 
     def moved(before, after, prefix):
@@ -63,9 +75,12 @@ def test_trainer_trains_only_the_vision_tower_during_the_warmup(tmp_path):
 
     after_warmup = snapshots[1]
     assert moved(start, after_warmup, "vision_tower.")
-    assert not moved(start, after_warmup, "language_model.") and not moved(start, after_warmup, "multi_modal_projector.")
-    assert moved(after_warmup, snapshots[-1], "language_model.") and moved(after_warmup, snapshots[-1],
-                                                                          "multi_modal_projector.")
+    assert not moved(start, after_warmup, "language_model.") and not moved(
+        start, after_warmup, "multi_modal_projector."
+    )
+    assert moved(after_warmup, snapshots[-1], "language_model.") and moved(
+        after_warmup, snapshots[-1], "multi_modal_projector."
+    )
     logged = [e for e in result.log_history if "loss" in e]
     assert [bool(e.get("vision_warmup")) for e in logged] == [True, True, False, False]
     from safetensors.torch import load_file

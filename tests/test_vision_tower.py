@@ -35,7 +35,12 @@ def test_matches_open_clip(quick_gelu, image_size):
             if name.endswith("bias") or "ln" in name:
                 param.add_(torch.randn_like(param) * 0.1)
     config = MQwenVisionConfig(
-        image_size=image_size, patch_size=8, width=64, layers=3, heads=4, output_dim=24,
+        image_size=image_size,
+        patch_size=8,
+        width=64,
+        layers=3,
+        heads=4,
+        output_dim=24,
         hidden_act="quick_gelu" if quick_gelu else "gelu",
     )
     ours = MQwenVisionTransformer(config).eval()
@@ -56,7 +61,9 @@ def test_matches_open_clip(quick_gelu, image_size):
 
 def test_state_dict_names_are_open_clips():
     visual = open_clip_tower(32, True)
-    ours = MQwenVisionTransformer(MQwenVisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=4, output_dim=24))
+    ours = MQwenVisionTransformer(
+        MQwenVisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=4, output_dim=24)
+    )
     assert set(ours.state_dict()) == set(visual.state_dict())
     assert "transformer.resblocks.2.attn.in_proj_weight" in ours.state_dict()
 

@@ -5,7 +5,6 @@ tests/test_vllm_serving.py runs vLLM itself; these run in the main suite on tran
 
 import pytest
 import torch
-
 from conftest import random_image
 
 

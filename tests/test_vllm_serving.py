@@ -24,7 +24,7 @@ pytest.importorskip(
     "vllm", reason="vLLM is not installed here; the vLLM step of .ci/run runs these tests in its own environment"
 )
 
-from conftest import random_image, randomize  # noqa: E402
+from conftest import random_image, randomize, stop_process  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM-CPU's default would take a quarter of RAM
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # engines started here log to stderr
@@ -52,8 +52,11 @@ def llm(served):
     from vllm import LLM
 
     engine = LLM(
-        model=str(served[2]), model_impl="transformers", trust_remote_code=True,
-        limit_mm_per_prompt={"image": 3}, **ENGINE_ARGS,
+        model=str(served[2]),
+        model_impl="transformers",
+        trust_remote_code=True,
+        limit_mm_per_prompt={"image": 3},
+        **ENGINE_ARGS,
     )
     yield engine
     engine.llm_engine.engine_core.shutdown()
@@ -64,7 +67,7 @@ def reference_tokens(model, processor, images, prompts):
     inputs = processor(images=images or None, text=prompts, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[:, inputs["input_ids"].shape[1]:].tolist()
+    return out[:, inputs["input_ids"].shape[1] :].tolist()
 
 
 def vllm_tokens(llm, requests):
@@ -146,10 +149,27 @@ def server(served, tmp_path_factory):
     distribution named `vllm`, which vllm-cpu is not); yields its base URL."""
     port = _free_port()
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(served[2]),
-        "--model-impl", "transformers", "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", ENGINE_ARGS["dtype"], "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
-        "--max-num-seqs", "4", "--limit-mm-per-prompt", json.dumps({"image": 2}),
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(served[2]),
+        "--model-impl",
+        "transformers",
+        "--trust-remote-code",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        ENGINE_ARGS["dtype"],
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--enforce-eager",
+        "--max-num-seqs",
+        "4",
+        "--limit-mm-per-prompt",
+        json.dumps({"image": 2}),
     ]
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
     with open(log, "w") as sink:
@@ -170,12 +190,7 @@ def server(served, tmp_path_factory):
                 time.sleep(2)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=60)
 
 
 def post(url, payload):
@@ -213,8 +228,10 @@ def test_server_captions_a_base64_image_like_generate(served, server):
     instruction = "Describe this image."
     status, body = post(
         server + "/v1/chat/completions",
-        chat_request(folder, [{"type": "image_url", "image_url": {"url": data_url(image)}},
-                              {"type": "text", "text": instruction}]),
+        chat_request(
+            folder,
+            [{"type": "image_url", "image_url": {"url": data_url(image)}}, {"type": "text", "text": instruction}],
+        ),
     )
     assert status == 200, body
     prompt = processor.caption_prompt(instruction)  # the chat template renders the same prompt
@@ -264,9 +281,23 @@ def test_caption_cli_with_the_vllm_engine(served, tmp_path, capsys):
     for name, image in images.items():
         image.save(tmp_path / name)
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    code = main([str(tmp_path), "--model", str(folder), "--engine", "vllm", "--dtype", "fp32",
-                 "--max-new-tokens", str(NEW_TOKENS), "--jsonl", "--no-progress",
-                 "--vllm-args", json.dumps({"max_model_len": MAX_MODEL_LEN, "enforce_eager": True})])
+    code = main(
+        [
+            str(tmp_path),
+            "--model",
+            str(folder),
+            "--engine",
+            "vllm",
+            "--dtype",
+            "fp32",
+            "--max-new-tokens",
+            str(NEW_TOKENS),
+            "--jsonl",
+            "--no-progress",
+            "--vllm-args",
+            json.dumps({"max_model_len": MAX_MODEL_LEN, "enforce_eager": True}),
+        ]
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert code == 1  # the broken file was skipped and reported
     assert [line["image"] for line in lines] == [str(tmp_path / n) for n in ["broken.png", *images]]

@@ -1,6 +1,6 @@
 """Caption fine-tuning of MQwen (align, LoRA, full), evaluation, and distributed runs.
 
-Programmatic API (stable; `python -m train` and `python -m train.eval` wrap it)::
+Programmatic API (stable; the `mqwen-train` and `mqwen-eval` commands wrap it)::
 
     from mqwen.train import TrainConfig, train, load_caption_dataset
     from mqwen.train.eval import evaluate_captions
@@ -19,8 +19,9 @@ Names:
   train_dataset=None, eval_dataset=None, callbacks=None)` -> `TrainResult(model_dir, metrics, skipped,
   log_history, trainer)`; `build_trainer(...)` returns the `CaptionTrainer` without training.
 - `load_caption_dataset(spec, ...)` -> `CaptionDataset`; `CaptionRecord`; `CaptionCollator`.
-- `load_trained(path)` -> (model, processor) for merged models and `--keep-adapter` folders.
-- `evaluate_captions`, `generate_captions` (`mqwen.train.eval`), `caption_scores` (`mqwen.train.metrics`).
+- `load_trained(path)` -> (model, processor) for merged models and `--keep-adapter` folders (the shared
+  runtime's `mqwen.runtime.load_for_inference`; captions: `mqwen.runtime.caption_images`).
+- `evaluate_captions` (`mqwen.train.eval`), `caption_scores` (`mqwen.train.metrics`).
 
 Modules: config (TrainConfig), data (sources, lazy images, skip counting), collator (chat template, labels),
 stages (freezing, LoRA, optimizer groups), trainer (CaptionTrainer), run (train, saving), distributed (FSDP
@@ -48,7 +49,6 @@ _EXPORTS = {
     "load_trained": "run",
     "save_final_model": "run",
     "evaluate_captions": "eval",
-    "generate_captions": "eval",
     "caption_scores": "metrics",
 }
 
@@ -56,7 +56,7 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    # Lazy, so `python -m train.eval` does not import train.eval twice and `import mqwen.train` stays cheap.
+    # Lazy, so `python -m mqwen.train.eval` does not import train.eval twice and `import mqwen.train` stays cheap.
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""`python -m train` (or `python -m mqwen.train`): see `python -m train --help`."""
+"""`mqwen-train` (or `python -m mqwen.train`): see `mqwen-train --help`."""
 
 import sys
 

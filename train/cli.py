@@ -1,4 +1,7 @@
-"""`python -m train`: the command line of `train(TrainConfig(...))`, generated from `TrainConfig`'s fields."""
+"""The command lines of train/: `mqwen-train` (`main`: `train(TrainConfig(...))`, its flags generated from
+`TrainConfig`'s fields) and `mqwen-eval` (`eval_main`: `evaluate_captions` on a saved model)."""
+
+from __future__ import annotations
 
 import argparse
 import dataclasses
@@ -6,29 +9,30 @@ import json
 import logging
 import sys
 import typing
+from pathlib import Path
 
 from .config import TrainConfig
 
 EXAMPLES = """examples:
   # stage 1: align the projector on COCO captions (vision tower and language model frozen)
-  python -m train --model mqwen-7b --data coco/annotations/captions_train2017.json --image-root coco/train2017 \\
+  mqwen-train --model mqwen-7b --data coco/annotations/captions_train2017.json --image-root coco/train2017 \\
       --stage align --output-dir runs/align --per-device-train-batch-size 32 --bf16
 
   # stage 2: LoRA on the language model (+ projector) from the aligned model, merged at the end
-  python -m train --model runs/align/final --data llava_captions.json --stage lora --lora-r 64 \\
+  mqwen-train --model runs/align/final --data llava_captions.json --stage lora --lora-r 64 \\
       --output-dir runs/lora --bf16 --gradient-checkpointing
 
   # a JSONL/CSV of (image, caption) rows; keep LoRA as an adapter; resume the newest checkpoint
-  python -m train --model runs/align/final --data captions.jsonl --stage lora --keep-adapter \\
+  mqwen-train --model runs/align/final --data captions.jsonl --stage lora --keep-adapter \\
       --output-dir runs/lora --resume-from-checkpoint last
 
   # several GPUs: DDP, or FSDP2 with --fsdp (see train/configs/*.yaml and the README for what is tested)
-  torchrun --nproc_per_node=8 -m train --model ... --data ... --stage full --output-dir runs/full --bf16
-  torchrun --nproc_per_node=8 -m train --fsdp --model ... --data ... --stage full --output-dir runs/full --bf16
-  accelerate launch --config_file train/configs/fsdp.yaml -m train --model ... --stage full ...
+  torchrun --nproc_per_node=8 -m mqwen.train --model ... --data ... --stage full --output-dir runs/full --bf16
+  torchrun --nproc_per_node=8 -m mqwen.train --fsdp --model ... --data ... --stage full --output-dir runs/full --bf16
+  accelerate launch --config_file train/configs/fsdp.yaml -m mqwen.train --model ... --stage full ...
 
 The final model (Hub format, with its processor) is written to OUTPUT_DIR/final; a summary with the
-skipped-image count goes to OUTPUT_DIR/train_summary.json. Evaluate it with `python -m train.eval`.
+skipped-image count goes to OUTPUT_DIR/train_summary.json. Evaluate it with `mqwen-eval`.
 """
 
 
@@ -36,9 +40,9 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m train",
+        prog="mqwen-train",
         description="Fine-tune MQwen for image captioning: align (projector), lora, or full.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -71,29 +75,109 @@ def build_parser():
     return parser
 
 
-def parse_config(argv=None) -> TrainConfig:
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
     values = vars(build_parser().parse_args(argv))
     if isinstance(values.get("lora_target_modules"), list):  # accept "q_proj,v_proj" as well as "q_proj v_proj"
         values["lora_target_modules"] = [t for item in values["lora_target_modules"] for t in item.split(",") if t]
     try:
         return TrainConfig(**values)
     except ValueError as error:
-        raise SystemExit(f"error: {error}")
+        raise SystemExit(f"error: {error}") from error
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     from .run import train
 
     config = parse_config(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     result = train(config)
     if result.trainer.is_world_process_zero():
-        print(json.dumps({
-            "model_dir": str(result.model_dir),
-            "train_loss": result.metrics.get("train_loss"),
-            "steps": result.trainer.state.global_step,
-            "skipped_images": {"missing": result.skipped.missing, "corrupt": result.skipped.corrupt},
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model_dir": str(result.model_dir),
+                    "train_loss": result.metrics.get("train_loss"),
+                    "steps": result.trainer.state.global_step,
+                    "skipped_images": {"missing": result.skipped.missing, "corrupt": result.skipped.corrupt},
+                },
+                indent=2,
+            )
+        )
         if len(result.skipped):
             print(result.skipped.summary(), file=sys.stderr)
+    return 0
+
+
+EVAL_EXAMPLES = """examples:
+  mqwen-eval --model out/final --data data/val.jsonl --out results.json
+  mqwen-eval --model out/final --data annotations/captions_val2017.json --image-root val2017 \\
+      --batch-size 32 --limit 500
+  mqwen-eval --model out/final --data hf://owner/captions --split validation
+  python -m mqwen.train.eval --model out/final --data data/val.jsonl      # the same
+"""
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    from ..runtime import add_device_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="mqwen-eval",
+        description="Caption a held-out set with an MQwen model and score it (BLEU-4, CIDEr-D, exact match).",
+        epilog=EVAL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="trained model folder (merged, or a --keep-adapter folder)")
+    parser.add_argument("--data", required=True, help="held-out data (same forms as `mqwen-train --data`)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per generate call (default 8)")
+    parser.add_argument("--out", help="write metrics, per-image captions and scores to this JSON file")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--instruction", help="caption instruction (default: the processor's)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
+    parser.add_argument("--image-root", help="folder relative image paths are resolved against")
+    parser.add_argument("--image-column")
+    parser.add_argument("--caption-column")
+    parser.add_argument("--split")
+    add_device_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """`mqwen-eval`: load a saved model (`runtime.load_for_inference`), caption and score, print the metrics."""
+    from ..convert.staging import write_atomically
+    from ..runtime import load_for_inference
+    from .eval import evaluate_captions
+
+    args = build_eval_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit("--batch-size must be at least 1")
+    model, processor = load_for_inference(args.model, device=args.device, dtype=args.dtype)
+    results = evaluate_captions(
+        model,
+        processor,
+        args.data,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        instruction=args.instruction,
+        limit=args.limit,
+        progress=not args.no_progress,
+        generate_kwargs={"num_beams": args.num_beams} if args.num_beams > 1 else None,
+        image_root=args.image_root,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        split=args.split,
+    )
+    results["model"] = str(args.model)
+    results["data"] = str(args.data)
+    if args.out:
+        write_atomically(Path(args.out), json.dumps(results, indent=2))
+    print(json.dumps({**results["metrics"], "out": args.out}, indent=2))
+    skipped = results["skipped"]
+    if skipped["missing"] or skipped["corrupt"]:
+        print(
+            f"Skipped {skipped['missing']} missing and {skipped['corrupt']} corrupt images (listed under "
+            "'skipped' in the results).",
+            file=sys.stderr,
+        )
     return 0

@@ -54,7 +54,9 @@ class CaptionCollator:
 
     def render(self, messages, add_generation_prompt=False) -> str:
         return self.processor.tokenizer.apply_chat_template(
-            messages, chat_template=self.processor.chat_template, tokenize=False,
+            messages,
+            chat_template=self.processor.chat_template,
+            tokenize=False,
             add_generation_prompt=add_generation_prompt,
         )
 
@@ -93,7 +95,11 @@ class CaptionCollator:
             spans.append([(self._expanded(text, s), self._expanded(text, e)) for s, e in answer_spans])
             images.append(example["image"])
         batch = self.processor(
-            images=images, text=texts, padding=True, padding_side="right", return_offsets_mapping=True,
+            images=images,
+            text=texts,
+            padding=True,
+            padding_side="right",
+            return_offsets_mapping=True,
             return_tensors="pt",
         )
         offsets = batch.pop("offset_mapping")

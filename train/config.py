@@ -1,6 +1,6 @@
 """`TrainConfig`: every setting of a caption fine-tuning run, in one dataclass.
 
-The CLI (`python -m train`) is generated from these fields, so the programmatic API and the command line
+The CLI (`mqwen-train`) is generated from these fields, so the programmatic API and the command line
 can never drift apart: `--projector-lr 1e-4` is `TrainConfig(projector_lr=1e-4)`.
 """
 
@@ -36,53 +36,67 @@ def _help(text, **kwargs):
 
 @dataclass
 class TrainConfig:
-    """Settings of one caption fine-tuning run (see `python -m train --help` for the same list)."""
+    """Settings of one caption fine-tuning run (see `mqwen-train --help` for the same list)."""
 
     # -- what -----------------------------------------------------------------------------------------------
-    model: Any = _help("MQwen folder or Hub repo id to start from (or an MQwenForCausalLM object, in Python)",
-                       default=None)
-    data: Any = _help("training data: a file/folder/dataset spec, or (in Python) a list of (image, caption) "
-                      "pairs or a datasets.Dataset; see load_caption_dataset", default=None)
-    output_dir: str = _help("where checkpoints go; the final model is written to OUTPUT_DIR/final",
-                            default=None)
-    stage: str = _help("align: projector only; lora: LoRA on the language model + projector; "
-                       "full: projector + language model", default="align")
-    eval_data: Any = _help("held-out data (same forms as --data) for an evaluation loss during training",
-                           default=None)
+    model: Any = _help(
+        "MQwen folder or Hub repo id to start from (or an MQwenForCausalLM object, in Python)", default=None
+    )
+    data: Any = _help(
+        "training data: a file/folder/dataset spec, or (in Python) a list of (image, caption) "
+        "pairs or a datasets.Dataset; see load_caption_dataset",
+        default=None,
+    )
+    output_dir: str = _help("where checkpoints go; the final model is written to OUTPUT_DIR/final", default=None)
+    stage: str = _help(
+        "align: projector only; lora: LoRA on the language model + projector; full: projector + language model",
+        default="align",
+    )
+    eval_data: Any = _help("held-out data (same forms as --data) for an evaluation loss during training", default=None)
     # -- data -----------------------------------------------------------------------------------------------
-    image_root: Optional[str] = _help("folder that relative image paths are resolved against (default: the "
-                                      "data file's folder)", default=None)
-    image_column: Optional[str] = _help("image column of a CSV/JSONL/datasets source (default: detected)",
-                                        default=None)
-    caption_column: Optional[str] = _help("caption column of a CSV/JSONL/datasets source (default: detected)",
-                                          default=None)
+    image_root: Optional[str] = _help(
+        "folder that relative image paths are resolved against (default: the data file's folder)", default=None
+    )
+    image_column: Optional[str] = _help("image column of a CSV/JSONL/datasets source (default: detected)", default=None)
+    caption_column: Optional[str] = _help(
+        "caption column of a CSV/JSONL/datasets source (default: detected)", default=None
+    )
     split: Optional[str] = _help("split of a DatasetDict or Hub dataset (default: train)", default=None)
     instructions: tuple = _help("caption instructions, one sampled per example", default=CAPTION_INSTRUCTIONS)
-    max_length: Optional[int] = _help("cut each example to this many tokens (image tokens always survive)",
-                                      default=None)
-    curriculum_steps: int = _help("for the first N optimizer steps, draw only from the shortest captions "
-                                  "(--curriculum-fraction of the data), then from everything; 0: off",
-                                  default=0)
-    curriculum_fraction: float = _help("share of the training examples, fewest caption words first, that the "
-                                       "curriculum steps draw from", default=0.25)
-    vision_warmup_steps: int = _help("for the first N optimizer steps, train only the vision tower, to name its "
-                                     "caption's words through a temporary head (for a vision tower trained "
-                                     "from scratch; see train/vision_warmup.py); 0: off", default=0)
+    max_length: Optional[int] = _help(
+        "cut each example to this many tokens (image tokens always survive)", default=None
+    )
+    curriculum_steps: int = _help(
+        "for the first N optimizer steps, draw only from the shortest captions "
+        "(--curriculum-fraction of the data), then from everything; 0: off",
+        default=0,
+    )
+    curriculum_fraction: float = _help(
+        "share of the training examples, fewest caption words first, that the curriculum steps draw from", default=0.25
+    )
+    vision_warmup_steps: int = _help(
+        "for the first N optimizer steps, train only the vision tower, to name its "
+        "caption's words through a temporary head (for a vision tower trained "
+        "from scratch; see train/vision_warmup.py); 0: off",
+        default=0,
+    )
     # -- what trains ----------------------------------------------------------------------------------------
-    learning_rate: Optional[float] = _help("learning rate of the language model / LoRA weights (default: 1e-3 "
-                                           "align, 2e-4 lora, 2e-5 full)", default=None)
-    projector_lr: Optional[float] = _help("learning rate of the projector (default: --learning-rate)",
-                                          default=None)
-    train_vision_tower: bool = _help("also train the vision tower (full) or put LoRA on it (lora)",
-                                     default=False)
-    vision_lr: Optional[float] = _help("learning rate of the vision tower (or its LoRA weights) when it trains "
-                                       "(default: --learning-rate)", default=None)
+    learning_rate: Optional[float] = _help(
+        "learning rate of the language model / LoRA weights (default: 1e-3 align, 2e-4 lora, 2e-5 full)", default=None
+    )
+    projector_lr: Optional[float] = _help("learning rate of the projector (default: --learning-rate)", default=None)
+    train_vision_tower: bool = _help("also train the vision tower (full) or put LoRA on it (lora)", default=False)
+    vision_lr: Optional[float] = _help(
+        "learning rate of the vision tower (or its LoRA weights) when it trains (default: --learning-rate)",
+        default=None,
+    )
     lora_r: int = _help("LoRA rank", default=16)
     lora_alpha: int = _help("LoRA alpha", default=32)
     lora_dropout: float = _help("LoRA dropout", default=0.05)
     lora_target_modules: tuple = _help("language-model module names that get LoRA", default=DEFAULT_LORA_TARGETS)
-    keep_adapter: bool = _help("lora: save the LoRA adapter (+ projector) instead of merging it into the model",
-                               default=False)
+    keep_adapter: bool = _help(
+        "lora: save the LoRA adapter (+ projector) instead of merging it into the model", default=False
+    )
     # -- optimisation (passed to transformers.TrainingArguments) -------------------------------------------
     num_train_epochs: float = _help("epochs", default=1.0)
     max_steps: int = _help("optimizer steps (overrides epochs when > 0)", default=-1)
@@ -95,26 +109,29 @@ class TrainConfig:
     max_grad_norm: float = _help("gradient clipping", default=1.0)
     bf16: bool = _help("bfloat16 mixed precision", default=False)
     fp16: bool = _help("float16 mixed precision", default=False)
-    gradient_checkpointing: bool = _help("recompute activations in the backward pass to save memory",
-                                         default=False)
+    gradient_checkpointing: bool = _help("recompute activations in the backward pass to save memory", default=False)
     logging_steps: int = _help("log every N steps", default=10)
     save_steps: int = _help("checkpoint every N steps", default=500)
     save_total_limit: Optional[int] = _help("keep at most N checkpoints", default=2)
     eval_steps: Optional[int] = _help("evaluate every N steps (default: --save-steps)", default=None)
     seed: int = _help("random seed (data order, instruction sampling, initialisation of LoRA)", default=42)
     dataloader_num_workers: int = _help("processes that load images", default=0)
-    resume_from_checkpoint: Optional[str] = _help("checkpoint folder to resume from, or 'last' for the newest "
-                                                  "complete one in --output-dir", default=None)
+    resume_from_checkpoint: Optional[str] = _help(
+        "checkpoint folder to resume from, or 'last' for the newest complete one in --output-dir", default=None
+    )
     report_to: str = _help("where to log: none, tensorboard, wandb, ...", default="none")
-    deepspeed: Optional[str] = _help("DeepSpeed JSON config (with torchrun; `accelerate launch` configs set "
-                                     "it themselves)", default=None)
-    fsdp: bool = _help("shard weights, gradients and optimizer states across processes with PyTorch FSDP2, "
-                       "one unit per decoder layer / vision block (with torchrun; `accelerate launch "
-                       "--config_file train/configs/fsdp.yaml` sets it itself)", default=False)
+    deepspeed: Optional[str] = _help(
+        "DeepSpeed JSON config (with torchrun; `accelerate launch` configs set it themselves)", default=None
+    )
+    fsdp: bool = _help(
+        "shard weights, gradients and optimizer states across processes with PyTorch FSDP2, "
+        "one unit per decoder layer / vision block (with torchrun; `accelerate launch "
+        "--config_file train/configs/fsdp.yaml` sets it itself)",
+        default=False,
+    )
     max_shard_size: str = _help("largest safetensors file of the final model", default="5GB")
     disable_tqdm: bool = _help("hide the progress bar", default=False)
-    training_args: dict = _help("any other transformers.TrainingArguments fields (Python only)",
-                                default_factory=dict)
+    training_args: dict = _help("any other transformers.TrainingArguments fields (Python only)", default_factory=dict)
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -126,16 +143,22 @@ class TrainConfig:
         if self.keep_adapter and self.stage != "lora":
             raise ValueError(f"keep_adapter only applies to stage='lora' (got stage={self.stage!r}).")
         if self.vision_lr is not None and not self.train_vision_tower:
-            raise ValueError(f"vision_lr={self.vision_lr} is set but the vision tower is frozen; add "
-                             "train_vision_tower=True (--train-vision-tower) or drop vision_lr.")
+            raise ValueError(
+                f"vision_lr={self.vision_lr} is set but the vision tower is frozen; add "
+                "train_vision_tower=True (--train-vision-tower) or drop vision_lr."
+            )
         if self.curriculum_steps < 0 or self.vision_warmup_steps < 0:
-            raise ValueError("curriculum_steps and vision_warmup_steps must be >= 0, got "
-                             f"{self.curriculum_steps} and {self.vision_warmup_steps}.")
+            raise ValueError(
+                "curriculum_steps and vision_warmup_steps must be >= 0, got "
+                f"{self.curriculum_steps} and {self.vision_warmup_steps}."
+            )
         if not 0 < self.curriculum_fraction <= 1:
             raise ValueError(f"curriculum_fraction must be in (0, 1], got {self.curriculum_fraction}.")
         if self.vision_warmup_steps and not (self.train_vision_tower and self.stage == "full"):
-            raise ValueError("vision_warmup_steps trains the vision tower: it needs stage='full' and "
-                             "train_vision_tower=True (--stage full --train-vision-tower).")
+            raise ValueError(
+                "vision_warmup_steps trains the vision tower: it needs stage='full' and "
+                "train_vision_tower=True (--stage full --train-vision-tower)."
+            )
         if isinstance(self.instructions, str):
             self.instructions = (self.instructions,)
         self.instructions = tuple(self.instructions)

@@ -150,8 +150,7 @@ class CaptionDataset(Dataset):
     always gets the same phrasing, so a resumed run sees exactly the data an uninterrupted one would.
     """
 
-    def __init__(self, records, instructions=CAPTION_INSTRUCTIONS, seed=0, resample_bad=True, source=None,
-                 dropped=0):
+    def __init__(self, records, instructions=CAPTION_INSTRUCTIONS, seed=0, resample_bad=True, source=None, dropped=0):
         self.records = list(records)
         self.instructions = tuple(instructions)
         self.seed = seed
@@ -171,13 +170,21 @@ class CaptionDataset(Dataset):
         return len(self._examples)
 
     def __repr__(self):
-        return (f"CaptionDataset({len(self.records)} images, {len(self)} examples"
-                + (f", from {self.source}" if self.source else "") + ")")
+        return (
+            f"CaptionDataset({len(self.records)} images, {len(self)} examples"
+            + (f", from {self.source}" if self.source else "")
+            + ")"
+        )
 
     def with_options(self, **kwargs) -> "CaptionDataset":
         """A copy with other `instructions`, `seed` or `resample_bad` (the records are shared)."""
-        options = dict(instructions=self.instructions, seed=self.seed, resample_bad=self.resample_bad,
-                       source=self.source, dropped=self.dropped)
+        options = dict(
+            instructions=self.instructions,
+            seed=self.seed,
+            resample_bad=self.resample_bad,
+            source=self.source,
+            dropped=self.dropped,
+        )
         options.update(kwargs)
         return CaptionDataset(self.records, **options)
 
@@ -190,8 +197,13 @@ class CaptionDataset(Dataset):
             if c >= 0:
                 counts.append(len(record.captions[c].split()))
             else:
-                counts.append(sum(len(str(turn.get("content", "")).split()) for turn in record.conversation
-                                  if turn.get("role") == "assistant"))
+                counts.append(
+                    sum(
+                        len(str(turn.get("content", "")).split())
+                        for turn in record.conversation
+                        if turn.get("role") == "assistant"
+                    )
+                )
         return counts
 
     def instruction_for(self, index: int) -> str:
@@ -229,8 +241,16 @@ class CaptionDataset(Dataset):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_caption_dataset(spec, image_root=None, image_column=None, caption_column=None, split=None,
-                         instructions=CAPTION_INSTRUCTIONS, seed=0, resample_bad=True) -> CaptionDataset:
+def load_caption_dataset(
+    spec: Any,
+    image_root: Optional[str] = None,
+    image_column: Optional[str] = None,
+    caption_column: Optional[str] = None,
+    split: Optional[str] = None,
+    instructions: tuple = CAPTION_INSTRUCTIONS,
+    seed: int = 0,
+    resample_bad: bool = True,
+) -> CaptionDataset:
     """Read caption data from any supported source (see the module docstring) into a `CaptionDataset`.
 
     Args:
@@ -260,51 +280,57 @@ def load_caption_dataset(spec, image_root=None, image_column=None, caption_colum
     if text.startswith(HF_PREFIX):
         import datasets
 
-        name = text[len(HF_PREFIX):]
-        dataset = datasets.load_dataset(name, split=split or "train")
+        dataset = datasets.load_dataset(text[len(HF_PREFIX) :], split=split or "train")
         return _from_hf(dataset, image_root, image_column, caption_column, None, options, source=text)
     path = Path(text).expanduser()
     if path.is_dir():
-        if any((path / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            import datasets
-
-            dataset = datasets.load_from_disk(str(path))
-            return _from_hf(dataset, image_root or path, image_column, caption_column, split, options,
-                            source=str(path))
-        raise ValueError(
-            f"{str(path)!r} is a folder but not a `datasets.save_to_disk` folder. Pass the annotation file "
-            "instead (COCO/LLaVA .json, .jsonl, .csv) and the image folder with --image-root."
-        )
+        return _from_saved_dataset(path, image_root, image_column, caption_column, split, options)
     if not path.is_file():
         raise FileNotFoundError(
             f"Data {text!r} not found. Pass a COCO or LLaVA .json, a .jsonl/.csv/.tsv, a datasets folder, or a "
             "Hub dataset as 'hf://owner/name'."
         )
     root = Path(image_root) if image_root is not None else path.parent
+    records, dropped = _records_from_file(path, root, image_column, caption_column)
+    return CaptionDataset(records, source=str(path), dropped=dropped, **options)
+
+
+def _from_saved_dataset(path: Path, image_root, image_column, caption_column, split, options) -> CaptionDataset:
+    """A `datasets.save_to_disk` folder; any other folder is an error that says what to pass instead."""
+    if not any((path / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        raise ValueError(
+            f"{str(path)!r} is a folder but not a `datasets.save_to_disk` folder. Pass the annotation file "
+            "instead (COCO/LLaVA .json, .jsonl, .csv) and the image folder with --image-root."
+        )
+    import datasets
+
+    dataset = datasets.load_from_disk(str(path))
+    return _from_hf(dataset, image_root or path, image_column, caption_column, split, options, source=str(path))
+
+
+def _records_from_file(path: Path, root: Path, image_column, caption_column) -> tuple:
+    """(records, dropped) from an annotation file, by its suffix and, for .json, its shape (COCO, LLaVA, rows)."""
     suffix = path.suffix.lower()
     if suffix == ".json":
         content = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(content, dict) and "annotations" in content and "images" in content:
-            records, dropped = _from_coco(content, root)
-        elif isinstance(content, list) and content and isinstance(content[0], dict) and "conversations" in content[0]:
-            records, dropped = _from_llava(content, root)
-        elif isinstance(content, list):
-            records, dropped = _from_rows(content, root, image_column, caption_column, str(path))
-        else:
-            raise ValueError(
-                f"{str(path)!r} is neither COCO captions JSON (with 'images' and 'annotations'), LLaVA JSON "
-                "(a list of entries with 'conversations'), nor a list of {image, caption} rows."
-            )
-    elif suffix == ".jsonl":
+            return _from_coco(content, root)
+        if isinstance(content, list) and content and isinstance(content[0], dict) and "conversations" in content[0]:
+            return _from_llava(content, root)
+        if isinstance(content, list):
+            return _from_rows(content, root, image_column, caption_column, str(path))
+        raise ValueError(
+            f"{str(path)!r} is neither COCO captions JSON (with 'images' and 'annotations'), LLaVA JSON "
+            "(a list of entries with 'conversations'), nor a list of {image, caption} rows."
+        )
+    if suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        records, dropped = _from_rows(rows, root, image_column, caption_column, str(path))
-    elif suffix in (".csv", ".tsv"):
+        return _from_rows(rows, root, image_column, caption_column, str(path))
+    if suffix in (".csv", ".tsv"):
         with path.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
-        records, dropped = _from_rows(rows, root, image_column, caption_column, str(path))
-    else:
-        raise ValueError(f"Unsupported data file {str(path)!r}: use .json (COCO or LLaVA), .jsonl, .csv or .tsv.")
-    return CaptionDataset(records, source=str(path), dropped=dropped, **options)
+        return _from_rows(rows, root, image_column, caption_column, str(path))
+    raise ValueError(f"Unsupported data file {str(path)!r}: use .json (COCO or LLaVA), .jsonl, .csv or .tsv.")
 
 
 def _resolve(image, root):
@@ -322,9 +348,7 @@ def _pick_column(columns, requested, candidates, what, flag, source):
     for name in candidates:
         if name in columns:
             return name
-    raise ValueError(
-        f"Could not find the {what} column of {source} (columns: {sorted(columns)}); name it with {flag}."
-    )
+    raise ValueError(f"Could not find the {what} column of {source} (columns: {sorted(columns)}); name it with {flag}.")
 
 
 def _as_captions(value):
@@ -369,8 +393,14 @@ def _from_llava(entries, root):
                 f"{{'from': human|gpt|system, 'value': str}}: {bad[0]}"
             )
         captions = [t["content"].strip() for t in turns if t["role"] == "assistant"]
-        records.append(CaptionRecord(id=str(entry.get("id", position)), image=_resolve(image, root),
-                                     captions=captions[:1], conversation=turns))
+        records.append(
+            CaptionRecord(
+                id=str(entry.get("id", position)),
+                image=_resolve(image, root),
+                captions=captions[:1],
+                conversation=turns,
+            )
+        )
     return records, dropped
 
 
@@ -400,8 +430,7 @@ def _from_items(items, image_root, image_column, caption_column):
         if isinstance(item, dict):
             keys = set(item)
             image = item[_pick_column(keys, image_column, IMAGE_COLUMNS, "image", "image_column", "the item")]
-            caption = item[_pick_column(keys, caption_column, CAPTION_COLUMNS, "caption", "caption_column",
-                                        "the item")]
+            caption = item[_pick_column(keys, caption_column, CAPTION_COLUMNS, "caption", "caption_column", "the item")]
             record_id = str(item.get("id", position))
         elif isinstance(item, (list, tuple)) and len(item) == 2:
             image, caption = item
@@ -466,6 +495,7 @@ def _from_hf(dataset, image_root, image_column, caption_column, split, options, 
         if not caps:
             dropped += 1
             continue
-        records.append(CaptionRecord(id=str(row), image=_HFImageRef(image_only, row, image_key, image_root),
-                                     captions=caps))
+        records.append(
+            CaptionRecord(id=str(row), image=_HFImageRef(image_only, row, image_key, image_root), captions=caps)
+        )
     return CaptionDataset(records, source=source, dropped=dropped, **options)

@@ -1,4 +1,4 @@
-"""FSDP for `python -m train --fsdp` (torchrun) and for FSDP on CPU.
+"""FSDP for `mqwen-train --fsdp` (torchrun) and for FSDP on CPU.
 
 `accelerate launch --config_file train/configs/fsdp.yaml` hands its FSDP settings to the run as `FSDP_*`
 environment variables, which accelerate's `FullyShardedDataParallelPlugin` reads when the Trainer builds its

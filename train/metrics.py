@@ -49,8 +49,7 @@ def caption_scores(predictions: dict, references: dict) -> tuple:
     gts = {i: [tokenize_caption(r) for r in references[i]] for i in ids}
     bleu, bleu_per_image = Bleu(4).compute_score(gts, res, verbose=0)
     cider, cider_per_image = Cider().compute_score(gts, res)
-    exact = {i: float(normalize_caption(predictions[i]) in {normalize_caption(r) for r in references[i]})
-             for i in ids}
+    exact = {i: float(normalize_caption(predictions[i]) in {normalize_caption(r) for r in references[i]}) for i in ids}
     per_image = {
         i: {"bleu4": float(bleu_per_image[3][k]), "cider": float(cider_per_image[k]), "exact_match": exact[i]}
         for k, i in enumerate(ids)

@@ -1,6 +1,6 @@
 """One training run: load model and data, build the Trainer, train, save the final model.
 
-`train(config)` is what `python -m train` calls; `build_trainer(config)` stops before training, for callers
+`train(config)` is what `mqwen-train` calls; `build_trainer(config)` stops before training, for callers
 that want to add callbacks or inspect the optimizer. Both run unchanged under `torchrun` and
 `accelerate launch`: the Trainer reads the distributed environment itself.
 """
@@ -18,6 +18,8 @@ from typing import Any, Optional
 import torch
 from transformers import TrainingArguments, set_seed
 
+from ..convert.staging import replace_folder, write_atomically
+from ..runtime import load_for_inference
 from .collator import CaptionCollator
 from .config import TrainConfig
 from .data import CaptionDataset, SkipReport, load_caption_dataset
@@ -42,7 +44,7 @@ class TrainResult:
     trainer: Any
 
 
-def load_model_and_processor(model, processor=None, dtype=torch.float32):
+def load_model_and_processor(model: Any, processor: Any = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """An `MQwenForCausalLM` + `MQwenProcessor` from a folder / Hub id, or the objects given.
 
     Weights load in float32 by default: mixed precision (`bf16`/`fp16`) keeps float32 master weights.
@@ -122,13 +124,20 @@ def _dataset(spec, config, resample_bad=True):
     if spec is None:
         return None
     return load_caption_dataset(
-        spec, image_root=config.image_root, image_column=config.image_column, caption_column=config.caption_column,
-        split=config.split, instructions=config.instructions, seed=config.seed, resample_bad=resample_bad,
+        spec,
+        image_root=config.image_root,
+        image_column=config.image_column,
+        caption_column=config.caption_column,
+        split=config.split,
+        instructions=config.instructions,
+        seed=config.seed,
+        resample_bad=resample_bad,
     )
 
 
-def build_trainer(config: TrainConfig, model=None, processor=None, train_dataset=None, eval_dataset=None,
-                  callbacks=None) -> CaptionTrainer:
+def build_trainer(
+    config: TrainConfig, model=None, processor=None, train_dataset=None, eval_dataset=None, callbacks=None
+) -> CaptionTrainer:
     """A ready `CaptionTrainer` for `config` (model frozen/wrapped for the stage, data loaded, optimizer groups
     set up on first use). `model`/`processor`/datasets override `config.model`/`config.data`/`config.eval_data`."""
     model, processor = load_model_and_processor(model if model is not None else config.model, processor)
@@ -165,16 +174,18 @@ def build_trainer(config: TrainConfig, model=None, processor=None, train_dataset
     return trainer
 
 
-def train(config: TrainConfig, model=None, processor=None, train_dataset=None, eval_dataset=None,
-          callbacks=None, save=True) -> TrainResult:
+def train(
+    config: TrainConfig, model=None, processor=None, train_dataset=None, eval_dataset=None, callbacks=None, save=True
+) -> TrainResult:
     """Train for `config` and save the final model to `OUTPUT_DIR/final` (see `build_trainer` for overrides)."""
     trainer = build_trainer(config, model, processor, train_dataset, eval_dataset, callbacks)
     if trainer.is_world_process_zero():
         logger.info("Trainable parameters: %s", trainable_summary(trainer.model))
         dataset = trainer.train_dataset
         if isinstance(dataset, CaptionDataset) and dataset.dropped:
-            logger.warning("%d records without an image or caption were left out of %s.", dataset.dropped,
-                           dataset.source)
+            logger.warning(
+                "%d records without an image or caption were left out of %s.", dataset.dropped, dataset.source
+            )
     resume = config.resume_from_checkpoint
     if resume == "last":
         resume = last_complete_checkpoint(config.output_dir)
@@ -192,7 +203,7 @@ def train(config: TrainConfig, model=None, processor=None, train_dataset=None, e
             "skipped_images": skipped.to_dict(),
             "config": config.to_dict(),
         }
-        _atomic_write_text(Path(config.output_dir) / "train_summary.json", json.dumps(summary, indent=2))
+        write_atomically(Path(config.output_dir) / "train_summary.json", json.dumps(summary, indent=2))
     return TrainResult(model_dir, output.metrics, skipped, trainer.state.log_history, trainer)
 
 
@@ -205,7 +216,7 @@ CHECKPOINT_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
-def last_complete_checkpoint(output_dir) -> str:
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
     """The newest `checkpoint-N` in `output_dir` that is complete; incomplete newer ones are named in a warning.
 
     Checkpoints written by `CaptionTrainer` appear only once complete, but a folder from an older run, a
@@ -213,15 +224,19 @@ def last_complete_checkpoint(output_dir) -> str:
     """
     folder = Path(output_dir)
     found = [path for path in (folder.iterdir() if folder.is_dir() else ()) if _CHECKPOINT.fullmatch(path.name)]
-    checkpoints = sorted((path for path in found if path.is_dir()), key=lambda path: int(path.name.split("-")[1]),
-                         reverse=True)
+    checkpoints = sorted(
+        (path for path in found if path.is_dir()), key=lambda path: int(path.name.split("-")[1]), reverse=True
+    )
     skipped = []
     for path in checkpoints:
         problem = _checkpoint_problem(path)
         if problem is None:
             if skipped:
-                logger.warning("--resume-from-checkpoint last: skipped incomplete %s; resuming from %s.",
-                               "; ".join(skipped), path.name)
+                logger.warning(
+                    "--resume-from-checkpoint last: skipped incomplete %s; resuming from %s.",
+                    "; ".join(skipped),
+                    path.name,
+                )
             return str(path)
         skipped.append(f"{path.name} ({problem})")
     raise FileNotFoundError(
@@ -265,7 +280,7 @@ def _sharded(trainer) -> bool:
     return False
 
 
-def save_final_model(trainer, config, out_dir=None) -> Path:
+def save_final_model(trainer: CaptionTrainer, config: TrainConfig, out_dir: str | os.PathLike | None = None) -> Path:
     """Write the trained model + processor in the Hub format to `out_dir` (default `OUTPUT_DIR/final`).
 
     LoRA is merged into the language model unless `config.keep_adapter`, which writes a peft adapter folder
@@ -300,7 +315,7 @@ def save_final_model(trainer, config, out_dir=None) -> Path:
             _merge_saved_adapter(config, adapter_tmp, tmp, save)
             shutil.rmtree(adapter_tmp)
         trainer.mqwen_processor.save_pretrained(tmp)
-        _replace_dir(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     accelerator.wait_for_everyone()
     return out_dir
 
@@ -317,43 +332,8 @@ def _merge_saved_adapter(config, adapter_dir, out_dir, save_kwargs):
     merged.save_pretrained(out_dir, **save_kwargs)
 
 
-def _replace_dir(src: Path, dst: Path):
-    """Rename `src` to `dst`, replacing an existing `dst` only once the new one is complete."""
-    old = dst.with_name(f".{dst.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_trained(path, dtype=None, device=None):
+def load_trained(path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str = "cpu") -> tuple[Any, Any]:
     """(model, processor) from a `train` output folder: a merged/full model, or a LoRA adapter folder
-    (`--keep-adapter`, whose base model is read from `adapter_config.json`)."""
-    from mqwen import MQwenForCausalLM, MQwenProcessor
-
-    path = Path(path)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    adapter_config = path / "adapter_config.json"
-    if adapter_config.is_file():
-        from peft import PeftModel
-
-        base_path = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-        if not base_path:
-            raise ValueError(f"{adapter_config} does not name its base model (base_model_name_or_path).")
-        base = MQwenForCausalLM.from_pretrained(base_path, **kwargs)
-        model = PeftModel.from_pretrained(base, str(path))
-    else:
-        model = MQwenForCausalLM.from_pretrained(str(path), **kwargs)
-    processor = MQwenProcessor.from_pretrained(str(path))
-    if device is not None:
-        model.to(device)
-    return model.eval(), processor
+    (`--keep-adapter`). The shared runtime's `load_for_inference`, on the CPU unless `device` says otherwise (as
+    this function always loaded: callers feed it CPU tensors)."""
+    return load_for_inference(path, device=device, dtype=dtype)

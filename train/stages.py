@@ -80,7 +80,7 @@ def freeze_unused_vision_parts(model):
     """Freeze the vision tower's parts that `get_image_features` never runs (see the module docstring)."""
     tower = model.vision_tower
     blocks = tower.transformer.resblocks
-    for block in blocks[model.config.vision_feature_layer % (len(blocks) + 1):]:
+    for block in blocks[model.config.vision_feature_layer % (len(blocks) + 1) :]:
         block.requires_grad_(False)
     tower.ln_post.requires_grad_(False)
     tower.proj.requires_grad_(False)

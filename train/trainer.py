@@ -21,7 +21,6 @@ from .distributed import enable_fsdp_on_cpu
 from .stages import part_param_groups
 from .vision_warmup import VisionWarmup
 
-
 # Where checkpoints are written before they are complete (a dot folder: never matched as `checkpoint-N`).
 STAGING_DIR = ".checkpoint-staging"
 
@@ -39,8 +38,16 @@ class CaptionTrainer(Trainer):
         vision_warmup_steps: the first steps train the vision tower alone (`vision_warmup.py`).
     """
 
-    def __init__(self, *args, projector_lr=None, vision_lr=None, curriculum_steps=0, curriculum_fraction=0.25,
-                 vision_warmup_steps=0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        projector_lr=None,
+        vision_lr=None,
+        curriculum_steps=0,
+        curriculum_fraction=0.25,
+        vision_warmup_steps=0,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
         self.vision_lr = vision_lr
@@ -59,12 +66,16 @@ class CaptionTrainer(Trainer):
         if not self.curriculum_steps:
             return super()._get_train_sampler(train_dataset)
         if not hasattr(dataset, "caption_words"):
-            raise ValueError(f"curriculum_steps needs a CaptionDataset (one that can count caption words without "
-                             f"loading images); got {type(dataset).__name__}.")
-        global_batch = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-                        * self.args.world_size)
-        return ShortCaptionsFirstSampler(dataset.caption_words(), self.curriculum_steps * global_batch,
-                                         self.curriculum_fraction, seed=self.args.seed)
+            raise ValueError(
+                f"curriculum_steps needs a CaptionDataset (one that can count caption words without "
+                f"loading images); got {type(dataset).__name__}."
+            )
+        global_batch = (
+            self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        )
+        return ShortCaptionsFirstSampler(
+            dataset.caption_words(), self.curriculum_steps * global_batch, self.curriculum_fraction, seed=self.args.seed
+        )
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -93,13 +104,19 @@ class CaptionTrainer(Trainer):
     def _vision_warmup_group(self, model) -> dict:
         """The warm-up head's parameter group (`vision_warmup.py`); the head lives outside the model."""
         if self.args.world_size > 1:
-            raise ValueError("vision_warmup_steps runs in a single process (its head is not part of the model that "
-                             "DDP/FSDP/DeepSpeed synchronise); warm the vision tower up in one process first.")
+            raise ValueError(
+                "vision_warmup_steps runs in a single process (its head is not part of the model that "
+                "DDP/FSDP/DeepSpeed synchronise); warm the vision tower up in one process first."
+            )
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        self.vision_warmup = VisionWarmup(self.accelerator.unwrap_model(model),
-                                          ignored_ids=getattr(tokenizer, "all_special_ids", ()))
-        return {"params": list(self.vision_warmup.head.parameters()), "weight_decay": 0.0,
-                "lr": self.vision_lr or self.args.learning_rate}
+        self.vision_warmup = VisionWarmup(
+            self.accelerator.unwrap_model(model), ignored_ids=getattr(tokenizer, "all_special_ids", ())
+        )
+        return {
+            "params": list(self.vision_warmup.head.parameters()),
+            "weight_decay": 0.0,
+            "lr": self.vision_lr or self.args.learning_rate,
+        }
 
     def _save_checkpoint(self, model, trial, *args, **kwargs):
         """The stock checkpoint, written under `OUTPUT_DIR/STAGING_DIR` and renamed into place once complete.
@@ -120,10 +137,10 @@ class CaptionTrainer(Trainer):
             self._checkpoint_staging = None
         self.accelerator.wait_for_everyone()  # every process has written its part (optimizer shards, RNG state)
         if self.args.should_save:
-            from .run import _replace_dir
+            from ..convert.staging import replace_folder
 
             final = os.path.join(run_dir, name)
-            _replace_dir(Path(staging) / name, Path(final))
+            replace_folder(Path(staging) / name, Path(final))
             if self.state.best_model_checkpoint == os.path.join(staging, name):
                 self.state.best_model_checkpoint = final
             self._rotate_saved_checkpoints(run_dir)
@@ -140,8 +157,12 @@ class CaptionTrainer(Trainer):
         else:
             from transformers.trainer_utils import rotate_checkpoints
 
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         # Skipped-image records ride along with the batch so they are counted here, in the main process,
@@ -153,8 +174,11 @@ class CaptionTrainer(Trainer):
             return_outputs = kwargs.get("return_outputs", args[0] if args else False)
             return (loss, None) if return_outputs else loss
         unwrapped = self.accelerator.unwrap_model(model)  # PEFT models pass the attribute lookup through
-        if model.training and "labels" in inputs and "logits_to_keep" not in inputs and getattr(
-            unwrapped, "loss_from_kept_logits", False
+        if (
+            model.training
+            and "labels" in inputs
+            and "logits_to_keep" not in inputs
+            and getattr(unwrapped, "loss_from_kept_logits", False)
         ):
             # The LM head runs only where a caption token is scored (the loss is the same; see
             # MQwenForCausalLM.forward): a caption sample is mostly image and prompt positions.

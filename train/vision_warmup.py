@@ -46,8 +46,10 @@ class VisionWarmup:
     def loss(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of each image's word distribution against its caption's words (uniform over them)."""
         if pixel_values.shape[0] != labels.shape[0]:
-            raise ValueError(f"vision_warmup_steps needs one image per example; got {pixel_values.shape[0]} images "
-                             f"for {labels.shape[0]} examples.")
+            raise ValueError(
+                f"vision_warmup_steps needs one image per example; got {pixel_values.shape[0]} images "
+                f"for {labels.shape[0]} examples."
+            )
         hidden = self.vision_tower.hidden_state(pixel_values, self.feature_layer)
         logits = self.head(hidden[:, 1:].mean(dim=1).float())
         is_word = (labels >= 0) & ~torch.isin(labels, self.ignored.to(labels.device))

@@ -1,4 +1,4 @@
-"""`python -m convert gguf`: export a saved MQwen model for llama.cpp (and the tools built on it).
+"""`mqwen-convert gguf`: export a saved MQwen model for llama.cpp (and the tools built on it).
 
 llama.cpp's multimodal library (libmtmd) loads two files, which this writes into OUT_DIR:
 
@@ -51,12 +51,3 @@ def export_gguf(model_dir, out_dir, outtype="f16", overwrite=False, name=None, p
         write_gguf(staging / mmproj_name, writer, vision_plan, outtype, progress, desc=mmproj_name)
     out_dir = Path(out_dir)
     return out_dir / lm_name, out_dir / mmproj_name
-
-
-def main(args):
-    lm, mmproj = export_gguf(args.model_dir, args.out_dir, args.outtype, overwrite=args.overwrite, name=args.name,
-                             progress=not args.no_progress)
-    print(f"wrote {lm}\nwrote {mmproj}")
-    print(f"caption with: llama-mtmd-cli -m {lm} --mmproj {mmproj} --image IMAGE --jinja --temp 0 "
-          "-p $'<__media__>\\nDescribe this image.'")
-    return 0

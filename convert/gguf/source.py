@@ -19,12 +19,16 @@ class MQwenFolder:
         self.path = Path(path)
         config_file = self.path / "config.json"
         if not config_file.is_file():
-            raise ConvertError(f"{self.path} is not an MQwen model folder: it has no config.json. Pass the folder "
-                               "that `save_pretrained` (or `python -m convert build`) wrote.")
+            raise ConvertError(
+                f"{self.path} is not an MQwen model folder: it has no config.json. Pass the folder "
+                "that `save_pretrained` (or `mqwen-convert build`) wrote."
+            )
         model_type = json.loads(config_file.read_text()).get("model_type")
         if model_type != "mqwen":
-            raise ConvertError(f"{config_file} has model_type {model_type!r}, not 'mqwen': only MQwen models "
-                               "(an LM + OpenCLIP ViT + projector saved by this package) can be exported here.")
+            raise ConvertError(
+                f"{config_file} has model_type {model_type!r}, not 'mqwen': only MQwen models "
+                "(an LM + OpenCLIP ViT + projector saved by this package) can be exported here."
+            )
         self.config = MQwenConfig.from_pretrained(self.path)
         self._files = self._weight_files()
         self._handles = {}
@@ -36,8 +40,10 @@ class MQwenFolder:
             return {name: self.path / file for name, file in weight_map.items()}
         single = self.path / "model.safetensors"
         if not single.is_file():
-            raise ConvertError(f"{self.path} has no model.safetensors or model.safetensors.index.json; export reads "
-                               "safetensors weights only (re-save the model with save_pretrained).")
+            raise ConvertError(
+                f"{self.path} has no model.safetensors or model.safetensors.index.json; export reads "
+                "safetensors weights only (re-save the model with save_pretrained)."
+            )
         from safetensors import safe_open
 
         with safe_open(single, "np") as f:
@@ -84,8 +90,11 @@ class MQwenFolder:
                 data = json.loads(file.read_text())
                 settings.update(data)
                 template = template or data.get("chat_template")
-        return (template or CHAT_TEMPLATE, settings.get("image_token", "<image>"),
-                settings.get("caption_instruction", DEFAULT_CAPTION_INSTRUCTION))
+        return (
+            template or CHAT_TEMPLATE,
+            settings.get("image_token", "<image>"),
+            settings.get("caption_instruction", DEFAULT_CAPTION_INSTRUCTION),
+        )
 
     def generation_config(self):
         file = self.path / "generation_config.json"

@@ -15,18 +15,24 @@ MTMD_MEDIA_MARKER = "<__media__>"  # tools/mtmd/mtmd.cpp mtmd_default_marker()
 ARCHITECTURES = {"qwen2": "QWEN2", "llama": "LLAMA"}
 
 # tokenizer.json pre-tokenizer split patterns -> llama.cpp's "tokenizer.ggml.pre" names (src/llama-vocab.cpp)
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
-               r"\s+(?!\S)|\s+")
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 PRE_TOKENIZERS = {QWEN2_REGEX: "qwen2", LLAMA3_REGEX: "llama-bpe"}
 
 
 def check_text(config):
     text = config.text_config
     if text.model_type not in ARCHITECTURES:
-        raise ConvertError(f"text_config.model_type {text.model_type!r} cannot be exported yet; supported language "
-                           f"models: {', '.join(ARCHITECTURES)}.")
+        raise ConvertError(
+            f"text_config.model_type {text.model_type!r} cannot be exported yet; supported language "
+            f"models: {', '.join(ARCHITECTURES)}."
+        )
     scaling = getattr(text, "rope_scaling", None) or {}
     kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else "default"
     parameters = getattr(text, "rope_parameters", None) or {}
@@ -82,8 +88,10 @@ def pre_tokenizer_name(source):
         raise ConvertError(f"{source.path} has no tokenizer.json; export needs the fast (byte-level BPE) tokenizer.")
     data = json.loads(file.read_text())
     if data["model"]["type"] != "BPE" or (data.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ConvertError("Only byte-level BPE tokenizers (Qwen2, Llama 3 style) can be exported; this one is "
-                           f"{data['model']['type']} with decoder {(data.get('decoder') or {}).get('type')}.")
+        raise ConvertError(
+            "Only byte-level BPE tokenizers (Qwen2, Llama 3 style) can be exported; this one is "
+            f"{data['model']['type']} with decoder {(data.get('decoder') or {}).get('type')}."
+        )
     pre = data.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre])
     regexes = [step["pattern"].get("Regex") for step in steps if step.get("type") == "Split"]
@@ -92,8 +100,10 @@ def pre_tokenizer_name(source):
             return PRE_TOKENIZERS[regex]
     if not regexes and any(step.get("type") == "ByteLevel" and step.get("use_regex", True) for step in steps):
         return "gpt2"
-    raise ConvertError(f"The tokenizer's pre-tokenizer ({regexes or pre.get('type')}) is not one llama.cpp names "
-                       "(Qwen2's, Llama 3's or GPT-2's); export cannot guarantee the same tokens.")
+    raise ConvertError(
+        f"The tokenizer's pre-tokenizer ({regexes or pre.get('type')}) is not one llama.cpp names "
+        "(Qwen2's, Llama 3's or GPT-2's); export cannot guarantee the same tokens."
+    )
 
 
 def add_tokenizer(writer, source, config, chat_template, image_token):
@@ -132,16 +142,20 @@ def add_tokenizer(writer, source, config, chat_template, image_token):
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id and end_of_turn is not None:
         special.special_token_ids["eot"] = end_of_turn
-    special.add_special_token["bos"] = bool(tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
-                                            and tokenizer.bos_token_id is not None)
+    special.add_special_token["bos"] = bool(
+        tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id] and tokenizer.bos_token_id is not None
+    )
     special.chat_template = chat_template.replace(image_token, MTMD_MEDIA_MARKER)
     special.add_to_gguf(writer, quiet=True)
 
 
 def _permute_for_llama(weights, heads):
     """transformers' Llama q/k rows -> llama.cpp's rotary layout (pairs interleaved instead of split in halves)."""
-    return (weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def plan_text_tensors(source, config):
@@ -156,18 +170,16 @@ def plan_text_tensors(source, config):
     plan = []
     shapes = {name: source.shape(name) for name in source.names() if name.startswith(prefix)}
     for name, shape in shapes.items():
-        hf_name = name[len(prefix):]
+        hf_name = name[len(prefix) :]
         if tied and hf_name == "lm_head.weight":
             continue
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ConvertError(f"The language model weight {hf_name!r} has no llama.cpp counterpart; cannot export.")
-        load = (lambda name=name: source.tensor(name))
+        load = lambda name=name: source.tensor(name)
         if text.model_type == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
             n = heads if ".q_proj." in hf_name else kv_heads
-            load = (lambda name=name, n=n: _permute_for_llama(source.tensor(name), n))
+            load = lambda name=name, n=n: _permute_for_llama(source.tensor(name), n)
         kind = "matrix" if len(shape) == 2 and "norm" not in hf_name else "keep_f32"
         plan.append(PlannedTensor(gguf_name, shape, load, kind))
     return plan
-
-

@@ -29,17 +29,21 @@ def check_vision(config):
     vision = config.vision_config
     problems = []
     if config.keep_class_token:
-        problems.append("keep_class_token=True: llama.cpp's LLaVA graph always drops the class token after the "
-                        "ViT")
+        problems.append("keep_class_token=True: llama.cpp's LLaVA graph always drops the class token after the ViT")
     if config.image_token_pooling != 1:
-        problems.append(f"image_token_pooling={config.image_token_pooling}: llama.cpp's MLP projector reads every "
-                        "patch token and has no pooling step")
+        problems.append(
+            f"image_token_pooling={config.image_token_pooling}: llama.cpp's MLP projector reads every "
+            "patch token and has no pooling step"
+        )
     if config.projector_type != "mlp2x_gelu":
-        problems.append(f"projector_type={config.projector_type!r}: llama.cpp's MLP projector always applies GELU "
-                        "after its first Linear (only 'mlp2x_gelu' matches)")
+        problems.append(
+            f"projector_type={config.projector_type!r}: llama.cpp's MLP projector always applies GELU "
+            "after its first Linear (only 'mlp2x_gelu' matches)"
+        )
     if int(vision.width * vision.mlp_ratio) == vision.width:
-        problems.append("vision_config.mlp_ratio=1: llama.cpp would read the ViT's MLP weights as a legacy "
-                        "swapped layout")
+        problems.append(
+            "vision_config.mlp_ratio=1: llama.cpp would read the ViT's MLP weights as a legacy swapped layout"
+        )
     if problems:
         raise ConvertError("This MQwen configuration cannot be exported to llama.cpp: " + "; ".join(problems) + ".")
 
@@ -74,7 +78,8 @@ def add_vision_metadata(writer, config, name, file_type):
     writer.add_array(KEY_FEATURE_LAYER, [blocks])
     writer.add_description(
         f"MQwen vision tower (OpenCLIP ViT, {vision.hidden_act}) + Linear-GELU-Linear projector; features after "
-        f"block {blocks} of {vision.layers}, class token dropped")
+        f"block {blocks} of {vision.layers}, class token dropped"
+    )
 
 
 def plan_vision_tensors(source, config):
@@ -83,11 +88,19 @@ def plan_vision_tensors(source, config):
     width = vision.width
     v = "vision_tower."
     plan = [
-        PlannedTensor("v.patch_embd.weight", (width, 3, vision.patch_size, vision.patch_size),
-                      lambda: source.tensor(v + "conv1.weight"), "conv"),
+        PlannedTensor(
+            "v.patch_embd.weight",
+            (width, 3, vision.patch_size, vision.patch_size),
+            lambda: source.tensor(v + "conv1.weight"),
+            "conv",
+        ),
         PlannedTensor("v.class_embd", (width,), lambda: source.tensor(v + "class_embedding"), "keep_f32"),
-        PlannedTensor("v.position_embd.weight", (vision.grid_size ** 2 + 1, width),
-                      lambda: source.tensor(v + "positional_embedding"), "keep_f32"),
+        PlannedTensor(
+            "v.position_embd.weight",
+            (vision.grid_size**2 + 1, width),
+            lambda: source.tensor(v + "positional_embedding"),
+            "keep_f32",
+        ),
         PlannedTensor("v.pre_ln.weight", (width,), lambda: source.tensor(v + "ln_pre.weight")),
         PlannedTensor("v.pre_ln.bias", (width,), lambda: source.tensor(v + "ln_pre.bias")),
     ]
@@ -96,7 +109,7 @@ def plan_vision_tensors(source, config):
         b, g = f"{v}transformer.resblocks.{i}.", f"v.blk.{i}."
 
         def part(name, index, b=b):  # q, k, v rows of OpenCLIP's fused in_proj
-            return lambda: source.tensor(b + name)[index * width:(index + 1) * width]
+            return lambda: source.tensor(b + name)[index * width : (index + 1) * width]
 
         plan += [
             PlannedTensor(g + "ln1.weight", (width,), lambda b=b: source.tensor(b + "ln_1.weight")),

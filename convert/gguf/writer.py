@@ -5,8 +5,8 @@ declared (name, shape, type, byte size) so the header can be written, then read,
 the same order, so the export holds one tensor at a time.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -46,12 +46,16 @@ def check_quantizable(tensors, outtype):
     if outtype != "q8_0":
         return
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
-    bad = [f"{t.name} {t.shape}" for t in tensors
-           if ggml_type(t, outtype) == gguf.GGMLQuantizationType.Q8_0 and t.shape[-1] % block]
+    bad = [
+        f"{t.name} {t.shape}"
+        for t in tensors
+        if ggml_type(t, outtype) == gguf.GGMLQuantizationType.Q8_0 and t.shape[-1] % block
+    ]
     if bad:
         raise ConvertError(
             f"--outtype q8_0 needs every weight row to be a multiple of {block} values, and these are not: "
-            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Export with --outtype f16 instead.")
+            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Export with --outtype f16 instead."
+        )
 
 
 def _encode(array, qtype):
@@ -78,8 +82,9 @@ def write_gguf(path, writer, tensors, outtype, progress=True, desc=None):
     check_quantizable(tensors, outtype)
     types = [ggml_type(t, outtype) for t in tensors]
     for tensor, qtype in zip(tensors, types):
-        writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), _nbytes(tensor.shape, qtype),
-                               raw_dtype=qtype)
+        writer.add_tensor_info(
+            tensor.name, tensor.shape, np.dtype(np.float32), _nbytes(tensor.shape, qtype), raw_dtype=qtype
+        )
     writer.write_header_to_file(path=path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
