@@ -67,19 +67,30 @@ def caption_grid(images, predicted, truth, path, columns=4, title=None):
         plt.close(fig)
 
 
-def loss_curve(log_history, path, title="training loss"):
-    """The Trainer's logged training loss against the step (from `trainer.state.log_history`)."""
+def loss_curve(log_history, path, title="training loss", plateau=None):
+    """The Trainer's logged training loss against the step (from `trainer.state.log_history`).
+
+    Steps of train/'s vision warm-up (logged with `vision_warmup`) are drawn apart: their loss is the warm-up
+    objective's, not the caption loss. `plateau` draws the caption loss of guessing every shape, for reference.
+    """
     plt = _pyplot()
-    points = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
-    if not points:
+    logged = [entry for entry in log_history if "loss" in entry and "step" in entry]
+    if not logged:
         raise ValueError("The training log holds no loss values; lower logging_steps so at least one is logged.")
-    steps, losses = zip(*points)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, losses, marker="." if len(points) < 50 else None)
+    for warmup, label in ((True, "vision warm-up (words named by the ViT alone)"), (False, "caption loss")):
+        points = [(e["step"], e["loss"]) for e in logged if bool(e.get("vision_warmup")) == warmup]
+        if points:
+            steps, losses = zip(*points)
+            ax.plot(steps, losses, marker="." if len(logged) < 50 else None, label=label)
+    if plateau is not None:
+        ax.axhline(plateau, color="grey", linestyle=":", label="plateau exit threshold")
+    losses = [e["loss"] for e in logged]
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy on caption tokens")
+    ax.set_ylabel("cross-entropy (nats per token / per word)")
     if min(losses) > 0 and max(losses) / min(losses) > 10:  # from ~6 nats at the start to ~0.01
         ax.set_yscale("log")
+    ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     ax.set_title(title)
     fig.tight_layout()

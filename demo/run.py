@@ -161,12 +161,128 @@ def reload_in_fresh_process(model_dir, images_dir, out_json, max_new_tokens, pro
     return json.loads(Path(out_json).read_text())
 
 
+def make_data(settings: DemoSettings, out_dir: Path) -> dict:
+    """Step 1: the splits (training images drawn on demand; held-out splits kept and saved as PNGs) and the
+    other renderer's test set."""
+    image_size = PRESETS[settings.preset].image_size
+    splits = {"train": lazy_split("train", settings.train_size, settings.seed, image_size, settings.progress)}
+    for name, size in (("validation", settings.validation_size), ("test", settings.test_size)):
+        splits[name] = make_split(name, size, settings.seed, image_size, settings.progress)
+    splits["other_renderer"] = draw_set(settings.other_test_size, settings.seed, settings.progress)
+    write_split(splits["test"], out_dir / "data" / "test")
+    write_split(splits["validation"], out_dir / "data" / "validation")
+    return splits
+
+
+def parameter_counts(model) -> dict:
+    return {
+        part: sum(p.numel() for p in getattr(model, part).parameters())
+        for part in ("vision_tower", "multi_modal_projector", "language_model")
+    }
+
+
+def evaluate_in_process(settings: DemoSettings, model, processor, splits: dict) -> dict:
+    """Step 4: exact match, BLEU-4 and CIDEr-D of the trained model on each held-out set."""
+    from mqwen.train import evaluate_captions
+
+    return {
+        name: evaluate_captions(
+            model,
+            processor,
+            [(example.image, example.caption) for example in splits[name]],
+            batch_size=settings.eval_batch_size,
+            max_new_tokens=settings.max_new_tokens,
+            progress=settings.progress,
+        )
+        for name in ("validation", "test", "other_renderer")
+    }
+
+
+def score_reloaded(settings: DemoSettings, model_dir, out_dir: Path, test_split) -> dict:
+    """Step 5: caption the saved test PNGs with the saved model in a fresh process, and score those captions."""
+    from mqwen.train.metrics import caption_scores
+
+    reloaded = reload_in_fresh_process(
+        model_dir,
+        out_dir / "data" / "test",
+        out_dir / "reloaded_captions.json",
+        settings.max_new_tokens,
+        settings.progress,
+    )
+    files = [f"{i:05d}.png" for i in range(len(test_split))]
+    captions = [reloaded["captions"][name] for name in files]
+    truth = [example.caption for example in test_split]
+    metrics, _ = caption_scores(dict(enumerate(captions)), {i: [c] for i, c in enumerate(truth)})
+    return {**reloaded, "files": files, "predicted": captions, "truth": truth, "metrics": metrics}
+
+
+def report(settings: DemoSettings, scores: dict, reloaded: dict, in_process: list, log=print):
+    """Step 6: a few test captions and the scores, on the console."""
+    for pred, true in list(zip(reloaded["predicted"], reloaded["truth"]))[: settings.show]:
+        log(f"      {'ok ' if pred == true else 'BAD'}  predicted: {pred!r:58} true: {true!r}")
+    test = reloaded["metrics"]
+    log(
+        f"      exact match {test['exact_match']:.1%}   BLEU-4 {test['bleu4']:.3f}   CIDEr-D {test['cider']:.3f}   "
+        f"({test['images']} images; validation exact match {scores['validation']['metrics']['exact_match']:.1%})"
+    )
+    other = scores["other_renderer"]["metrics"]
+    log(
+        f"      other renderer (other code, image sizes, shape sizes, colours): exact match "
+        f"{other['exact_match']:.1%} ({other['images']} images)"
+    )
+    same = sum(a == b for a, b in zip(reloaded["predicted"], in_process))
+    log(
+        f"      reloaded captions equal the in-process ones for {same}/{len(in_process)} images "
+        f"(loaded as {reloaded['model_class']})"
+    )
+
+
+def results_record(settings, processor, trainer, parameters, timings, scores, reloaded, in_process, files) -> dict:
+    """What results.json holds: settings, model size, timings, every score, the loss log, every test caption."""
+    import torch
+
+    history = trainer.state.log_history
+    return {
+        "settings": asdict(settings),
+        "model": {
+            "size": PRESETS[settings.preset].to_dict(),
+            "parameters": parameters,
+            "vocab_size": len(processor.tokenizer),
+            "image_seq_length": trainer.model.config.image_seq_length,
+        },
+        "held_out": f"test arrangements of 2-3 shapes (left-to-right colour-shape sequences) never seen in "
+        f"training; about 1 in {HELD_OUT_ONE_IN} such arrangements is held out; single shapes are all trained on",
+        "seed": settings.seed,
+        "steps": trainer.state.global_step,
+        "plateau_exit_step": plateau_exit_step(history),
+        "threads": torch.get_num_threads(),
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "test": reloaded["metrics"],
+        "test_in_process": scores["test"]["metrics"],
+        "validation": scores["validation"]["metrics"],
+        "other_renderer": scores["other_renderer"]["metrics"],
+        "reload": {
+            "identical_captions": sum(a == b for a, b in zip(reloaded["predicted"], in_process)),
+            "images": len(in_process),
+            "model_class": reloaded["model_class"],
+            "pipeline_class": reloaded["pipeline_class"],
+        },
+        "loss": [
+            {"step": e["step"], "loss": e["loss"], "vision_warmup": bool(e.get("vision_warmup"))}
+            for e in history
+            if "loss" in e
+        ],
+        "samples": [
+            {"file": f, "predicted": p, "in_process": q, "true": t}
+            for f, p, q, t in zip(reloaded["files"], reloaded["predicted"], in_process, reloaded["truth"])
+        ],
+        "files": files,
+    }
+
+
 def run(settings: DemoSettings, log=print):
     """Run the main job; returns the results dict (also written to OUT_DIR/results.json)."""
     import torch
-
-    from mqwen.train import evaluate_captions
-    from mqwen.train.metrics import caption_scores
 
     from .figures import caption_grid, loss_curve
 
@@ -179,139 +295,73 @@ def run(settings: DemoSettings, log=print):
 
     log(f"[1/6] Generating shapes data (seed {settings.seed}) ...")
     t = time.perf_counter()
-    image_size = PRESETS[settings.preset].image_size
-    # Training images are drawn when the data loader asks for them; the held-out splits are kept and saved.
-    splits = {"train": lazy_split("train", settings.train_size, settings.seed, image_size, settings.progress)}
-    for name, size in (("validation", settings.validation_size), ("test", settings.test_size)):
-        splits[name] = make_split(name, size, settings.seed, image_size, settings.progress)
-    test_dir = write_split(splits["test"], out_dir / "data" / "test")
-    write_split(splits["validation"], out_dir / "data" / "validation")
+    splits = make_data(settings, out_dir)
     timings["data_seconds"] = time.perf_counter() - t
     log(
         f"      train {len(splits['train'])}, validation {len(splits['validation'])}, test {len(splits['test'])} "
-        f"images; test images (each a held-out arrangement never seen in training) in {test_dir}"
+        f"images (every 2-3-shape one a held-out arrangement) in {out_dir / 'data'}; other renderer "
+        f"{len(splits['other_renderer'])}"
     )
 
     log(f"[2/6] Building a '{settings.preset}' MQwen from scratch ...")
     model, processor = build_shapes_model(PRESETS[settings.preset], seed=settings.seed)
-    parameters = {
-        part: sum(p.numel() for p in getattr(model, part).parameters())
-        for part in ("vision_tower", "multi_modal_projector", "language_model")
-    }
+    parameters = parameter_counts(model)
     by_part = ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in parameters.items())
     log(
-        f"      {sum(parameters.values()) / 1e6:.2f} M parameters ({by_part}); "
-        f"vocabulary {len(processor.tokenizer)} tokens; {model.config.image_seq_length} image tokens per image; "
-        f"{torch.get_num_threads()} CPU threads"
+        f"      {sum(parameters.values()) / 1e6:.2f} M parameters ({by_part}); vocabulary {len(processor.tokenizer)} "
+        f"tokens; {model.config.image_seq_length} image tokens per image; {torch.get_num_threads()} CPU threads"
     )
 
     log(f"[3/6] Training for {settings.max_steps} steps of {settings.batch_size} ...")
     train_pairs = [(example, example.caption) for example in splits["train"]]
     trainer, model_dir, timings["train_seconds"] = train_model(settings, model, processor, train_pairs, out_dir)
     model = trainer.model.eval()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    history = trainer.state.log_history
+    exit_step = plateau_exit_step(history)
     log(
-        f"      {trainer.state.global_step} steps in {timings['train_seconds']:.0f} s; last logged loss "
-        f"{losses[-1] if losses else float('nan'):.4f}; saved to {model_dir}"
+        f"      {trainer.state.global_step} steps in {timings['train_seconds']:.0f} s; caption loss under "
+        f"{PLATEAU_LOSS} (off the plateau) from step {exit_step}; saved to {model_dir}"
     )
 
-    log("[4/6] Evaluating in this process (validation, then test) ...")
+    log("[4/6] Evaluating in this process (validation, test, other renderer) ...")
     t = time.perf_counter()
-    scores = {}
-    splits["other_renderer"] = draw_set(settings.other_test_size, settings.seed, settings.progress)
-    for name in ("validation", "test", "other_renderer"):
-        pairs = [(example.image, example.caption) for example in splits[name]]
-        scores[name] = evaluate_captions(
-            model,
-            processor,
-            pairs,
-            batch_size=settings.eval_batch_size,
-            max_new_tokens=settings.max_new_tokens,
-            progress=settings.progress,
-        )
+    scores = evaluate_in_process(settings, model, processor, splits)
     timings["eval_seconds"] = time.perf_counter() - t
     in_process = [entry["caption"] for entry in scores["test"]["per_image"]]
 
     log("[5/6] Reloading the saved model in a fresh process: pipeline('image-to-text', trust_remote_code=True) ...")
     t = time.perf_counter()
-    reloaded = reload_in_fresh_process(
-        model_dir, test_dir, out_dir / "reloaded_captions.json", settings.max_new_tokens, settings.progress
-    )
+    reloaded = score_reloaded(settings, model_dir, out_dir, splits["test"])
     timings["reload_seconds"] = time.perf_counter() - t
-    files = [f"{i:05d}.png" for i in range(len(splits["test"]))]
-    reloaded_captions = [reloaded["captions"][name] for name in files]
-    truth = [example.caption for example in splits["test"]]
-    test_metrics, _ = caption_scores(dict(enumerate(reloaded_captions)), {i: [c] for i, c in enumerate(truth)})
-    same = sum(a == b for a, b in zip(reloaded_captions, in_process))
 
     log("[6/6] Results (test split, reloaded model):")
-    for pred, true in list(zip(reloaded_captions, truth))[: settings.show]:
-        log(f"      {'ok ' if pred == true else 'BAD'}  predicted: {pred!r:58} true: {true!r}")
-    log(
-        f"      exact match {test_metrics['exact_match']:.1%}   BLEU-4 {test_metrics['bleu4']:.3f}   "
-        f"CIDEr-D {test_metrics['cider']:.3f}   ({test_metrics['images']} images; validation exact match "
-        f"{scores['validation']['metrics']['exact_match']:.1%})"
-    )
-    log(
-        f"      other renderer (other code, image sizes, shape sizes, colours): exact match "
-        f"{scores['other_renderer']['metrics']['exact_match']:.1%} ({len(splits['other_renderer'])} images)"
-    )
-    log(
-        f"      reloaded captions equal the in-process ones for {same}/{len(truth)} images "
-        f"(loaded as {reloaded['model_class']})"
-    )
-
-    n = min(settings.grid, len(truth))
+    report(settings, scores, reloaded, in_process, log)
+    n = min(settings.grid, len(splits["test"]))
     grid_path = caption_grid(
         [example.image for example in splits["test"][:n]],
-        reloaded_captions[:n],
-        truth[:n],
+        reloaded["predicted"][:n],
+        reloaded["truth"][:n],
         out_dir / "captions.png",
         title="test split: predicted (reloaded model) vs true",
     )
-    loss_path = loss_curve(trainer.state.log_history, out_dir / "loss.png")
+    loss_path = loss_curve(history, out_dir / "loss.png", plateau=PLATEAU_LOSS)
     timings["total_seconds"] = time.perf_counter() - started
-    results = {
-        "settings": asdict(settings),
-        "model": {
-            "size": PRESETS[settings.preset].to_dict(),
-            "parameters": parameters,
-            "vocab_size": len(processor.tokenizer),
-            "image_seq_length": model.config.image_seq_length,
-        },
-        "held_out": f"test arrangements (left-to-right colour-shape sequences) never seen in training; about "
-        f"1 in {HELD_OUT_ONE_IN} arrangements of 2-3 shapes is held out",
-        "seed": settings.seed,
-        "steps": trainer.state.global_step,
-        "plateau_exit_step": plateau_exit_step(trainer.state.log_history),
-        "threads": torch.get_num_threads(),
-        "timings": {k: round(v, 1) for k, v in timings.items()},
-        "test": test_metrics,
-        "test_in_process": scores["test"]["metrics"],
-        "validation": scores["validation"]["metrics"],
-        "other_renderer": scores["other_renderer"]["metrics"],
-        "reload": {
-            "identical_captions": same,
-            "images": len(truth),
-            "model_class": reloaded["model_class"],
-            "pipeline_class": reloaded["pipeline_class"],
-        },
-        "loss": [
-            {"step": e["step"], "loss": e["loss"], "vision_warmup": bool(e.get("vision_warmup"))}
-            for e in trainer.state.log_history
-            if "loss" in e
-        ],
-        "samples": [
-            {"file": f, "predicted": p, "in_process": q, "true": t}
-            for f, p, q, t in zip(files, reloaded_captions, in_process, truth)
-        ],
-        "files": {
+    results = results_record(
+        settings,
+        processor,
+        trainer,
+        parameters,
+        timings,
+        scores,
+        reloaded,
+        in_process,
+        {
             "model": str(model_dir),
             "captions_png": str(grid_path),
             "loss_png": str(loss_path),
-            "test_images": str(test_dir),
+            "test_images": str(out_dir / "data" / "test"),
         },
-    }
+    )
     _atomic_write_json(out_dir / "results.json", results)
     log(
         f"      wrote {grid_path}, {loss_path} and {out_dir / 'results.json'} "

@@ -86,7 +86,7 @@ def test_saved_weights_are_the_trained_ones(demo):
 
 
 def test_cli_quick_flag_and_validation():
-    from mqwen.demo.__main__ import parse_args
+    from mqwen.demo.cli import parse_args
 
     settings = parse_args(["--quick", "--max-steps", "2", "--out", "x"])
     assert settings.preset == "quick" and settings.max_steps == 2 and settings.out_dir == "x"

@@ -18,8 +18,10 @@ def test_loss_equals_a_hand_computed_bag_of_words_cross_entropy():
     pixel_values = _pixels(processor)
     labels = torch.tensor([[-100, 5, 9, 5, 7], [-100, -100, 7, -100, -100]])  # row 2: only an ignored id
     loss = warmup.loss(pixel_values, labels)
-    hidden = model.vision_tower.hidden_state(pixel_values, model.config.vision_feature_layer)
-    log_probs = torch.log_softmax(warmup.head(hidden[0, 1:].mean(0)), -1)
+    hidden = model.vision_tower.hidden_state(pixel_values, model.config.vision_feature_layer)[0, 1:]
+    scores = warmup.head(hidden)  # (patches, vocabulary): every patch scores every word
+    joint = torch.softmax(scores.flatten(), 0).view_as(scores)  # one distribution over (patch, word) pairs
+    log_probs = joint.sum(0).log()  # the image's word distribution: the mixture over its patches
     expected = -(log_probs[5] + log_probs[9]) / 2  # words 5 and 9, each once however often they occur
     torch.testing.assert_close(loss, expected)
     assert warmup.head.out_features == model.config.text_config.vocab_size

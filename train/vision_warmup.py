@@ -9,10 +9,12 @@ tells single shapes apart within about 200 steps; through the projector and the 
 it had not started to after 800.
 
 So for the first `vision_warmup_steps` optimizer steps the Trainer trains the vision tower alone on that
-short path: its patch features at `vision_feature_layer`, averaged over the image, go through a temporary
-linear head over the vocabulary, scored (cross-entropy against the caption's words, each weighted equally)
-on which words the caption contains: a bag of words, as in Joulin et al., "Learning Visual Features from
-Large Weakly Supervised Data" (2016). The language model and projector do not run in those steps (which are
+short path: a temporary linear head scores every word of the vocabulary at every patch (features at
+`vision_feature_layer`); the image's word distribution is the mixture over its patches (one softmax over all
+(patch, word) pairs, summed over patches), scored by cross-entropy against the caption's words, each
+weighted equally. That is a bag of words, as in Joulin et al., "Learning Visual Features from Large Weakly
+Supervised Data" (2016), pooled so that a small object's own patches can name it: averaging the features
+over the image first drowned small objects in background and taught the demo's ViT little about them. The language model and projector do not run in those steps (which are
 therefore cheap). The head is not part of the model: nothing of it is saved.
 
 Pair it with the short-captions-first curriculum (`curriculum.py`): on one-object images, the average over
@@ -50,13 +52,16 @@ class VisionWarmup:
                 f"vision_warmup_steps needs one image per example; got {pixel_values.shape[0]} images "
                 f"for {labels.shape[0]} examples."
             )
-        hidden = self.vision_tower.hidden_state(pixel_values, self.feature_layer)
-        logits = self.head(hidden[:, 1:].mean(dim=1).float())
+        hidden = self.vision_tower.hidden_state(pixel_values, self.feature_layer)[:, 1:]
+        # Each patch scores every word; the image's word distribution is the mixture over its patches (a softmax
+        # over all (patch, word) pairs, summed over patches), so a small object's patches can name it alone.
+        scores = self.head(hidden.float())
+        log_probs = torch.logsumexp(F.log_softmax(scores.flatten(1), dim=-1).view_as(scores), dim=1)
         is_word = (labels >= 0) & ~torch.isin(labels, self.ignored.to(labels.device))
-        target = torch.zeros_like(logits).scatter_add_(1, labels.clamp(min=0), is_word.to(logits.dtype))
-        target = (target > 0).to(logits.dtype)
+        target = torch.zeros_like(log_probs).scatter_add_(1, labels.clamp(min=0), is_word.to(log_probs.dtype))
+        target = (target > 0).to(log_probs.dtype)
         has_words = target.sum(-1) > 0
         if not bool(has_words.any()):
-            return logits.sum() * 0.0
+            return log_probs.sum() * 0.0
         target = target[has_words] / target[has_words].sum(-1, keepdim=True)
-        return -(target * F.log_softmax(logits[has_words], dim=-1)).sum(-1).mean()
+        return -(target * log_probs[has_words]).sum(-1).mean()
