@@ -51,6 +51,23 @@ _GENERATION_KEYWORDS = inspect.signature(GenerationMixin.prepare_inputs_for_gene
 CACHE_KWARG = "cache" if "cache" in _GENERATION_KEYWORDS else "past_key_values"
 
 
+def signature_computed_once(method):
+    """Store the signature of the function under `method`'s decorators on that function, computed once.
+
+    Registered for an auto class, MQwen is remote code to transformers, and transformers 5 then rebuilds
+    `inspect.signature(model.forward)` on every decode step (it looks for the retired `cache_position`; 4.57 does
+    it for every model, looking for `position_ids`): a few percent of a small model's step. `inspect.signature`
+    follows `__wrapped__` down to the innermost function and computes the signature from it, so storing exactly
+    that result there changes no answer, only the cost. Only under a decorator, never on the outer function: a
+    hook that wraps the bound method (accelerate's `add_hook_to_module`) copies the outer function's attributes
+    and would then report the signature with `self`.
+    """
+    function = inspect.unwrap(method)
+    if function is not method:
+        function.__signature__ = inspect.signature(function)
+    return method
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Vision tower: OpenCLIP's VisionTransformer, same parameter names, attention through SDPA.
 # ----------------------------------------------------------------------------------------------------------
@@ -595,6 +612,7 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
     # (checkpoints published with older code lack it, and train/ then computes every position's logits).
     loss_from_kept_logits = True
 
+    @signature_computed_once
     @can_return_tuple
     def forward(
         self,

@@ -6,6 +6,8 @@ pixels, rope scaling and attention implementations under padding, and decode ste
 """
 
 import copy
+import inspect
+import types
 
 import pytest
 import torch
@@ -309,15 +311,41 @@ def test_generate_gives_pixels_to_the_prefill_only(tiny, prompt):
         seen.append((kwargs["input_ids"].shape[1], kwargs.get("pixel_values") is not None))
 
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
-    scans = []
-    original = model.get_placeholder_mask
-    model.get_placeholder_mask = lambda *a: scans.append(1) or original(*a)
+    scans, encodes = [], []
+    find, encode = model.get_placeholder_mask, model.get_image_features
+    model.get_placeholder_mask = lambda *a: scans.append(1) or find(*a)
+    model.get_image_features = lambda *a, **k: encodes.append(len(a[0])) or encode(*a, **k)
     try:
         out = greedy(model, inputs)
     finally:
         handle.remove()
-        del model.get_placeholder_mask
+        del model.get_placeholder_mask, model.get_image_features
     assert torch.equal(out, reference)
     assert seen[0] == (inputs["input_ids"].shape[1], True)
     assert seen[1:] == [(1, False)] * (NEW - 1)
     assert scans == [1], "placeholders are looked up once, at the prefill"
+    assert encodes == [len(inputs["pixel_values"])], "the vision tower runs once, at the prefill"
+
+
+def test_the_forward_signature_computed_once_is_inspects_own_with_or_without_hooks(tiny, prompt):
+    """transformers 5 rebuilds `inspect.signature(model.forward)` on every decode step of remote code, so MQwen
+    stores it on the function under `can_return_tuple` (`signature_computed_once`). It must be exactly what inspect
+    computes from the code, also through accelerate's hook, which wraps the bound method and copies the outer
+    function's attributes (a signature stored there would show `self`)."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    model, _ = tiny
+    inputs, reference = prompt
+    function = inspect.unwrap(type(model).forward)
+    assert "__signature__" in vars(function) and "__signature__" not in vars(type(model).forward)
+    uncached = types.FunctionType(
+        function.__code__, function.__globals__, function.__name__, function.__defaults__, function.__closure__
+    )
+    unbound = inspect.signature(uncached)
+    expected = unbound.replace(parameters=list(unbound.parameters.values())[1:])  # without `self`
+    assert inspect.signature(model.forward) == expected
+    assert inspect.signature(type(model).forward) == unbound
+
+    hooked = copy.deepcopy(model)
+    hooks.add_hook_to_module(hooked, hooks.ModelHook())
+    assert inspect.signature(hooked.forward) == expected
+    assert torch.equal(greedy(hooked, inputs), reference)
