@@ -222,8 +222,14 @@ def _damaged_weights_message(source, kwargs, error):
         try:
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(str(source), revision=kwargs.get("revision"), local_files_only=True,
-                                            allow_patterns=["*.safetensors"]))
+            folder = Path(
+                snapshot_download(
+                    str(source),
+                    revision=kwargs.get("revision"),
+                    local_files_only=True,
+                    allow_patterns=["*.safetensors"],
+                )
+            )
         except Exception:  # not cached, or no Hub access: say what we know
             return f"Could not load the weights of {source!r}: a safetensors file is damaged ({error})."
     folder = folder / (kwargs.get("subfolder") or "")

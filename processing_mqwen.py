@@ -334,7 +334,7 @@ class MQwenProcessor(ProcessorMixin):
                 prompt.encode("utf-8")
             except UnicodeEncodeError as error:
                 raise ValueError(
-                    f"text[{i}] is not valid Unicode: {prompt[error.start:error.end]!r} at position {error.start} "
+                    f"text[{i}] is not valid Unicode: {prompt[error.start : error.end]!r} at position {error.start} "
                     "is a lone surrogate (half of a UTF-16 pair), which no tokenizer can encode. Fix how the text "
                     "was decoded, or drop such characters: text.encode('utf-8', 'replace').decode('utf-8')."
                 ) from None
@@ -436,8 +436,9 @@ class MQwenImageToTextPipeline(Pipeline):
         unknown = sorted(set(generate_kwargs) - known)
         if unknown:
             hints = [
-                f"{name!r} (did you mean {match[0]!r}?)" if (match := difflib.get_close_matches(name, known, n=1)) else
-                repr(name)
+                f"{name!r} (did you mean {match[0]!r}?)"
+                if (match := difflib.get_close_matches(name, known, n=1))
+                else repr(name)
                 for name in unknown
             ]
             raise ValueError(

@@ -56,6 +56,13 @@ def parse_args(argv=None):
         help=f"train the vision tower alone for the first N steps (default: {DEFAULTS.vision_warmup_steps}; 0: off)",
     )
     parser.add_argument(
+        "--lr-scheduler",
+        choices=["cosine", "warmup_stable_decay"],
+        help=f"learning-rate schedule after warmup (default: {DEFAULTS.lr_scheduler}); warmup_stable_decay keeps "
+        "the peak rate until the last --decay-ratio of the steps",
+    )
+    parser.add_argument("--decay-ratio", type=float, help=f"(default: {DEFAULTS.decay_ratio})")
+    parser.add_argument(
         "--max-train-minutes",
         type=float,
         help="stop training after this many minutes even if --max-steps is not reached",

@@ -39,6 +39,8 @@ class DemoSettings:
     curriculum_steps: int = 0  # train/'s short-captions-first curriculum: single-shape images first
     curriculum_fraction: float = 1 / 3  # a third of the images show one shape
     vision_warmup_steps: int = 0  # train/'s vision warm-up (see train/vision_warmup.py)
+    lr_scheduler: str = "cosine"  # or "warmup_stable_decay": the peak rate until the last decay_ratio of steps
+    decay_ratio: float = 0.2
     other_test_size: int = 300  # the second test set, drawn by other_renderer.py
     eval_batch_size: int = 64
     max_new_tokens: int = 24
@@ -104,6 +106,13 @@ def _progress_callbacks(max_minutes):
     return LossInBarProgress, ([TimeLimit()] if max_minutes else [])
 
 
+def _schedule_arguments(settings: DemoSettings) -> dict:
+    args = {"save_strategy": "no"}
+    if settings.lr_scheduler == "warmup_stable_decay":
+        args["lr_scheduler_kwargs"] = {"num_decay_steps": max(1, round(settings.decay_ratio * settings.max_steps))}
+    return args
+
+
 def train_model(settings, model, processor, train_pairs, out_dir):
     """Train with train/'s API; returns (trainer, model_dir, train_seconds)."""
     from transformers.trainer_callback import ProgressCallback
@@ -129,7 +138,8 @@ def train_model(settings, model, processor, train_pairs, out_dir):
         vision_warmup_steps=settings.vision_warmup_steps,
         disable_tqdm=not settings.progress,
         dataloader_num_workers=settings.loader_workers,
-        training_args={"save_strategy": "no"},
+        lr_scheduler_type=settings.lr_scheduler,
+        training_args=_schedule_arguments(settings),
     )
     progress, extra_callbacks = _progress_callbacks(settings.max_train_minutes)
     trainer = build_trainer(config, model=model, processor=processor, callbacks=extra_callbacks)
