@@ -56,6 +56,12 @@ def parse_args(argv=None):
         help=f"train the vision tower alone for the first N steps (default: {DEFAULTS.vision_warmup_steps}; 0: off)",
     )
     parser.add_argument(
+        "--curriculum-grow",
+        action="store_true",
+        default=None,
+        help="grow the curriculum from single shapes to all images over its steps (doubles before triples)",
+    )
+    parser.add_argument(
         "--lr-scheduler",
         choices=["cosine", "warmup_stable_decay"],
         help=f"learning-rate schedule after warmup (default: {DEFAULTS.lr_scheduler}); warmup_stable_decay keeps "

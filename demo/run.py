@@ -38,6 +38,7 @@ class DemoSettings:
     seed: int = 0
     curriculum_steps: int = 0  # train/'s short-captions-first curriculum: single-shape images first
     curriculum_fraction: float = 1 / 3  # a third of the images show one shape
+    curriculum_grow: bool = False  # then doubles come in before triples
     vision_warmup_steps: int = 0  # train/'s vision warm-up (see train/vision_warmup.py)
     lr_scheduler: str = "cosine"  # or "warmup_stable_decay": the peak rate until the last decay_ratio of steps
     decay_ratio: float = 0.2
@@ -135,6 +136,7 @@ def train_model(settings, model, processor, train_pairs, out_dir):
         seed=settings.seed,
         curriculum_steps=settings.curriculum_steps,
         curriculum_fraction=settings.curriculum_fraction,
+        curriculum_grow=settings.curriculum_grow,
         vision_warmup_steps=settings.vision_warmup_steps,
         disable_tqdm=not settings.progress,
         dataloader_num_workers=settings.loader_workers,

@@ -87,3 +87,17 @@ def test_trainer_draws_its_first_batches_from_the_shortest_captions(tmp_path):
     assert len(taught) == 48
     assert taught[:12] == ["red"] * 12, "the first 3 steps of 4: one-word captions only"
     assert sorted(taught) == sorted(captions), "each example once per epoch"
+
+
+def test_growing_pool_brings_middle_lengths_in_before_the_longest():
+    """grow=True: early draws are short captions, middle lengths come next, the longest last; still a permutation."""
+    words = [3, 7, 11] * 300
+    order = list(ShortCaptionsFirstSampler(words, first_examples=600, shortest_fraction=1 / 3, seed=0, grow=True))
+    assert sorted(order) == list(range(len(words)))
+    lengths = [words[i] for i in order[:600]]
+    assert set(lengths[:60]) == {3, 7} and lengths[:60].count(3) > 40  # the pool starts at the shortest third
+    first_long = lengths.index(11)
+    assert 300 <= first_long <= 330, "the longest captions enter once the pool passes two thirds (draw 300)"
+    assert 7 in lengths[:first_long] and lengths[first_long:].count(11) > 50
+    again = list(ShortCaptionsFirstSampler(words, 600, 1 / 3, seed=0, grow=True))
+    assert again == order

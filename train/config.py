@@ -74,6 +74,11 @@ class TrainConfig:
     curriculum_fraction: float = _help(
         "share of the training examples, fewest caption words first, that the curriculum steps draw from", default=0.25
     )
+    curriculum_grow: bool = _help(
+        "grow the curriculum's pool linearly from --curriculum-fraction to all the data over the curriculum "
+        "steps, instead of keeping it at the shortest captions",
+        default=False,
+    )
     vision_warmup_steps: int = _help(
         "for the first N optimizer steps, train only the vision tower, to name its "
         "caption's words through a temporary head (for a vision tower trained "

@@ -167,6 +167,7 @@ def build_trainer(
         vision_lr=config.vision_lr,
         curriculum_steps=config.curriculum_steps,
         curriculum_fraction=config.curriculum_fraction,
+        curriculum_grow=config.curriculum_grow,
         vision_warmup_steps=config.vision_warmup_steps,
     )
     trainer.mqwen_config = config

@@ -45,6 +45,7 @@ class CaptionTrainer(Trainer):
         vision_lr=None,
         curriculum_steps=0,
         curriculum_fraction=0.25,
+        curriculum_grow=False,
         vision_warmup_steps=0,
         **kwargs,
     ):
@@ -53,6 +54,7 @@ class CaptionTrainer(Trainer):
         self.vision_lr = vision_lr
         self.curriculum_steps = curriculum_steps
         self.curriculum_fraction = curriculum_fraction
+        self.curriculum_grow = curriculum_grow
         self.vision_warmup_steps = vision_warmup_steps
         self.vision_warmup = None  # built with the optimizer, whose parameter groups hold its head
         self.skip_report = SkipReport()
@@ -74,7 +76,11 @@ class CaptionTrainer(Trainer):
             self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         )
         return ShortCaptionsFirstSampler(
-            dataset.caption_words(), self.curriculum_steps * global_batch, self.curriculum_fraction, seed=self.args.seed
+            dataset.caption_words(),
+            self.curriculum_steps * global_batch,
+            self.curriculum_fraction,
+            seed=self.args.seed,
+            grow=self.curriculum_grow,
         )
 
     def create_accelerator_and_postprocess(self):
