@@ -68,16 +68,23 @@ QUICK = dict(
 )
 
 # The training loss sits near this value while the model still guesses every shape: ln(3) nats for each shape
-# word, about a quarter of the caption tokens. Where the logged loss first falls under it, training has left
-# the plateau (results.json: "plateau_exit_step").
+# word, about a quarter of the caption tokens. From the logged step after which the caption loss stays under it,
+# training has left the plateau (results.json: "plateau_exit_step"). "Stays": a curriculum's one-shape steps dip
+# under it before the harder images arrive.
 PLATEAU_LOSS = 0.25
 
 
 def plateau_exit_step(log_history, threshold=PLATEAU_LOSS):
-    """The first logged step whose caption loss is under `threshold` (vision warm-up steps aside), or None."""
-    return next(
-        (e["step"] for e in log_history if "loss" in e and not e.get("vision_warmup") and e["loss"] < threshold), None
-    )
+    """The first logged step from which every logged caption loss is under `threshold` (vision warm-up steps
+    aside), or None if the last one is not."""
+    caption = [(e["step"], e["loss"]) for e in log_history if "loss" in e and not e.get("vision_warmup")]
+    exit_step = None
+    for step, loss in caption:
+        if loss >= threshold:
+            exit_step = None
+        elif exit_step is None:
+            exit_step = step
+    return exit_step
 
 
 def _atomic_write_json(path: Path, data):

@@ -132,3 +132,20 @@ def test_initializer_range_sets_the_random_weights_of_every_part(std):
     }
     for name, weight in weights.items():
         assert weight.std().item() == pytest.approx(std, rel=0.1), name
+
+
+def test_plateau_exit_is_where_the_caption_loss_stays_under_the_threshold():
+    from mqwen.demo.run import plateau_exit_step
+
+    log = [
+        {"step": 10, "loss": 1.9, "vision_warmup": 1},  # warm-up losses are not caption losses
+        {"step": 20, "loss": 0.1, "vision_warmup": 1},
+        {"step": 30, "loss": 0.2},  # a curriculum's one-shape steps dip under it ...
+        {"step": 40, "loss": 0.9},  # ... before the harder images arrive
+        {"step": 50, "loss": 0.24},
+        {"step": 55, "grad_norm": 1.0},
+        {"step": 60, "loss": 0.2},
+    ]
+    assert plateau_exit_step(log) == 50
+    assert plateau_exit_step(log[:4]) is None
+    assert plateau_exit_step(log, threshold=0.21) == 60
