@@ -7,7 +7,7 @@ from dataclasses import fields
 from .run import QUICK, DemoSettings, run
 
 EXAMPLES = """examples:
-  mqwen-demo                                  # the full run: about 9 minutes of training on 2 CPU cores
+  mqwen-demo                                  # the full run: under 10 minutes of training on 2 CPU cores
   mqwen-demo --out /tmp/shapes --max-steps 500  # shorter training, lower accuracy
   mqwen-demo --quick                          # smoke test: a very small model, a few steps (~30 s)
   mqwen-caption mqwen-shapes-demo/data/test --model mqwen-shapes-demo/model   # use the trained model afterwards
@@ -57,9 +57,10 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--curriculum-grow",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="grow the curriculum from single shapes to all images over its steps (doubles before triples)",
+        help=f"grow the curriculum from single shapes to all images over its steps, two-shape images before "
+        f"three (default: {DEFAULTS.curriculum_grow}); --no-curriculum-grow keeps it at single shapes",
     )
     parser.add_argument(
         "--lr-scheduler",

@@ -36,10 +36,10 @@ class DemoSettings:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     seed: int = 0
-    curriculum_steps: int = 0  # train/'s short-captions-first curriculum: single-shape images first
+    curriculum_steps: int = 2000  # train/'s short-captions-first curriculum: single-shape images first ...
     curriculum_fraction: float = 1 / 3  # a third of the images show one shape
-    curriculum_grow: bool = False  # then doubles come in before triples
-    vision_warmup_steps: int = 0  # train/'s vision warm-up (see train/vision_warmup.py)
+    curriculum_grow: bool = True  # ... then two-shape images, then all (the pool grows over those steps)
+    vision_warmup_steps: int = 1000  # train/'s vision warm-up: the ViT alone first (train/vision_warmup.py)
     lr_scheduler: str = "cosine"  # or "warmup_stable_decay": the peak rate until the last decay_ratio of steps
     decay_ratio: float = 0.2
     other_test_size: int = 300  # the second test set, drawn by other_renderer.py
@@ -65,6 +65,8 @@ QUICK = dict(
     show=4,
     grid=4,
     max_new_tokens=8,
+    curriculum_steps=2,
+    vision_warmup_steps=1,
 )
 
 # The training loss sits near this value while the model still guesses every shape: ln(3) nats for each shape
