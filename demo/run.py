@@ -36,9 +36,9 @@ class DemoSettings:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     seed: int = 0
-    curriculum_steps: int = 2000  # train/'s short-captions-first curriculum: single-shape images first ...
+    curriculum_steps: int = 1200  # train/'s short-captions-first curriculum: single-shape images first
     curriculum_fraction: float = 1 / 3  # a third of the images show one shape
-    curriculum_grow: bool = True  # ... then two-shape images, then all (the pool grows over those steps)
+    curriculum_grow: bool = False  # True: the pool grows to two-shape images, then all, over those steps
     vision_warmup_steps: int = 1000  # train/'s vision warm-up: the ViT alone first (train/vision_warmup.py)
     lr_scheduler: str = "cosine"  # or "warmup_stable_decay": the peak rate until the last decay_ratio of steps
     decay_ratio: float = 0.2
