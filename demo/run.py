@@ -251,14 +251,15 @@ def report(settings: DemoSettings, scores: dict, reloaded: dict, in_process: lis
         f"      other renderer (other code, image sizes, shape sizes, colours): exact match "
         f"{other['exact_match']:.1%} ({other['images']} images)"
     )
-    same = sum(a == b for a, b in zip(reloaded["predicted"], in_process))
     log(
-        f"      reloaded captions equal the in-process ones for {same}/{len(in_process)} images "
+        f"      reloaded captions equal the in-process ones for {reloaded['identical']}/{len(in_process)} images "
         f"(loaded as {reloaded['model_class']})"
     )
 
 
-def results_record(settings, processor, trainer, parameters, timings, scores, reloaded, in_process, files) -> dict:
+def results_record(
+    settings, processor, trainer, exit_step, parameters, timings, scores, reloaded, in_process, files
+) -> dict:
     """What results.json holds: settings, model size, timings, every score, the loss log, every test caption."""
     import torch
 
@@ -275,7 +276,7 @@ def results_record(settings, processor, trainer, parameters, timings, scores, re
         f"training; about 1 in {HELD_OUT_ONE_IN} such arrangements is held out; single shapes are all trained on",
         "seed": settings.seed,
         "steps": trainer.state.global_step,
-        "plateau_exit_step": plateau_exit_step(history),
+        "plateau_exit_step": exit_step,
         "threads": torch.get_num_threads(),
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "test": reloaded["metrics"],
@@ -283,7 +284,7 @@ def results_record(settings, processor, trainer, parameters, timings, scores, re
         "validation": scores["validation"]["metrics"],
         "other_renderer": scores["other_renderer"]["metrics"],
         "reload": {
-            "identical_captions": sum(a == b for a, b in zip(reloaded["predicted"], in_process)),
+            "identical_captions": reloaded["identical"],
             "images": len(in_process),
             "model_class": reloaded["model_class"],
             "pipeline_class": reloaded["pipeline_class"],
@@ -353,6 +354,7 @@ def run(settings: DemoSettings, log=print):
     log("[5/6] Reloading the saved model in a fresh process: pipeline('image-to-text', trust_remote_code=True) ...")
     t = time.perf_counter()
     reloaded = score_reloaded(settings, model_dir, out_dir, splits["test"])
+    reloaded["identical"] = sum(a == b for a, b in zip(reloaded["predicted"], in_process))
     timings["reload_seconds"] = time.perf_counter() - t
 
     log("[6/6] Results (test split, reloaded model):")
@@ -371,6 +373,7 @@ def run(settings: DemoSettings, log=print):
         settings,
         processor,
         trainer,
+        exit_step,
         parameters,
         timings,
         scores,
