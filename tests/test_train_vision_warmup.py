@@ -29,6 +29,30 @@ def test_loss_equals_a_hand_computed_bag_of_words_cross_entropy():
         warmup.loss(pixel_values[:1], labels)
 
 
+def test_word_pairs_loss_equals_a_hand_computed_mixture_of_products():
+    """Each adjacent pair of caption words (both words, neither ignored) once per occurrence: the first word from
+    one softmax over (patch, word), the second from the same patch's own softmax, summed over patches."""
+    model, processor = build_tiny(seed=0)
+    warmup = VisionWarmup(model, ignored_ids=[7], target="word_pairs")
+    pixel_values = _pixels(processor)
+    labels = torch.tensor([[-100, 5, 9, 5, 7], [-100, -100, 7, -100, -100]])  # pairs (5, 9), (9, 5); row 2: none
+    loss = warmup.loss(pixel_values, labels)
+    vocab = model.config.text_config.vocab_size
+    hidden = model.vision_tower.hidden_state(pixel_values, model.config.vision_feature_layer)[0, 1:]
+    scores = warmup.head(hidden)
+    first = torch.softmax(scores[:, :vocab].flatten(), 0).view(-1, vocab)
+    second = torch.softmax(scores[:, vocab:], -1)
+
+    def pair(a, b):
+        return (first[:, a] * second[:, b]).sum()
+
+    expected = -(pair(5, 9).log() + pair(9, 5).log()) / 2
+    torch.testing.assert_close(loss, expected)
+    assert warmup.head.out_features == 2 * vocab
+    with pytest.raises(ValueError, match="word_pairs"):
+        VisionWarmup(model, target="bigrams")
+
+
 def test_config_needs_a_trainable_vision_tower():
     from mqwen.train import TrainConfig
 
@@ -36,10 +60,13 @@ def test_config_needs_a_trainable_vision_tower():
         TrainConfig(stage="full", vision_warmup_steps=3)
     with pytest.raises(ValueError, match=">= 0"):
         TrainConfig(stage="full", train_vision_tower=True, vision_warmup_steps=-1)
+    with pytest.raises(ValueError, match="'words' or 'word_pairs'"):
+        TrainConfig(stage="full", train_vision_tower=True, vision_warmup_steps=3, vision_warmup_target="pairs")
     TrainConfig(stage="full", train_vision_tower=True, vision_warmup_steps=3)
 
 
-def test_trainer_trains_only_the_vision_tower_during_the_warmup(tmp_path):
+@pytest.mark.parametrize("target", ["words", "word_pairs"])
+def test_trainer_trains_only_the_vision_tower_during_the_warmup(tmp_path, target):
     """Steps 1-2: the vision tower moves, nothing else; step 3 on: the caption loss trains everything. The saved
     model has exactly the model's weights (the warm-up head is not among them)."""
     from transformers import TrainerCallback
@@ -65,6 +92,7 @@ def test_trainer_trains_only_the_vision_tower_during_the_warmup(tmp_path):
         per_device_train_batch_size=2,
         logging_steps=1,
         vision_warmup_steps=2,
+        vision_warmup_target=target,
         learning_rate=1e-3,
         warmup_ratio=0.0,
         seed=0,

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                 options["help"] += f" (default: {default})"
         if field.name == "stage":
             options["choices"] = ["align", "lora", "full"]
+        if field.name == "vision_warmup_target":
+            options["choices"] = ["words", "word_pairs"]
         parser.add_argument(_flag(field.name), **options)
     return parser
 

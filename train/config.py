@@ -85,6 +85,11 @@ class TrainConfig:
         "from scratch; see train/vision_warmup.py); 0: off",
         default=0,
     )
+    vision_warmup_target: str = _help(
+        "what the vision warm-up names: 'words' (the caption's bag of words) or 'word_pairs' (its adjacent word "
+        "pairs, which asks each object's patches to describe that object alone)",
+        default="words",
+    )
     # -- what trains ----------------------------------------------------------------------------------------
     learning_rate: Optional[float] = _help(
         "learning rate of the language model / LoRA weights (default: 1e-3 align, 2e-4 lora, 2e-5 full)", default=None
@@ -159,6 +164,10 @@ class TrainConfig:
             )
         if not 0 < self.curriculum_fraction <= 1:
             raise ValueError(f"curriculum_fraction must be in (0, 1], got {self.curriculum_fraction}.")
+        if self.vision_warmup_target not in ("words", "word_pairs"):
+            raise ValueError(
+                f"vision_warmup_target must be 'words' or 'word_pairs', got {self.vision_warmup_target!r}."
+            )
         if self.vision_warmup_steps and not (self.train_vision_tower and self.stage == "full"):
             raise ValueError(
                 "vision_warmup_steps trains the vision tower: it needs stage='full' and "

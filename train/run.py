@@ -169,6 +169,7 @@ def build_trainer(
         curriculum_fraction=config.curriculum_fraction,
         curriculum_grow=config.curriculum_grow,
         vision_warmup_steps=config.vision_warmup_steps,
+        vision_warmup_target=config.vision_warmup_target,
     )
     trainer.mqwen_config = config
     trainer.mqwen_processor = processor

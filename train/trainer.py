@@ -35,7 +35,8 @@ class CaptionTrainer(Trainer):
             the optimizer.
         curriculum_steps, curriculum_fraction: the first steps draw from the shortest captions only
             (`curriculum.py`);
-        vision_warmup_steps: the first steps train the vision tower alone (`vision_warmup.py`).
+        vision_warmup_steps: the first steps train the vision tower alone (`vision_warmup.py`);
+        vision_warmup_target: what it names, "words" or "word_pairs" (`vision_warmup.py`).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class CaptionTrainer(Trainer):
         curriculum_fraction=0.25,
         curriculum_grow=False,
         vision_warmup_steps=0,
+        vision_warmup_target="words",
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -56,6 +58,7 @@ class CaptionTrainer(Trainer):
         self.curriculum_fraction = curriculum_fraction
         self.curriculum_grow = curriculum_grow
         self.vision_warmup_steps = vision_warmup_steps
+        self.vision_warmup_target = vision_warmup_target
         self.vision_warmup = None  # built with the optimizer, whose parameter groups hold its head
         self.skip_report = SkipReport()
 
@@ -116,7 +119,9 @@ class CaptionTrainer(Trainer):
             )
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         self.vision_warmup = VisionWarmup(
-            self.accelerator.unwrap_model(model), ignored_ids=getattr(tokenizer, "all_special_ids", ())
+            self.accelerator.unwrap_model(model),
+            ignored_ids=getattr(tokenizer, "all_special_ids", ()),
+            target=self.vision_warmup_target,
         )
         return {
             "params": list(self.vision_warmup.head.parameters()),

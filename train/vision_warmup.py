@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+TARGETS = ("words", "word_pairs")
+
+
 class VisionWarmup:
     """The temporary head and the warm-up loss.
 
@@ -38,24 +41,32 @@ class VisionWarmup:
         ignored_ids: token ids that are not words (special tokens such as the end of turn).
     """
 
-    def __init__(self, model, ignored_ids=()):
+    def __init__(self, model, ignored_ids=(), target: str = "words"):
+        if target not in TARGETS:
+            raise ValueError(f"vision_warmup_target must be one of {TARGETS}, got {target!r}.")
         self.vision_tower = next((m for name, m in model.named_modules() if name.endswith("vision_tower")), None)
         if self.vision_tower is None:
             raise ValueError("vision_warmup_steps needs an MQwen model (no vision_tower found).")
         self.feature_layer = model.config.vision_feature_layer
+        self.target = target
         width = self.vision_tower.class_embedding.shape[-1]
         device = self.vision_tower.class_embedding.device
-        self.head = nn.Linear(width, model.config.text_config.vocab_size).to(device)
+        self.vocab_size = model.config.text_config.vocab_size
+        # word_pairs: one score per word for each half of a pair, side by side
+        outputs = self.vocab_size * (2 if target == "word_pairs" else 1)
+        self.head = nn.Linear(width, outputs).to(device)
         self.ignored = torch.tensor(sorted(set(ignored_ids)), dtype=torch.long)
 
     def loss(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of each image's word distribution against its caption's words (uniform over them)."""
+        """Cross-entropy of each image's word (or word-pair) distribution against its caption's (uniform)."""
         if pixel_values.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"vision_warmup_steps needs one image per example; got {pixel_values.shape[0]} images "
                 f"for {labels.shape[0]} examples."
             )
         hidden = self.vision_tower.hidden_state(pixel_values, self.feature_layer)[:, 1:]
+        if self.target == "word_pairs":
+            return self._word_pairs_loss(hidden, labels)
         # Each patch scores every word; the image's word distribution is the mixture over its patches (a softmax
         # over all (patch, word) pairs, summed over patches), so a small object's patches can name it alone.
         scores = self.head(hidden.float())
@@ -68,3 +79,29 @@ class VisionWarmup:
             return log_probs.sum() * 0.0
         target = target[has_words] / target[has_words].sum(-1, keepdim=True)
         return -(target * log_probs[has_words]).sum(-1).mean()
+
+    def _word_pairs_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against the caption's adjacent word pairs; each patch names a pair as a product.
+
+        A pair's probability is the mixture over patches of (first word, patch) from one softmax over all
+        (patch, word) pairs, times the second word from that patch's own softmax. A patch that mixes two objects'
+        features names pairs no caption holds ("red square" beside a red circle and a blue square), so this
+        loss, unlike the bag of words, asks each object's patches to describe that object alone.
+        """
+        scores = self.head(hidden.float())
+        first, second = scores[..., : self.vocab_size], scores[..., self.vocab_size :]
+        first = F.log_softmax(first.flatten(1), dim=-1).view_as(first)  # (batch, patch, word), over patch and word
+        second = F.log_softmax(second, dim=-1)  # (batch, patch, word), over words at each patch
+        is_word = (labels >= 0) & ~torch.isin(labels, self.ignored.to(labels.device))
+        is_pair = is_word[:, :-1] & is_word[:, 1:]  # (batch, position): labels[t], labels[t + 1]
+        words = labels.clamp(min=0)
+        patches = hidden.shape[1]
+        pick_first = first.gather(2, words[:, None, :-1].expand(-1, patches, -1))
+        pick_second = second.gather(2, words[:, None, 1:].expand(-1, patches, -1))
+        log_probs = torch.logsumexp(pick_first + pick_second, dim=1)  # (batch, position)
+        has_pairs = is_pair.any(-1)
+        if not bool(has_pairs.any()):
+            return log_probs.sum() * 0.0
+        weights = is_pair[has_pairs].to(log_probs.dtype)
+        weights = weights / weights.sum(-1, keepdim=True)
+        return -(weights * log_probs[has_pairs]).sum(-1).mean()
