@@ -28,13 +28,13 @@ import inspect
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM, Cache, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, Cache, GenerationMixin, PreTrainedModel, ProcessorMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, can_return_tuple, logging
@@ -45,6 +45,9 @@ except ImportError:  # transformers 4.x tracks that per module and calls _init_w
     from torch.nn import init
 
 from .configuration_mqwen import MQwenConfig, MQwenVisionConfig
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo, HfApi
 
 logger = logging.get_logger(__name__)
 
@@ -259,8 +262,8 @@ def publish_folder(
     revision: str | None = None,
     commit_message: str | None = None,
     create_pr: bool = False,
-    api: Any = None,
-) -> Any:
+    api: "HfApi | None" = None,
+) -> "CommitInfo":
     """Upload every file of `folder` (`.git` aside) to the Hub repo `repo_id` in one commit; returns its CommitInfo.
 
     The one publishing path: `push_to_hub(processor=)` and `mqwen-convert push` both end here. The repo (and
@@ -315,7 +318,7 @@ class MQwenPreTrainedModel(PreTrainedModel):
         except SafetensorError as error:
             raise ValueError(_damaged_weights_message(pretrained_model_name_or_path, kwargs, error)) from error
 
-    def push_to_hub(self, repo_id: str, *args, processor: Any = None, **kwargs) -> Any:
+    def push_to_hub(self, repo_id: str, *args, processor: ProcessorMixin | None = None, **kwargs) -> "CommitInfo":
         """Publish the model; with `processor=`, model and processor go to the repo in one commit.
 
         transformers' own `push_to_hub` uploads only the model, so a repo published that way cannot be used
