@@ -20,7 +20,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> object:
     if name in _EXPORTS and __package__:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __package__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,7 @@ when it splices features, so both always agree.
 """
 
 import numbers
+from collections.abc import Sequence
 
 import transformers
 from transformers import AutoConfig, PretrainedConfig
@@ -59,17 +60,17 @@ class MQwenVisionConfig(PretrainedConfig):
 
     def __init__(
         self,
-        image_size=224,
-        patch_size=14,
-        width=1024,
-        layers=24,
-        heads=16,
-        mlp_ratio=4.0,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        output_dim=768,
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
+        image_size: int = 224,
+        patch_size: int = 14,
+        width: int = 1024,
+        layers: int = 24,
+        heads: int = 16,
+        mlp_ratio: float = 4.0,
+        hidden_act: str = "quick_gelu",
+        layer_norm_eps: float = 1e-5,
+        output_dim: int = 768,
+        image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        image_std: Sequence[float] = OPENAI_CLIP_STD,
         **kwargs,
     ):
         for name, value in (
@@ -175,14 +176,14 @@ class MQwenConfig(PretrainedConfig):
 
     def __init__(
         self,
-        text_config=None,
-        vision_config=None,
-        projector_type="mlp2x_gelu",
-        vision_feature_layer=-2,
-        keep_class_token=False,
-        image_token_pooling=1,
-        image_token_id=QWEN25_IMAGE_TOKEN_ID,
-        image_seq_length=None,
+        text_config: PretrainedConfig | dict | None = None,
+        vision_config: MQwenVisionConfig | dict | None = None,
+        projector_type: str = "mlp2x_gelu",
+        vision_feature_layer: int = -2,
+        keep_class_token: bool = False,
+        image_token_pooling: int = 1,
+        image_token_id: int = QWEN25_IMAGE_TOKEN_ID,
+        image_seq_length: int | None = None,
         **kwargs,
     ):
         self.text_config = _build_text_config(text_config)

@@ -26,15 +26,18 @@ depend on the installed transformers version, and OpenCLIP weights load with `st
 
 import inspect
 import math
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, Cache, GenerationMixin, PreTrainedModel, ProcessorMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
-from transformers.utils import can_return_tuple, logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 try:  # transformers >= 5: init helpers that skip tensors already loaded from a checkpoint
     from transformers import initialization as init
@@ -42,6 +45,9 @@ except ImportError:  # transformers 4.x tracks that per module and calls _init_w
     from torch.nn import init
 
 from .configuration_mqwen import MQwenConfig, MQwenVisionConfig
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo, HfApi
 
 logger = logging.get_logger(__name__)
 
@@ -51,7 +57,7 @@ _GENERATION_KEYWORDS = inspect.signature(GenerationMixin.prepare_inputs_for_gene
 CACHE_KWARG = "cache" if "cache" in _GENERATION_KEYWORDS else "past_key_values"
 
 
-def signature_computed_once(method):
+def signature_computed_once(method: Callable) -> Callable:
     """Store the signature of the function under `method`'s decorators on that function, computed once.
 
     Registered for an auto class, MQwen is remote code to transformers, and transformers 5 then rebuilds
@@ -76,7 +82,7 @@ def signature_computed_once(method):
 class QuickGELU(nn.Module):
     """The activation of OpenAI's CLIP weights: x * sigmoid(1.702 x)."""
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
 
 
@@ -90,7 +96,7 @@ class MQwenVisionAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
@@ -105,7 +111,7 @@ class MQwenVisionMLP(nn.Module):
         self.gelu = QuickGELU() if act == "quick_gelu" else nn.GELU()
         self.c_proj = nn.Linear(hidden, width)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.gelu(self.c_fc(x)))
 
 
@@ -119,7 +125,7 @@ class MQwenVisionBlock(GradientCheckpointingLayer):
         self.ln_2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.mlp = MQwenVisionMLP(config.width, int(config.width * config.mlp_ratio), config.hidden_act)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
@@ -173,7 +179,9 @@ class MQwenVisionTransformer(nn.Module):
             x = block(x)
         return x
 
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """OpenCLIP's image embedding `ln_post(x[:, 0]) @ proj`, and optionally every hidden state."""
         x = self.embed(pixel_values)
         hidden_states = [x]
@@ -200,7 +208,7 @@ class MQwenMultiModalProjector(nn.Module):
             self.act = nn.GELU()
             self.linear_2 = nn.Linear(hidden, hidden)
 
-    def forward(self, features):
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
         features = self.linear_1(features)
         if hasattr(self, "linear_2"):
             features = self.linear_2(self.act(features))
@@ -214,7 +222,6 @@ class MQwenMultiModalProjector(nn.Module):
 
 def _damaged_weights_message(source, kwargs, error):
     """Which `*.safetensors` files of a local folder (or of a Hub repo's cached snapshot) fail to open, and why."""
-    import os
     from pathlib import Path
 
     folder = Path(source)
@@ -248,8 +255,15 @@ def _damaged_weights_message(source, kwargs, error):
 
 
 def publish_folder(
-    folder, repo_id, token=None, private=None, revision=None, commit_message=None, create_pr=False, api=None
-):
+    folder: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    api: "HfApi | None" = None,
+) -> "CommitInfo":
     """Upload every file of `folder` (`.git` aside) to the Hub repo `repo_id` in one commit; returns its CommitInfo.
 
     The one publishing path: `push_to_hub(processor=)` and `mqwen-convert push` both end here. The repo (and
@@ -296,7 +310,7 @@ class MQwenPreTrainedModel(PreTrainedModel):
     _supports_static_cache = True
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> PreTrainedModel:
         """transformers' `from_pretrained`; a damaged weight file gets an error that names it (safetensors' own
         "Error while deserializing header" names no file)."""
         try:
@@ -304,7 +318,7 @@ class MQwenPreTrainedModel(PreTrainedModel):
         except SafetensorError as error:
             raise ValueError(_damaged_weights_message(pretrained_model_name_or_path, kwargs, error)) from error
 
-    def push_to_hub(self, repo_id, *args, processor=None, **kwargs):
+    def push_to_hub(self, repo_id: str, *args, processor: ProcessorMixin | None = None, **kwargs) -> "CommitInfo":
         """Publish the model; with `processor=`, model and processor go to the repo in one commit.
 
         transformers' own `push_to_hub` uploads only the model, so a repo published that way cannot be used
@@ -385,19 +399,19 @@ class MQwenModel(MQwenPreTrainedModel):
         self.post_init()
 
     # -- embeddings are the language model's --------------------------------------------------------------
-    def get_input_embeddings(self):
+    def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 
-    def set_input_embeddings(self, value):
+    def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_output_embeddings(self):
+    def get_output_embeddings(self) -> nn.Module | None:
         return self.language_model.get_output_embeddings()
 
-    def set_output_embeddings(self, new_embeddings):
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.language_model.set_output_embeddings(new_embeddings)
 
-    def get_decoder(self):
+    def get_decoder(self) -> nn.Module:
         return self.language_model.get_decoder()
 
     # -- input checks: clear errors for what the language model would fail on deep inside, or misread -------
@@ -495,7 +509,9 @@ class MQwenModel(MQwenPreTrainedModel):
             )
 
     # -- images --------------------------------------------------------------------------------------------
-    def get_image_features(self, pixel_values: torch.Tensor, return_dict: bool = False):
+    def get_image_features(
+        self, pixel_values: torch.Tensor, return_dict: bool = False
+    ) -> torch.Tensor | BaseModelOutputWithPooling:
         """Projected image features, (num_images, image_seq_length, text hidden size).
 
         With `return_dict=True`, the same tensor as both `pooler_output` and `last_hidden_state` of a
@@ -515,7 +531,7 @@ class MQwenModel(MQwenPreTrainedModel):
             return BaseModelOutputWithPooling(pooler_output=features, last_hidden_state=features)
         return features
 
-    def get_placeholder_mask(self, input_ids, inputs_embeds):
+    def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         """Where the `<image>` placeholders are, (batch, length) bool: from `input_ids`, or, without them, where
         `inputs_embeds` equals the `<image>` token's embedding (LLaVA's convention)."""
         if input_ids is not None:
@@ -570,15 +586,15 @@ class MQwenModel(MQwenPreTrainedModel):
     @can_return_tuple
     def forward(
         self,
-        input_ids=None,
-        pixel_values=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        inputs_embeds=None,
-        past_key_values=None,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
-    ):
+    ) -> BaseModelOutputWithPast:
         """Runs the language model's decoder on the spliced embeddings; `return_dict=False` gives a tuple.
 
         `cache` is the generation cache, `past_key_values` its transformers 4.x name: either works (generate
@@ -622,17 +638,17 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
     @can_return_tuple
     def forward(
         self,
-        input_ids=None,
-        pixel_values=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        inputs_embeds=None,
-        labels=None,
-        logits_to_keep=0,
-        past_key_values=None,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
-    ):
+    ) -> ModelOutput:
         """Returns the language model's own output (loss, logits, cache); `return_dict=False` gives it as a tuple.
 
         With `labels`, the loss is the language model's causal-LM loss; positions labelled -100 and every
@@ -685,7 +701,13 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
             num_items_in_batch=kwargs.get("num_items_in_batch"),
         )
 
-    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, pixel_values=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        **kwargs,
+    ) -> dict:
         """Hand the images to the step that first sees their placeholders, and to no other step.
 
         That is the prefill; when `generate` continues from a cache an earlier call returned, it is the first

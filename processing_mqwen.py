@@ -14,18 +14,22 @@ import os
 import types
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import transformers
 from transformers import GenerationConfig, Pipeline, ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_utils import load_image
+from transformers.image_utils import ImageInput, load_image
 from transformers.processing_utils import MultiModalData  # what `_get_num_multimodal_tokens` returns (vLLM reads it)
 
 try:
     from PIL import Image
 except ImportError:  # pragma: no cover - PIL comes with transformers' vision extras
     Image = None
+
+if TYPE_CHECKING:
+    import torch
 
 _TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 
@@ -52,7 +56,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def to_rgb_image(image):
+def to_rgb_image(image: ImageInput | str | os.PathLike) -> "Image.Image":
     """Any supported image input as an RGB PIL image.
 
     Accepts PIL images of any mode (transparency is composited on white), numpy arrays and torch tensors
@@ -184,12 +188,12 @@ class MQwenProcessor(ProcessorMixin):
 
     def __init__(
         self,
-        image_processor=None,
-        tokenizer=None,
-        chat_template=None,
-        image_token="<image>",
-        image_seq_length=256,
-        caption_instruction=DEFAULT_CAPTION_INSTRUCTION,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
+        image_seq_length: int = 256,
+        caption_instruction: str = DEFAULT_CAPTION_INSTRUCTION,
         **kwargs,
     ):
         self.image_token = image_token
@@ -204,10 +208,10 @@ class MQwenProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
 
     @property
-    def model_input_names(self):
+    def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
 
-    def caption_prompt(self, instruction=None) -> str:
+    def caption_prompt(self, instruction: str | None = None) -> str:
         """The default prompt for one image: the chat template's rendering of a user turn holding the image, then
         the caption instruction (with the template's default system prompt, if it has one)."""
         messages = [
@@ -221,7 +225,15 @@ class MQwenProcessor(ProcessorMixin):
             messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
 
-    def __call__(self, images=None, text=None, padding=True, padding_side="left", return_tensors="pt", **kwargs):
+    def __call__(
+        self,
+        images: ImageInput | str | os.PathLike | list | None = None,
+        text: str | list[str] | None = None,
+        padding: bool | str = True,
+        padding_side: str = "left",
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
         """Tokenize prompts and preprocess images.
 
         - `images`: one image or a list (any form `to_rgb_image` accepts), in the order their `<image>`
@@ -277,7 +289,7 @@ class MQwenProcessor(ProcessorMixin):
             batch["text_replacement_offsets"] = offsets
         return batch
 
-    def replace_image_token(self, image_inputs=None, image_idx=0, **kwargs) -> str:
+    def replace_image_token(self, image_inputs: dict | None = None, image_idx: int = 0, **kwargs) -> str:
         """What one `<image>` becomes in the prompt: `image_seq_length` image tokens, whatever the image
         (every image is resized to the vision tower's size)."""
         return self.image_token * self.image_seq_length
@@ -352,12 +364,14 @@ class MQwenProcessor(ProcessorMixin):
                     "placeholders. Do not truncate prompts with images, or raise max_length."
                 )
 
-    def decode_captions(self, generated_ids, prompt_length: int):
+    def decode_captions(self, generated_ids: "torch.Tensor", prompt_length: int) -> list[str]:
         """Decode only what `generate` added after a prompt of `prompt_length` tokens, stripped."""
         texts = self.tokenizer.batch_decode(generated_ids[:, prompt_length:], skip_special_tokens=True)
         return [text.strip() for text in texts]
 
-    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+    def post_process_image_text_to_text(
+        self, generated_outputs: "torch.Tensor", skip_special_tokens: bool = True, **kwargs
+    ) -> list[str]:
         return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
 
 
@@ -394,7 +408,7 @@ class MQwenImageToTextPipeline(Pipeline):
         if self.tokenizer is not None:
             self.tokenizer.padding_side = "left"
 
-    def __call__(self, inputs=None, **kwargs):
+    def __call__(self, inputs: Any = None, **kwargs) -> list | Iterable:
         if "images" in kwargs:  # transformers' image-to-text pipeline accepts this name too
             inputs = kwargs.pop("images")
         if inputs is None:
@@ -447,7 +461,7 @@ class MQwenImageToTextPipeline(Pipeline):
                 "`GenerationConfig` (e.g. `max_new_tokens`, `do_sample`, `temperature`, `num_beams`)."
             )
 
-    def preprocess(self, inputs, prompt=None, timeout=None):
+    def preprocess(self, inputs: Any, prompt: str | None = None, timeout: float | None = None) -> BatchFeature:
         if isinstance(inputs, dict):
             inputs, prompt = _image_and_prompt_of(inputs, prompt)
         if prompt is not None and not isinstance(prompt, str):
@@ -475,7 +489,7 @@ class MQwenImageToTextPipeline(Pipeline):
         new_tokens = generated[:, input_ids.shape[1] :]
         return {"new_tokens": new_tokens.unflatten(0, (input_ids.shape[0], -1))}
 
-    def postprocess(self, model_outputs):
+    def postprocess(self, model_outputs: dict) -> list[dict[str, str]]:
         captions = self.processor.decode_captions(model_outputs["new_tokens"].flatten(0, 1), 0)
         return [{"generated_text": caption} for caption in captions]
 

@@ -161,7 +161,7 @@ def build_contenders(plan: Plan) -> Any:
     return contenders
 
 
-def run_figures(plan: Plan, contenders) -> list:
+def run_figures(plan: Plan, contenders: Any) -> list:
     """Every figure of the plan, timed; returns the table rows (notes and wall times go to `plan.notes`)."""
     from .figures import bandwidth_figure, caption_figure, decode_figure, train_figure
     from .memory import memory_figures
@@ -193,7 +193,7 @@ def run_figures(plan: Plan, contenders) -> list:
     return rows
 
 
-def write_report(plan: Plan, rows: list, output: Path, load_before, started: float) -> None:
+def write_report(plan: Plan, rows: list, output: Path, load_before: str, started: float) -> None:
     """The markdown report at `output` and every sample beside it as .json, each written atomically."""
     from ..convert.staging import write_atomically
     from .report import load_average, machine_description, render

@@ -17,7 +17,7 @@ EXAMPLES = """examples:
 """
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m mqwen.benchmarks.compile_decode",
         description="Decode tokens/s of MQwen: dynamic cache, static cache, static cache + torch.compile.",
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
     from transformers import CompileConfig

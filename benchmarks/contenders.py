@@ -14,6 +14,7 @@ Shared modules also keep the memory of a 7B comparison to one language model.
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import GenerationConfig
@@ -22,6 +23,20 @@ from mqwen import MQwenConfig, MQwenForCausalLM, MQwenVisionConfig
 from mqwen.convert.build import build_processor
 from mqwen.convert.tokenizer import train_qwen_style_tokenizer, wrap_as_transformers_tokenizer
 from mqwen.processing_mqwen import CHAT_TEMPLATE
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerBase,
+        PreTrainedTokenizerFast,
+    )
+
+    from mqwen import MQwenProcessor
+
+    from .shapes import Shapes
 
 
 @dataclass
@@ -35,11 +50,11 @@ class Contenders:
     tokenizer: object
 
     @property
-    def bare_lm(self):
+    def bare_lm(self) -> torch.nn.Module:
         return self.mqwen.language_model
 
 
-def greedy_config(tokenizer, new_tokens: int) -> GenerationConfig:
+def greedy_config(tokenizer: "PreTrainedTokenizerBase", new_tokens: int) -> GenerationConfig:
     """Exactly `new_tokens` greedy tokens: no end-of-sequence id, so random weights cannot stop early."""
     return GenerationConfig(
         do_sample=False,
@@ -51,12 +66,12 @@ def greedy_config(tokenizer, new_tokens: int) -> GenerationConfig:
     )
 
 
-def make_tokenizer():
+def make_tokenizer() -> "PreTrainedTokenizerFast":
     """The locally trained Qwen-style tokenizer (Qwen2's pipeline and special tokens, `<image>`)."""
     return wrap_as_transformers_tokenizer(train_qwen_style_tokenizer(), chat_template=CHAT_TEMPLATE)
 
 
-def mqwen_config(shapes, tokenizer, pooling=1) -> MQwenConfig:
+def mqwen_config(shapes: "Shapes", tokenizer: "PreTrainedTokenizerBase", pooling: int = 1) -> MQwenConfig:
     text = dict(shapes.text, pad_token_id=tokenizer.pad_token_id, eos_token_id=None, bos_token_id=None)
     return MQwenConfig(
         text_config=text,
@@ -78,7 +93,13 @@ class _default_dtype:
         torch.set_default_dtype(self.saved)
 
 
-def build_mqwen(shapes, tokenizer, device="cpu", dtype=torch.float32, seed=0):
+def build_mqwen(
+    shapes: "Shapes",
+    tokenizer: "PreTrainedTokenizerBase",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> MQwenForCausalLM:
     """A random MQwen built directly on `device` in `dtype` (a 7B model never exists in fp32 on the host)."""
     torch.manual_seed(seed)
     with torch.device(device), _default_dtype(dtype):
@@ -86,7 +107,7 @@ def build_mqwen(shapes, tokenizer, device="cpu", dtype=torch.float32, seed=0):
     return model.eval()
 
 
-def build_pooled(mqwen, shapes, tokenizer):
+def build_pooled(mqwen: MQwenForCausalLM, shapes: "Shapes", tokenizer: "PreTrainedTokenizerBase") -> MQwenForCausalLM:
     """MQwen with `image_token_pooling=2`, sharing every module (and so every weight) with `mqwen`."""
     with torch.device("meta"):
         pooled = MQwenForCausalLM(mqwen_config(shapes, tokenizer, pooling=2))
@@ -98,7 +119,7 @@ def build_pooled(mqwen, shapes, tokenizer):
     return pooled.eval()
 
 
-def clip_vision_config(vision: MQwenVisionConfig):
+def clip_vision_config(vision: MQwenVisionConfig) -> "CLIPVisionConfig":
     """transformers' CLIPVisionConfig with exactly the shapes of an MQwen (OpenCLIP) vision config."""
     from transformers import CLIPVisionConfig
 
@@ -115,7 +136,7 @@ def clip_vision_config(vision: MQwenVisionConfig):
     )
 
 
-def openclip_to_clip_state_dict(state_dict):
+def openclip_to_clip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """MQwen/OpenCLIP vision weights under transformers' CLIP names (the `vision_model.` level omitted)."""
     out = {
         "embeddings.class_embedding": state_dict["class_embedding"],
@@ -144,7 +165,9 @@ def openclip_to_clip_state_dict(state_dict):
     return out
 
 
-def build_llava(mqwen, shapes, tokenizer):
+def build_llava(
+    mqwen: MQwenForCausalLM, shapes: "Shapes", tokenizer: "PreTrainedTokenizerBase"
+) -> "LlavaForConditionalGeneration":
     """transformers' LLaVA at MQwen's shapes, computing exactly what `mqwen` computes.
 
     Built on the meta device, then given real parts: a CLIP ViT holding MQwen's vision weights, a LLaVA
@@ -186,7 +209,7 @@ def build_llava(mqwen, shapes, tokenizer):
     return llava.eval()
 
 
-def build_llava_processor(mqwen_processor):
+def build_llava_processor(mqwen_processor: "MQwenProcessor") -> "LlavaProcessor":
     """LLaVA's processor over the same image processor and tokenizer (256 tokens per `<image>`)."""
     from transformers import LlavaProcessor
 
@@ -209,7 +232,9 @@ def _check_materialised(model, name):
         raise RuntimeError(f"{name} still has meta tensors after wiring: {left[:5]}")
 
 
-def build_all(shapes, device="cpu", dtype=torch.float32, seed=0) -> Contenders:
+def build_all(
+    shapes: "Shapes", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+) -> Contenders:
     tokenizer = make_tokenizer()
     mqwen = build_mqwen(shapes, tokenizer, device=device, dtype=dtype, seed=seed)
     processor = build_processor(tokenizer, mqwen.config.vision_config, mqwen.config.image_seq_length)
@@ -228,7 +253,7 @@ def build_all(shapes, device="cpu", dtype=torch.float32, seed=0) -> Contenders:
 
 
 @torch.no_grad()
-def check_same_logits(contenders: Contenders, images, atol=1e-4):
+def check_same_logits(contenders: Contenders, images: list["Image.Image"], atol: float = 1e-4) -> float:
     """MQwen and the LLaVA contender must tokenize alike and compute the same logits; raises otherwise.
 
     This is what makes the LLaVA ratios fair: same shapes, same weights, same image-token count.

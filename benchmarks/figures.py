@@ -3,6 +3,11 @@
 Each figure function runs its contenders interleaved (`timing.interleave`) and returns table rows.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -10,8 +15,14 @@ from .contenders import greedy_config
 from .report import Row
 from .timing import Stats, StepClock, interleave, now, synchronize, unit
 
+if TYPE_CHECKING:
+    from PIL import Image
 
-def random_photos(n, size, seed=0):
+    from .contenders import Contenders
+    from .shapes import Shapes
+
+
+def random_photos(n: int, size: tuple[int, int], seed: int = 0) -> list[Image.Image]:
     """`n` deterministic random RGB photos of (height, width) `size`, as PIL images."""
     from PIL import Image
 
@@ -45,7 +56,9 @@ def _generate(model, inputs, generation_config, device):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def decode_figure(c, shapes, device, dtype, reps, warmup):
+def decode_figure(
+    c: Contenders, shapes: Shapes, device: str | torch.device, dtype: torch.dtype, reps: int, warmup: int
+) -> list[Row]:
     """MQwen's decode tokens/s (batch 1) ÷ the bare LM's, fed the same context length (image tokens included)."""
     photo = random_photos(1, shapes.image_size_in, seed=1)
     prompt = c.mqwen_processor.caption_prompt()
@@ -104,7 +117,9 @@ def _caption_run(model, processor, photos, prompts, config, device, dtype):
     return once
 
 
-def caption_figure(c, shapes, device, dtype, reps, warmup, batch):
+def caption_figure(
+    c: Contenders, shapes: Shapes, device: str | torch.device, dtype: torch.dtype, reps: int, warmup: int, batch: int
+) -> list[Row]:
     """Caption latency (preprocess + prefill + N new tokens) of MQwen and LLaVA-HF; at batch 1 also MQwen
     with `image_token_pooling=2`, whose prefill is compared with LLaVA's."""
     photos = random_photos(batch, shapes.image_size_in, seed=2)
@@ -167,7 +182,9 @@ def caption_figure(c, shapes, device, dtype, reps, warmup, batch):
     return rows
 
 
-def vision_row(c, photos, device, dtype, reps, warmup):
+def vision_row(
+    c: Contenders, photos: list[Image.Image], device: str | torch.device, dtype: torch.dtype, reps: int, warmup: int
+) -> Row:
     """The image encoders alone (ViT + projector), the only part where MQwen and LLaVA do different work:
     MQwen stops at `vision_feature_layer`, LLaVA runs every block and picks that layer's hidden state."""
     pixel_values = _to(c.mqwen_processor.image_processor(photos, return_tensors="pt"), device, dtype)["pixel_values"]
@@ -217,7 +234,9 @@ STAGES = {
 }
 
 
-def training_batch(c, shapes, device, dtype):
+def training_batch(
+    c: Contenders, shapes: Shapes, device: str | torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """Right-padded caption samples with labels: -100 on padding, the prompt and the image tokens."""
     photos = random_photos(shapes.train_batch, shapes.image_size_in, seed=3)
     words = "a photo of a cat sitting on a wooden table next to a cup of coffee while waves roll in".split()
@@ -246,7 +265,7 @@ def _trainable(model, stage):
     return params
 
 
-def make_optimizer(params, kind):
+def make_optimizer(params: Iterable[torch.nn.Parameter], kind: str) -> torch.optim.Optimizer:
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=1e-6)
     if kind == "sgd":
@@ -254,7 +273,15 @@ def make_optimizer(params, kind):
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {kind!r}")
 
 
-def train_figure(c, shapes, device, dtype, reps, warmup, optimizer="adamw"):
+def train_figure(
+    c: Contenders,
+    shapes: Shapes,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    reps: int,
+    warmup: int,
+    optimizer: str = "adamw",
+) -> list[Row]:
     """Samples/s of one optimizer step (forward, backward, update) for MQwen and LLaVA-HF, per stage.
 
     MQwen runs twice: as train/'s CaptionTrainer calls it (`logits_to_keep=scored_positions(labels)`, the LM
@@ -319,7 +346,7 @@ def _train_run(model, batch, optimizer, device):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def measured_bandwidth(device, nbytes=1 << 30, reps=10) -> float:
+def measured_bandwidth(device: str | torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
     """Device memory bandwidth in bytes/s from a large on-device copy (bytes read + bytes written)."""
     src = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
     dst = torch.empty_like(src)
@@ -332,7 +359,7 @@ def measured_bandwidth(device, nbytes=1 << 30, reps=10) -> float:
     return 2 * src.numel() * src.element_size() * reps / (now() - start)
 
 
-def decode_bytes_per_token(lm, context: int) -> int:
+def decode_bytes_per_token(lm: torch.nn.Module, context: int) -> int:
     """Bytes one batch-1 decode step must read: every weight but the input embedding table (one row is
     read), plus the KV cache of `context` positions."""
     embedding = lm.get_input_embeddings().weight
@@ -344,7 +371,9 @@ def decode_bytes_per_token(lm, context: int) -> int:
     return weights + kv
 
 
-def bandwidth_figure(c, shapes, device, dtype, reps, warmup):
+def bandwidth_figure(
+    c: Contenders, shapes: Shapes, device: str | torch.device, dtype: torch.dtype, reps: int, warmup: int
+) -> list[Row]:
     """MQwen's batch-1 decode tokens/s ÷ (bandwidth ÷ bytes per token), against the measured copy bandwidth."""
     photo = random_photos(1, shapes.image_size_in, seed=4)
     inputs = _to(c.mqwen_processor(images=photo, text=[c.mqwen_processor.caption_prompt()]), device, dtype)

@@ -18,12 +18,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
 
-def llama_cpp_command(python, lm, mmproj, prompt_file, out, images, max_new_tokens, threads=None) -> list:
+def llama_cpp_command(
+    python: str,
+    lm: str | os.PathLike,
+    mmproj: str | os.PathLike,
+    prompt_file: str | os.PathLike,
+    out: str | os.PathLike,
+    images: Iterable[str | os.PathLike],
+    max_new_tokens: int,
+    threads: int | None = None,
+) -> list[str]:
     """The command that captions `images` with llama.cpp: `llama_cpp_caption.py` run by `python`, the interpreter
     of the environment llama-cpp-python is built in; it writes its captions and timings to `out` (JSON)."""
     command = [python, str(HERE / "llama_cpp_caption.py"), "--model", str(lm), "--mmproj", str(mmproj)]
@@ -33,7 +43,9 @@ def llama_cpp_command(python, lm, mmproj, prompt_file, out, images, max_new_toke
     return command + [str(image) for image in images]
 
 
-def mqwen_latencies(model_dir, images, threads, max_new_tokens):
+def mqwen_latencies(
+    model_dir: str | os.PathLike, images: Iterable[str | os.PathLike], threads: int, max_new_tokens: int
+) -> tuple[dict, str]:
     import torch
     from PIL import Image
 
@@ -51,7 +63,7 @@ def mqwen_latencies(model_dir, images, threads, max_new_tokens):
     return {"captions": captions, "seconds_per_image": seconds}, processor.caption_prompt()
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mqwen.benchmarks.gguf",
         description=__doc__,

@@ -9,6 +9,7 @@ decode step, an image prefill and a training step with labels.
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -18,7 +19,7 @@ EXAMPLES = """examples:
 """
 
 
-def timed(fn, repeats):
+def timed(fn: Callable[[], object], repeats: int) -> float:
     """Median CPU seconds of `fn()` over `repeats` calls (after a few warm-up calls). CPU time, on one thread:
     what the work costs, whatever else a shared machine runs."""
     for _ in range(5):
@@ -31,7 +32,7 @@ def timed(fn, repeats):
     return statistics.median(samples)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m mqwen.benchmarks.input_checks",
         description=__doc__.split("\n")[0],

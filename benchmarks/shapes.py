@@ -37,7 +37,7 @@ class Shapes:
     memory_context: bool = True  # figure 4 also loads the bare LM, to show transformers' own overhead
     extra: dict = field(default_factory=dict)
 
-    def with_(self, **changes):
+    def with_(self, **changes) -> "Shapes":
         return replace(self, **changes)
 
 

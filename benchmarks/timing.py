@@ -40,7 +40,7 @@ def unit() -> str:
     return "s" if _clock["name"] == "wall" else "CPU-s"
 
 
-def synchronize(device) -> None:
+def synchronize(device: str | torch.device) -> None:
     """Wait for queued device work, so a timestamp means the work is done (a no-op on CPU)."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -58,10 +58,10 @@ class StepClock(BaseStreamer):
     def __init__(self):
         self.stamps = []
 
-    def put(self, value):
+    def put(self, value: torch.Tensor) -> None:
         self.stamps.append(now())
 
-    def end(self):
+    def end(self) -> None:
         pass
 
     def decode_seconds_per_step(self) -> float:
@@ -75,15 +75,15 @@ class Stats:
     samples: list
 
     @property
-    def min(self):
+    def min(self) -> float:
         return min(self.samples)
 
     @property
-    def median(self):
+    def median(self) -> float:
         return statistics.median(self.samples)
 
     @property
-    def max(self):
+    def max(self) -> float:
         return max(self.samples)
 
 

@@ -5,14 +5,23 @@ Licenses are read from the sources' own model cards, never assumed; one the buil
 as unknown so that the publisher fills it in.
 """
 
+from __future__ import annotations
+
+import os
 import re
+from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCard, ModelCardData
+
+if TYPE_CHECKING:
+    from mqwen import MQwenConfig
+
+    from .vision import VisionWeights
 
 LICENSE_FIELDS = ("license", "license_name", "license_link")
 
 
-def read_card_license(readme):
+def read_card_license(readme: str | os.PathLike) -> dict[str, str]:
     """The license fields of a model card file, or {} when there is no card or no license in it."""
     from pathlib import Path
 
@@ -25,7 +34,7 @@ def read_card_license(readme):
     return {key: data[key] for key in LICENSE_FIELDS if data.get(key)}
 
 
-def fetch_hub_license(repo_id):
+def fetch_hub_license(repo_id: str) -> dict[str, str]:
     """The license fields of a Hub repo's model card; {} when offline or absent."""
     from huggingface_hub import hf_hub_download
 
@@ -55,8 +64,18 @@ def _combined_license(licenses):
 
 
 def write_model_card(
-    path, *, llm_name, llm_id, llm_license, vision, config, dtype, projector_source, command, repo_id=None
-):
+    path: str | os.PathLike,
+    *,
+    llm_name: str,
+    llm_id: str | None,
+    llm_license: dict[str, str],
+    vision: VisionWeights,
+    config: MQwenConfig,
+    dtype: str,
+    projector_source: str | os.PathLike | None,
+    command: str,
+    repo_id: str | None = None,
+) -> ModelCard:
     """Write README.md for a build. `vision` is a `VisionWeights`; `config` the MQwenConfig written."""
     base_models = [model for model in (llm_id, vision.base_model) if model]
     data = ModelCardData(

@@ -14,7 +14,13 @@ A template that still cannot render an image part (it raises, or drops the text)
 ChatML, with a warning that says what changes; so is a missing one.
 """
 
+from __future__ import annotations
+
 import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +63,7 @@ def with_image_parts(template: str) -> str:
     return FLATTEN_IMAGE_PARTS + template
 
 
-def image_aware_chat_template(tokenizer, fallback: str):
+def image_aware_chat_template(tokenizer: PreTrainedTokenizerBase, fallback: str) -> str | dict[str, str]:
     """The chat template for the built folder (a string, or a dict of named templates if the LLM has several).
 
     The LLM's own template(s) wrapped by `with_image_parts`, checked on a text and an image conversation;

@@ -6,7 +6,9 @@ allowed them.
 """
 
 import json
+import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import ConvertError
@@ -21,18 +23,24 @@ META_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "README.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def is_pickle(path) -> bool:
+def is_pickle(path: str | os.PathLike) -> bool:
     return Path(path).suffix in PICKLE_SUFFIXES
 
 
-def pickle_refused(path, what) -> ConvertError:
+def pickle_refused(path: str | os.PathLike, what: str) -> ConvertError:
     return ConvertError(
         f"{what} weights {path} are a pickle file. Pickle can run code when loaded, so it is read only when you "
         "pass --allow-pickle (and then with torch.load(weights_only=True)). Prefer a safetensors copy if there is one."
     )
 
 
-def select_weight_files(names, read_index, allow_pickle, where, what):
+def select_weight_files(
+    names: Iterable[str],
+    read_index: Callable[[str], dict],
+    allow_pickle: bool,
+    where: str | os.PathLike,
+    what: str,
+) -> list[str]:
     """The weight files (relative names) of a transformers checkpoint, given the names of its top-level files."""
     names = set(names)
     for index_name, single in ((SAFE_INDEX, SAFE_SINGLE), (PICKLE_INDEX, PICKLE_SINGLE)):
@@ -51,7 +59,7 @@ def select_weight_files(names, read_index, allow_pickle, where, what):
     )
 
 
-def find_local_weights(folder, allow_pickle, what):
+def find_local_weights(folder: str | os.PathLike, allow_pickle: bool, what: str) -> list[Path]:
     folder = Path(folder)
     names = [path.name for path in folder.iterdir() if path.is_file()]
 
@@ -65,7 +73,7 @@ def find_local_weights(folder, allow_pickle, what):
     return files
 
 
-def fetch_repo(repo_id, allow_pickle, what, revision=None):
+def fetch_repo(repo_id: str, allow_pickle: bool, what: str, revision: str | None = None) -> Path:
     """Download the configs, tokenizer files and chosen weights of a Hub repo; returns the snapshot folder."""
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
@@ -86,7 +94,7 @@ def fetch_repo(repo_id, allow_pickle, what, revision=None):
         ) from error
 
 
-def hub_id_from_path(folder):
+def hub_id_from_path(folder: str | os.PathLike) -> str | None:
     """`Org/Name` for a folder inside the Hub cache (`.../models--Org--Name/snapshots/<sha>`), else None."""
     for part in Path(folder).resolve().parts:
         if part.startswith("models--"):

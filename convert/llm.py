@@ -5,7 +5,9 @@ against an MQwen model built on the meta device, so a name or shape that would n
 anything is written.
 """
 
+import os
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import torch
 
 from .errors import ConvertError
 from .hub import HUB_ID, fetch_repo, find_local_weights, hub_id_from_path
-from .shards import TensorPlan
+from .shards import PickleFile, SafetensorsFile, TensorPlan
 
 LM_PREFIX = "language_model."
 
@@ -25,11 +27,11 @@ class LLMSource:
     hub_id: str = None
 
     @property
-    def name(self):
+    def name(self) -> str:
         return self.hub_id or self.folder.name
 
 
-def resolve_llm(spec, allow_pickle=False) -> LLMSource:
+def resolve_llm(spec: str | os.PathLike, allow_pickle: bool = False) -> LLMSource:
     """A local folder or Hub id of a transformers causal LM, with its weight files."""
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -44,7 +46,7 @@ def resolve_llm(spec, allow_pickle=False) -> LLMSource:
     raise ConvertError(f"LLM {spec!r} is neither an existing folder nor a Hub id like Qwen/Qwen2.5-7B-Instruct.")
 
 
-def padding_multiple(rows):
+def padding_multiple(rows: int) -> int:
     """The vocabulary padding the LM uses: the largest power of two (<= 128) that divides its row count."""
     multiple = 128
     while rows % multiple:
@@ -68,7 +70,7 @@ class Vocabulary:
         multiple = padding_multiple(self.source_rows)
         return -(-(self.image_token_id + 1) // multiple) * multiple
 
-    def grow(self, load):
+    def grow(self, load: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         """Wrap a loader so that new rows equal the mean of the rows of the tokens the tokenizer had."""
         rows, mean_over = self.rows, min(self.source_tokens, self.source_rows)
 
@@ -80,7 +82,7 @@ class Vocabulary:
         return grown
 
 
-def meta_state(model):
+def meta_state(model: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """name -> shape of everything the model saves, and the tied aliases (e.g. a tied lm_head) it does not."""
     aliases, seen = set(), set()
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -94,7 +96,9 @@ def _name_of(module, tensor):
     return next(name for name, param in module.named_parameters(remove_duplicate=False) if param is tensor)
 
 
-def plan_language_model(readers, model, vocabulary, dtype):
+def plan_language_model(
+    readers: Iterable[SafetensorsFile | PickleFile], model: torch.nn.Module, vocabulary: Vocabulary, dtype: torch.dtype
+) -> list[TensorPlan]:
     """TensorPlans for every LM tensor of the source, named and shaped as `model` (on meta) expects."""
     expected, aliases = meta_state(model)
     lm = model.language_model

@@ -5,7 +5,12 @@ transformers' LLaVA (same names) or from the original LLaVA code (`model.mm_proj
 index 0 is the first Linear and 2 the second). Names are normalised to MQwen's `linear_1`/`linear_2`.
 """
 
+from __future__ import annotations
+
+import os
 import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,12 +18,15 @@ from .errors import ConvertError
 from .hub import is_pickle, pickle_refused
 from .shards import open_weights
 
+if TYPE_CHECKING:
+    from mqwen.modeling_mqwen import MQwenPreTrainedModel
+
 PROJECTOR_PREFIX = "multi_modal_projector."
 _PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.", "model.mm_projector.", "mm_projector.")
 _LLAVA_INDEX = {"0": "linear_1", "2": "linear_2"}
 
 
-def read_projector(path, allow_pickle=False):
+def read_projector(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The projector tensors of `path`, named `linear_1.weight`, `linear_1.bias`, `linear_2.weight`, ..."""
     from pathlib import Path
 
@@ -45,11 +53,17 @@ def read_projector(path, allow_pickle=False):
     return state
 
 
-def projector_type_of(state):
+def projector_type_of(state: Mapping[str, torch.Tensor]) -> str:
     return "mlp2x_gelu" if any(name.startswith("linear_2.") for name in state) else "linear"
 
 
-def check_projector(state, expected, path, vision_width, hidden_size):
+def check_projector(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    path: str | os.PathLike,
+    vision_width: int,
+    hidden_size: int,
+) -> None:
     """Raise a clear error unless `state` has exactly the names and shapes of `expected` (name -> shape)."""
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -66,7 +80,7 @@ def check_projector(state, expected, path, vision_width, hidden_size):
             )
 
 
-def fresh_projector(model, seed):
+def fresh_projector(model: MQwenPreTrainedModel, seed: int) -> dict[str, torch.Tensor]:
     """A newly initialised projector, with the model's own `_init_weights` (what from_pretrained would do)."""
     from mqwen.modeling_mqwen import MQwenMultiModalProjector
 

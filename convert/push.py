@@ -8,10 +8,14 @@ the Hub, so after a network failure the same command simply runs again; the loca
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..modeling_mqwen import publish_folder
 from .errors import ConvertError
 from .hub import SAFE_INDEX, SAFE_SINGLE
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 
 def check_publishable(folder: str | Path) -> None:
@@ -32,7 +36,7 @@ def push(
     private: bool = False,
     revision: str | None = None,
     commit_message: str | None = None,
-    api=None,
+    api: HfApi | None = None,
 ) -> str:
     """Check `folder` is a build, then publish it in one commit (`modeling_mqwen.publish_folder`, the function
     behind `push_to_hub(processor=)` too); returns the commit URL."""

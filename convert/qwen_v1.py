@@ -25,11 +25,21 @@ Features that change outputs at every length (partial rotary, scaled positions, 
 quantised KV cache, heads whose width is not hidden_size / heads) are refused with an error naming the field.
 """
 
+from __future__ import annotations
+
 import json
+import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConvertError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen2Config
+
+    from .shards import PickleFile, SafetensorsFile
 
 QWEN_V1_MODEL_TYPE = "qwen"
 
@@ -58,7 +68,7 @@ _TOP_LEVEL = {
 }
 
 
-def read_qwen_v1_config(folder):
+def read_qwen_v1_config(folder: str | os.PathLike) -> dict | None:
     """config.json of `folder` as a dict if it is a Qwen v1 checkpoint, else None."""
     config_file = Path(folder) / "config.json"
     try:
@@ -71,7 +81,7 @@ def read_qwen_v1_config(folder):
 class QwenV1:
     """A Qwen v1 checkpoint folder: its config checked for what maps exactly, and what the build needs from it."""
 
-    def __init__(self, folder, config):
+    def __init__(self, folder: str | os.PathLike, config: dict):
         self.folder = Path(folder)
         self.config = dict(config)
         for name, first_release_name in _FIRST_RELEASE_NAMES.items():
@@ -82,7 +92,7 @@ class QwenV1:
         self._check()
 
     @classmethod
-    def detect(cls, folder):
+    def detect(cls, folder: str | os.PathLike) -> QwenV1 | None:
         """A `QwenV1` for a v1 folder (raising ConvertError if it cannot convert exactly), else None."""
         config = read_qwen_v1_config(folder)
         return None if config is None else cls(folder, config)
@@ -141,7 +151,7 @@ class QwenV1:
                 + "."
             )
 
-    def text_config(self):
+    def text_config(self) -> Qwen2Config:
         """The Qwen2Config whose model computes what v1's code computes (within `seq_length` tokens)."""
         from transformers import Qwen2Config
 
@@ -166,7 +176,7 @@ class QwenV1:
 
     # --- what the build asks for -----------------------------------------------------------------------
 
-    def text_side(self):
+    def text_side(self) -> tuple[Qwen2Config, PreTrainedTokenizerBase]:
         """(Qwen2Config, tokenizer): the build's `_load_text_side` for a v1 folder."""
         from .qwen_v1_tokenizer import convert_qwen_v1_tokenizer
 
@@ -177,11 +187,11 @@ class QwenV1:
         text_config.pad_token_id = tokenizer.pad_token_id
         return text_config, tokenizer
 
-    def wrap_readers(self, readers):
+    def wrap_readers(self, readers: list[SafetensorsFile | PickleFile]) -> list[QwenV1Reader]:
         """The weight readers, presenting v1 tensors under Qwen2ForCausalLM's names (split lazily)."""
         return [QwenV1Reader(reader, self.config["hidden_size"]) for reader in readers]
 
-    def generation_config(self, tokenizer):
+    def generation_config(self, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
         """v1's sampling defaults, stopping where v1's chat stops: `<|im_end|>`, `<|im_start|>`, `<|endoftext|>`.
 
         v1's `chat()` adds `<|im_end|>` and `<|im_start|>` as stop words to the `<|endoftext|>` of its
@@ -204,7 +214,7 @@ class QwenV1:
         kept.setdefault("do_sample", False)
         return GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, **kept)
 
-    def card_section(self):
+    def card_section(self) -> str:
         """Model-card text stating where the converted model's outputs equal v1's."""
         changes = [name for name in ("use_logn_attn", "use_dynamic_ntk") if self._get(name, False)]
         beyond = (
@@ -224,11 +234,11 @@ original model's.**
 {beyond}
 """
 
-    def add_card_section(self, readme):
+    def add_card_section(self, readme: str | os.PathLike) -> None:
         readme = Path(readme)
         readme.write_text(readme.read_text().rstrip("\n") + "\n" + self.card_section())
 
-    def notice(self):
+    def notice(self) -> str:
         return (
             f"Qwen v1 checkpoint: converting to Qwen2 (outputs equal v1's up to {self.seq_length} tokens; "
             "see the model card)"
@@ -243,7 +253,7 @@ class QwenV1Reader:
     its v1 name, so the build's name check reports it instead of dropping it.
     """
 
-    def __init__(self, reader, hidden_size):
+    def __init__(self, reader: SafetensorsFile | PickleFile, hidden_size: int):
         self.reader = reader
         self.hidden_size = hidden_size
         self._sources = {}  # Qwen2 name -> (v1 name, slice index or None)
@@ -268,10 +278,10 @@ class QwenV1Reader:
                 return [(f"{prefix}self_attn.{p}_proj.{kind}", index) for index, p in enumerate("qkv")]
         return [(key, None)]
 
-    def keys(self):
+    def keys(self) -> list[str]:
         return list(self._sources)
 
-    def info(self, key):
+    def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         source, part = self._sources[key]
         dtype, shape = self.reader.info(source)
         if part is None:
@@ -283,12 +293,12 @@ class QwenV1Reader:
             )
         return dtype, (self.hidden_size, *shape[1:])
 
-    def get(self, key):
+    def get(self, key: str) -> torch.Tensor:
         source, part = self._sources[key]
         tensor = self.reader.get(source)
         if part is None:
             return tensor
         return tensor[part * self.hidden_size : (part + 1) * self.hidden_size]
 
-    def close(self):
+    def close(self) -> None:
         self.reader.close()

@@ -7,12 +7,19 @@ transformers' `TikTokenConverter` turns the ranks into a BPE vocabulary with mer
 tokens in v1's order; with v1's NFC normaliser added, every id equals v1's. Requires the `tiktoken` package.
 """
 
+from __future__ import annotations
+
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConvertError
 from .tokenizer import QWEN_PRETOKENIZE_REGEX
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
 
 TIKTOKEN_FILE = "qwen.tiktoken"
 QWEN_V1_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
@@ -33,7 +40,7 @@ def _no_tiktoken_cache():
             os.environ["TIKTOKEN_CACHE_DIR"] = previous
 
 
-def qwen_v1_backend_tokenizer(tiktoken_file):
+def qwen_v1_backend_tokenizer(tiktoken_file: str | os.PathLike) -> Tokenizer:
     """A `tokenizers.Tokenizer` that encodes exactly as v1's tiktoken encoding over `tiktoken_file`."""
     from tokenizers import normalizers
     from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -64,7 +71,7 @@ def qwen_v1_backend_tokenizer(tiktoken_file):
     return tokenizer
 
 
-def convert_qwen_v1_tokenizer(folder):
+def convert_qwen_v1_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerFast:
     """The transformers tokenizer (Qwen2's class, MQwen's chat template, `<image>` added) of a v1 folder."""
     from mqwen.processing_mqwen import CHAT_TEMPLATE
 

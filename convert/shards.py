@@ -11,10 +11,12 @@ The files are ordinary safetensors; the tests read them back with `safetensors.s
 """
 
 import json
+import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,7 +69,7 @@ class TensorPlan:
 class SafetensorsFile:
     """Lazy access to one safetensors file: metadata from the header, tensors on demand."""
 
-    def __init__(self, path):
+    def __init__(self, path: str | os.PathLike):
         from safetensors import safe_open
 
         self.path = Path(path)
@@ -80,20 +82,20 @@ class SafetensorsFile:
         except Exception as error:  # a truncated download or a file that is not safetensors
             raise ConvertError(f"Could not read {self.path} as safetensors: {error}") from error
 
-    def keys(self):
+    def keys(self) -> list[str]:
         return list(self._info)
 
-    def info(self, key):
+    def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """(dtype, shape) without reading the data."""
         return self._info[key]
 
-    def get(self, key) -> torch.Tensor:
+    def get(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
         with safe_open(self.path, framework="pt") as handle:
             return handle.get_tensor(key)
 
-    def close(self):
+    def close(self) -> None:
         pass
 
 
@@ -104,7 +106,7 @@ class PickleFile:
     keeps only that tensor resident; legacy files cannot be mapped and are held in memory until `close`.
     """
 
-    def __init__(self, path):
+    def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._cached = None
         self._info = {key: (value.dtype, tuple(value.shape)) for key, value in self._load().items()}
@@ -127,20 +129,20 @@ class PickleFile:
             self._cached = state
         return state
 
-    def keys(self):
+    def keys(self) -> list[str]:
         return list(self._info)
 
-    def info(self, key):
+    def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         return self._info[key]
 
-    def get(self, key) -> torch.Tensor:
+    def get(self, key: str) -> torch.Tensor:
         return self._load()[key]
 
-    def close(self):
+    def close(self) -> None:
         self._cached = None
 
 
-def open_weights(path):
+def open_weights(path: str | os.PathLike) -> SafetensorsFile | PickleFile:
     """A reader for a safetensors or (already allowed) pickle weight file."""
     path = Path(path)
     return SafetensorsFile(path) if path.suffix == ".safetensors" else PickleFile(path)
@@ -151,7 +153,7 @@ def open_weights(path):
 # ------------------------------------------------------------------------------------------------------
 
 
-def parse_size(text) -> int:
+def parse_size(text: str | int) -> int:
     """'5GB' / '500MB' / '2GiB' / 123 -> bytes."""
     if isinstance(text, int):
         return text
@@ -165,7 +167,7 @@ def parse_size(text) -> int:
         raise ConvertError(f"Cannot read {text!r} as a size: use e.g. 5GB, 500MB or a number of bytes") from None
 
 
-def plan_shards(entries, max_bytes):
+def plan_shards(entries: Iterable[TensorPlan], max_bytes: int) -> list[list[TensorPlan]]:
     """Split tensors, in order, into shards of at most `max_bytes` (a larger tensor gets a shard alone)."""
     shards, current, size = [], [], 0
     for entry in entries:
@@ -194,7 +196,12 @@ def _header(entries, metadata):
     return struct.pack("<Q", len(encoded)) + encoded
 
 
-def write_safetensors(path, entries, progress=None, metadata=(("format", "pt"),)):
+def write_safetensors(
+    path: str | os.PathLike,
+    entries: Iterable[TensorPlan],
+    progress: Any = None,
+    metadata: Iterable[tuple[str, str]] | dict[str, str] = (("format", "pt"),),
+) -> None:
     """Write `entries` to one safetensors file, producing and freeing one tensor at a time."""
     # Larger element types first, so that every tensor's offset is a multiple of its element size.
     entries = sorted(entries, key=lambda entry: -entry.dtype.itemsize)
@@ -215,7 +222,9 @@ def write_safetensors(path, entries, progress=None, metadata=(("format", "pt"),)
             del tensor, flat
 
 
-def write_sharded(out_dir, entries, max_bytes, progress=None):
+def write_sharded(
+    out_dir: str | os.PathLike, entries: Iterable[TensorPlan], max_bytes: int, progress: Any = None
+) -> list[str]:
     """Write `entries` as `model.safetensors`, or as numbered shards plus `model.safetensors.index.json`.
 
     Returns the list of files written (names relative to `out_dir`).

@@ -5,8 +5,16 @@ loads as `Qwen2Tokenizer` on every transformers version, but a vocabulary of a f
 from the text it is given. Nothing is downloaded.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
 from tokenizers.models import BPE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 QWEN_PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -27,7 +35,7 @@ DEFAULT_CORPUS = [
 ]
 
 
-def train_qwen_style_tokenizer(texts=DEFAULT_CORPUS, vocab_size=400):
+def train_qwen_style_tokenizer(texts: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 400) -> Tokenizer:
     """Train a byte-level BPE with Qwen2's normalizer, pre-tokenizer, decoder and special tokens."""
     tokenizer = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
@@ -48,7 +56,7 @@ def train_qwen_style_tokenizer(texts=DEFAULT_CORPUS, vocab_size=400):
     return tokenizer
 
 
-def wrap_as_transformers_tokenizer(tokenizer, chat_template=None):
+def wrap_as_transformers_tokenizer(tokenizer: Tokenizer, chat_template: str | None = None) -> PreTrainedTokenizerFast:
     """A `Qwen2Tokenizer` (as AutoTokenizer loads it) with Qwen2.5-Instruct's special-token roles and `<image>`.
 
     Saved once and reloaded so that the object, and every folder it is saved to, is the real Qwen2 class.
@@ -82,7 +90,7 @@ def wrap_as_transformers_tokenizer(tokenizer, chat_template=None):
 LOAD_TIME_KWARGS = ("is_local", "local_files_only", "name_or_path", "_commit_hash")
 
 
-def forget_load_location(tokenizer):
+def forget_load_location(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Drop what transformers 5 records about where a tokenizer was loaded from (`is_local`,
     `local_files_only`, the temporary path), so a published tokenizer_config.json does not carry it."""
     for key in LOAD_TIME_KWARGS:
@@ -90,7 +98,7 @@ def forget_load_location(tokenizer):
     return tokenizer
 
 
-def add_image_token(tokenizer) -> int:
+def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """Add `<image>` as a special token (once) and return its id."""
     from transformers import AddedToken
 
@@ -105,14 +113,14 @@ def add_image_token(tokenizer) -> int:
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
 
 
-def stop_token_ids(tokenizer) -> list:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokenizer's eos id, then the id of every `END_TOKENS` entry it has, without repeats."""
     vocab = tokenizer.get_vocab()
     ids = [tokenizer.eos_token_id] + [vocab[token] for token in END_TOKENS if token in vocab]
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-def ensure_pad_token(tokenizer, pad_token_id=None):
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, pad_token_id: int | None = None) -> PreTrainedTokenizerBase:
     """Give a tokenizer without a pad token one (batches need one; padding is masked out): `pad_token_id`, the
     LLM config's, if given, else the eos token."""
     if tokenizer.pad_token is None and pad_token_id is not None:

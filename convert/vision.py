@@ -23,7 +23,9 @@ tag (`quick_gelu=True`) or in the model name (`-quickgelu`); transformers record
 import difflib
 import json
 import logging
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,7 +80,7 @@ _HF_CLIP_IGNORED = re.compile(r"embeddings\.position_ids")
 _HF_VISION_MODEL_PREFIX = "vision_model."
 
 
-def hf_clip_to_openclip(tensors):
+def hf_clip_to_openclip(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename (and fuse q/k/v, transpose the projection of) transformers CLIP vision weights to OpenCLIP's layout.
 
     `tensors` maps transformers names (with or without `vision_model.`) to tensors; text-tower entries are
@@ -119,7 +121,7 @@ def hf_clip_to_openclip(tensors):
 # ------------------------------------------------------------------------------------------------------
 
 
-def load_vision(spec, allow_pickle=False) -> VisionWeights:
+def load_vision(spec: str | os.PathLike, allow_pickle: bool = False) -> VisionWeights:
     """Read any supported vision source (see the module docstring) into OpenCLIP layout, checked against MQwen."""
     spec = str(spec)
     path = Path(spec).expanduser()
@@ -151,7 +153,7 @@ def load_vision(spec, allow_pickle=False) -> VisionWeights:
     return weights
 
 
-def check_vision_weights(weights: VisionWeights):
+def check_vision_weights(weights: VisionWeights) -> None:
     """The state dict must be exactly what MQwen's vision tower, built from the derived config, holds."""
     from mqwen import MQwenVisionConfig
     from mqwen.modeling_mqwen import MQwenVisionTransformer

@@ -22,7 +22,7 @@ outputs (in --out):
 DEFAULTS = DemoSettings()
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> DemoSettings:
     parser = argparse.ArgumentParser(
         prog="mqwen-demo",
         description="Train a small MQwen to caption synthetic shapes on CPU, save it in the Hub format, reload it "
@@ -94,7 +94,7 @@ def parse_args(argv=None):
     return DemoSettings(**settings)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     run(parse_args(argv))
     return 0
 

@@ -4,10 +4,16 @@ matplotlib runs with the non-interactive Agg backend, so the figures are written
 display. Files are written to a temporary name and renamed, so a PNG on disk is always complete.
 """
 
+import os
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..convert.staging import staged_file
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def _pyplot():
@@ -25,7 +31,14 @@ def _save(fig, path):
     return Path(path)
 
 
-def caption_grid(images, predicted, truth, path, columns=4, title=None):
+def caption_grid(
+    images: Sequence["Image.Image"],
+    predicted: Sequence[str],
+    truth: Sequence[str],
+    path: str | os.PathLike,
+    columns: int = 4,
+    title: str | None = None,
+) -> Path:
     """A grid of images, each titled with its predicted caption (green if exact, red if not) and the truth."""
     plt = _pyplot()
     n = len(images)
@@ -67,7 +80,9 @@ def caption_grid(images, predicted, truth, path, columns=4, title=None):
         plt.close(fig)
 
 
-def loss_curve(log_history, path, title="training loss", plateau=None):
+def loss_curve(
+    log_history: Sequence[dict], path: str | os.PathLike, title: str = "training loss", plateau: int | None = None
+) -> Path:
     """The Trainer's logged training loss against the step (from `trainer.state.log_history`).
 
     Steps of train/'s vision warm-up (logged with `vision_warmup`) are drawn apart: their loss is the warm-up

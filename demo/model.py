@@ -14,8 +14,12 @@ Why these choices, and what else was tried, with the measurements: `EXPERIMENTS.
 """
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from .shapes import COLOURS, SHAPES, caption_for
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class ModelSize:
     initializer_range: float = 0.02  # std of the random Linear, Conv2d and Embedding weights
     extra: dict = field(default_factory=dict)
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return asdict(self)
 
 
@@ -55,7 +59,7 @@ PRESETS = {
 }
 
 
-def tokenizer_corpus(caption_instruction, system_prompt):
+def tokenizer_corpus(caption_instruction: str, system_prompt: str) -> list[str]:
     """What the demo tokenizer learns from: every colour-shape phrase in every slot, and the prompt's words.
 
     Repeated chat fragments make BPE merge them into whole tokens, which keeps the prompt short.
@@ -66,7 +70,7 @@ def tokenizer_corpus(caption_instruction, system_prompt):
     return captions + prompt * 20
 
 
-def sincos_2d(grid: int, width: int):
+def sincos_2d(grid: int, width: int) -> "torch.Tensor":
     """(grid * grid, width) fixed 2D sin-cos position codes (as in MAE): half the channels encode the row,
     half the column, each as sines and cosines over geometrically spaced frequencies."""
     import torch
@@ -83,7 +87,7 @@ def sincos_2d(grid: int, width: int):
     return torch.cat(codes, dim=1).float()
 
 
-def build_shapes_model(size: ModelSize = PRESETS["full"], seed: int = 0):
+def build_shapes_model(size: ModelSize = PRESETS["full"], seed: int = 0) -> tuple[Any, Any]:
     """(MQwenForCausalLM, MQwenProcessor), randomly initialised, with a tokenizer trained on the task."""
     from mqwen.convert.tiny import build_tiny
     from mqwen.convert.tokenizer import train_qwen_style_tokenizer, wrap_as_transformers_tokenizer

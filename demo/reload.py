@@ -17,7 +17,7 @@ from pathlib import Path
 from ..convert.staging import write_atomically
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m mqwen.demo.reload",
         description="Caption the images listed in IMAGES_DIR/captions.jsonl with a saved MQwen model (pipeline).",
@@ -32,7 +32,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder needs no network; never try it
     from PIL import Image

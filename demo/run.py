@@ -10,13 +10,17 @@
 7. write `captions.png` (test images with predicted and true captions), `loss.png` and `results.json`.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .model import PRESETS, build_shapes_model
 from .other_renderer import draw_set
@@ -76,7 +80,7 @@ QUICK = dict(
 PLATEAU_LOSS = 0.25
 
 
-def plateau_exit_step(log_history, threshold=PLATEAU_LOSS):
+def plateau_exit_step(log_history: Sequence[dict], threshold: float = PLATEAU_LOSS) -> int | None:
     """The first logged step from which every logged caption loss is under `threshold` (vision warm-up steps
     aside), or None if the last one is not."""
     caption = [(e["step"], e["loss"]) for e in log_history if "loss" in e and not e.get("vision_warmup")]
@@ -123,7 +127,9 @@ def _schedule_arguments(settings: DemoSettings) -> dict:
     return args
 
 
-def train_model(settings, model, processor, train_pairs, out_dir):
+def train_model(
+    settings: DemoSettings, model: Any, processor: Any, train_pairs: Sequence, out_dir: Path
+) -> tuple[Any, Path, float]:
     """Train with train/'s API; returns (trainer, model_dir, train_seconds)."""
     from transformers.trainer_callback import ProgressCallback
 
@@ -164,7 +170,13 @@ def train_model(settings, model, processor, train_pairs, out_dir):
     return trainer, model_dir, train_seconds
 
 
-def reload_in_fresh_process(model_dir, images_dir, out_json, max_new_tokens, progress=True):
+def reload_in_fresh_process(
+    model_dir: str | os.PathLike,
+    images_dir: str | os.PathLike,
+    out_json: str | os.PathLike,
+    max_new_tokens: int,
+    progress: bool = True,
+) -> dict:
     command = [
         sys.executable,
         "-m",
@@ -195,14 +207,14 @@ def make_data(settings: DemoSettings, out_dir: Path) -> dict:
     return splits
 
 
-def parameter_counts(model) -> dict:
+def parameter_counts(model: Any) -> dict:
     return {
         part: sum(p.numel() for p in getattr(model, part).parameters())
         for part in ("vision_tower", "multi_modal_projector", "language_model")
     }
 
 
-def evaluate_in_process(settings: DemoSettings, model, processor, splits: dict) -> dict:
+def evaluate_in_process(settings: DemoSettings, model: Any, processor: Any, splits: dict) -> dict:
     """Step 4: exact match, BLEU-4 and CIDEr-D of the trained model on each held-out set."""
     from mqwen.train import evaluate_captions
 
@@ -219,7 +231,7 @@ def evaluate_in_process(settings: DemoSettings, model, processor, splits: dict) 
     }
 
 
-def score_reloaded(settings: DemoSettings, model_dir, out_dir: Path, test_split) -> dict:
+def score_reloaded(settings: DemoSettings, model_dir: str | os.PathLike, out_dir: Path, test_split: Sequence) -> dict:
     """Step 5: caption the saved test PNGs with the saved model in a fresh process, and score those captions."""
     from mqwen.train.metrics import caption_scores
 
@@ -237,7 +249,9 @@ def score_reloaded(settings: DemoSettings, model_dir, out_dir: Path, test_split)
     return {**reloaded, "files": files, "predicted": captions, "truth": truth, "metrics": metrics}
 
 
-def report(settings: DemoSettings, scores: dict, reloaded: dict, in_process: list, log=print):
+def report(
+    settings: DemoSettings, scores: dict, reloaded: dict, in_process: list, log: Callable[[str], object] = print
+) -> None:
     """Step 6: a few test captions and the scores, on the console."""
     for pred, true in list(zip(reloaded["predicted"], reloaded["truth"]))[: settings.show]:
         log(f"      {'ok ' if pred == true else 'BAD'}  predicted: {pred!r:58} true: {true!r}")
@@ -258,7 +272,16 @@ def report(settings: DemoSettings, scores: dict, reloaded: dict, in_process: lis
 
 
 def results_record(
-    settings, processor, trainer, exit_step, parameters, timings, scores, reloaded, in_process, files
+    settings: DemoSettings,
+    processor: Any,
+    trainer: Any,
+    exit_step: int | None,
+    parameters: dict,
+    timings: dict[str, float],
+    scores: dict,
+    reloaded: dict,
+    in_process: list[str],
+    files: dict[str, str],
 ) -> dict:
     """What results.json holds: settings, model size, timings, every score, the loss log, every test caption."""
     import torch
@@ -302,7 +325,7 @@ def results_record(
     }
 
 
-def run(settings: DemoSettings, log=print):
+def run(settings: DemoSettings, log: Callable[[str], object] = print) -> dict:
     """Run the main job; returns the results dict (also written to OUT_DIR/results.json)."""
     import torch
 

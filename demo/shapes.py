@@ -33,9 +33,12 @@ measures whether the model composes what it has seen, not whether it recalls cap
 second test set, for whether the model learnt the task rather than this drawing.
 """
 
+import os
 import re
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -78,7 +81,7 @@ class Example:
     shapes: tuple  # ShapeSpec, left to right
 
 
-def caption_for(objects) -> str:
+def caption_for(objects: Iterable[tuple[str, str] | ShapeSpec]) -> str:
     """The caption of shapes given left to right, as (colour, shape) pairs or `ShapeSpec`s."""
     phrases = [f"a {o.colour} {o.shape}" if isinstance(o, ShapeSpec) else f"a {o[0]} {o[1]}" for o in objects]
     if not 1 <= len(phrases) <= MAX_SHAPES:
@@ -88,7 +91,7 @@ def caption_for(objects) -> str:
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def parse_caption(text: str):
+def parse_caption(text: str) -> list[tuple[str, str]]:
     """[(colour, shape), ...] left to right; ValueError if `text` is not exactly in the caption grammar."""
     match = _CAPTION_RE.match(text)
     if match is None:
@@ -102,7 +105,9 @@ def is_held_out(caption: str) -> bool:
     return " and " in caption and zlib.crc32(caption.encode()) % HELD_OUT_ONE_IN == 0
 
 
-def sample_layout(rng: np.random.Generator, image_size: int, n: int = None):
+def sample_layout(
+    rng: np.random.Generator, image_size: int, n: int | None = None
+) -> tuple[tuple[ShapeSpec, ...], tuple[int, int, int]]:
     """Random shapes in disjoint horizontal bands, left to right, and a light background colour.
 
     `n` shapes (default: 1, 2 or 3, equally often). A shape's side is drawn uniformly from about 12 % of the
@@ -128,7 +133,12 @@ def sample_layout(rng: np.random.Generator, image_size: int, n: int = None):
     return tuple(shapes), background
 
 
-def render(shapes, background, image_size: int, rng: np.random.Generator = None) -> Image.Image:
+def render(
+    shapes: Sequence[ShapeSpec],
+    background: tuple[int, int, int],
+    image_size: int,
+    rng: np.random.Generator | None = None,
+) -> Image.Image:
     """Draw `shapes` (ShapeSpecs) on a plain background; colours get a small jitter when `rng` is given."""
     s = _SUPERSAMPLE
     image = Image.new("RGB", (image_size * s, image_size * s), background)
@@ -176,7 +186,7 @@ class LazyExample:
 
     __slots__ = ("split", "index", "seed", "image_size", "caption")
 
-    def __init__(self, split, index, seed=0, image_size=64):
+    def __init__(self, split: str, index: int, seed: int = 0, image_size: int = 64):
         self.split, self.index, self.seed, self.image_size = split, index, seed, image_size
         self.caption = caption_for(_layout(split, index, seed, image_size)[0])
 
@@ -200,10 +210,9 @@ def make_split(split: str, n: int, seed: int = 0, image_size: int = 64, progress
     return [make_example(split, i, seed, image_size) for i in indices]
 
 
-def write_split(examples, out_dir):
+def write_split(examples: Sequence[Example], out_dir: str | os.PathLike) -> Path:
     """Save a split as `NNNNN.png` files plus `captions.jsonl` ({"file", "caption"} per line); returns the dir."""
     import json
-    from pathlib import Path
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -359,24 +359,11 @@ def test_the_caption_cli_names_a_damaged_weight_file(tiny_dir, tmp_path, make_im
 
 
 def _train_config(tmp_path, tiny_dir, make_image, **overrides):
-    from mqwen.train import TrainConfig
+    """test_train_run's tiny run: the align stage, 4 steps, a checkpoint every 2."""
+    from test_train_run import config
 
     pairs = [(make_image(seed, size=(56, 56)), f"caption {seed}") for seed in range(4)]
-    values = dict(
-        model=str(tiny_dir),
-        data=pairs,
-        output_dir=str(tmp_path / "run"),
-        stage="align",
-        max_steps=4,
-        per_device_train_batch_size=2,
-        save_steps=2,
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-        warmup_ratio=0.0,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+    return config(tmp_path, tiny_dir, pairs, stage="align", max_steps=4, save_steps=2, **overrides)
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -340,6 +340,7 @@ def test_the_forward_signature_computed_once_is_inspects_own_with_or_without_hoo
     uncached = types.FunctionType(
         function.__code__, function.__globals__, function.__name__, function.__defaults__, function.__closure__
     )
+    uncached.__annotations__ = function.__annotations__  # the code object does not carry them
     unbound = inspect.signature(uncached)
     expected = unbound.replace(parameters=list(unbound.parameters.values())[1:])  # without `self`
     assert inspect.signature(model.forward) == expected

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from clip_checkpoints import MEAN, STD, clip_vision_config, save_clip_image_processor
 from conftest import randomize
 
 from mqwen.convert.cli import main
@@ -27,7 +28,6 @@ SOURCE_TEMPLATE = (
     "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 TEXT = "A photo of a cat sitting on a wooden table. 0123456789"
-MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -86,26 +86,11 @@ def make_llm(folder, rows, tie=False, seed=0):
 
 
 def make_hf_clip(folder, image_size=28):
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=14,
-        projection_dim=24,
-        hidden_act="quick_gelu",
-    )
-    model = randomize(CLIPVisionModelWithProjection(config), 1).eval()
+    model = randomize(CLIPVisionModelWithProjection(clip_vision_config(image_size)), 1).eval()
     model.save_pretrained(folder)
-    CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=list(MEAN),
-        image_std=list(STD),
-    ).save_pretrained(folder)
+    save_clip_image_processor(folder, image_size)
     return model
 
 

@@ -12,6 +12,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 
+from clip_checkpoints import MEAN, STD, clip_vision_config, save_clip_image_processor  # noqa: E402
 from conftest import randomize  # noqa: E402
 
 from mqwen import MQwenVisionConfig  # noqa: E402
@@ -20,7 +21,6 @@ from mqwen.convert.vision import load_vision  # noqa: E402
 from mqwen.modeling_mqwen import MQwenVisionTransformer  # noqa: E402
 
 ATOL = 1e-5
-MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
 def openclip_cfg(image_size, quick_gelu):
@@ -184,33 +184,6 @@ def test_unsupported_openclip_tower_is_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _clip_vision_config(image_size, act):
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=14,
-        projection_dim=24,
-        hidden_act=act,
-        layer_norm_eps=1e-5,
-    )
-
-
-def _save_clip_preprocessor(folder, image_size):
-    from transformers import CLIPImageProcessor
-
-    CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=list(MEAN),
-        image_std=list(STD),
-    ).save_pretrained(folder)
-
-
 def _rename_on_disk(folder, add_prefix):
     """Rewrite the weights with / without the `vision_model.` prefix (the other transformers version's format)."""
     from safetensors.torch import load_file, save_file
@@ -232,9 +205,9 @@ def test_transformers_clip_vision_model(tmp_path, act, image_size, prefix):
     """CLIPVisionModel (no projection): pooled output = pooler_output, with and without `vision_model.`."""
     from transformers import CLIPVisionModel
 
-    reference = randomize(CLIPVisionModel(_clip_vision_config(image_size, act)), 4).eval()
+    reference = randomize(CLIPVisionModel(clip_vision_config(image_size, act)), 4).eval()
     reference.save_pretrained(tmp_path / "clip")
-    _save_clip_preprocessor(tmp_path / "clip", image_size)
+    save_clip_image_processor(tmp_path / "clip", image_size)
     _rename_on_disk(tmp_path / "clip", add_prefix=prefix)
     weights = load_vision(tmp_path / "clip")
     assert weights.config["hidden_act"] == act and weights.config["output_dim"] == 32
@@ -249,7 +222,7 @@ def test_transformers_clip_model_with_projection(tmp_path):
     """A full CLIPModel checkpoint (text tower ignored): pooled output = get_image_features' image embedding."""
     from transformers import CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
 
-    vision = _clip_vision_config(28, "quick_gelu")
+    vision = clip_vision_config(28, "quick_gelu")
     config = CLIPConfig(
         text_config=dict(
             hidden_size=16,
@@ -264,7 +237,7 @@ def test_transformers_clip_model_with_projection(tmp_path):
     )
     clip = randomize(CLIPModel(config), 5).eval()
     clip.save_pretrained(tmp_path / "clip")
-    _save_clip_preprocessor(tmp_path / "clip", 28)
+    save_clip_image_processor(tmp_path / "clip", 28)
     weights = load_vision(tmp_path / "clip")
     assert weights.config["output_dim"] == 24
 
@@ -280,7 +253,7 @@ def test_transformers_clip_model_with_projection(tmp_path):
 def test_transformers_clip_pickle_needs_allow_pickle(tmp_path):
     from transformers import CLIPVisionModel
 
-    reference = CLIPVisionModel(_clip_vision_config(28, "gelu"))
+    reference = CLIPVisionModel(clip_vision_config(28, "gelu"))
     (tmp_path / "clip").mkdir()
     reference.config.save_pretrained(tmp_path / "clip")
     torch.save(reference.state_dict(), tmp_path / "clip" / "pytorch_model.bin")

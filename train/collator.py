@@ -12,13 +12,15 @@ padding. Which tokens belong to an answer is read from the tokenizer's character
 tokenization can disagree with the real one.
 """
 
+from typing import Any
+
 import torch
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
 
 
-def example_messages(example):
+def example_messages(example: dict) -> list[dict]:
     """The chat messages of one example: a sampled caption request and the caption, or a LLaVA conversation."""
     if example.get("conversation") is None:
         return [
@@ -47,12 +49,12 @@ class CaptionCollator:
         end_of_turn: the string of the token that closes an assistant turn and is learnt with the answer.
     """
 
-    def __init__(self, processor, max_length=None, end_of_turn=END_OF_TURN):
+    def __init__(self, processor: Any, max_length: int | None = None, end_of_turn: str = END_OF_TURN):
         self.processor = processor
         self.max_length = max_length
         self.end_of_turn = end_of_turn
 
-    def render(self, messages, add_generation_prompt=False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.processor.tokenizer.apply_chat_template(
             messages,
             chat_template=self.processor.chat_template,
@@ -60,7 +62,7 @@ class CaptionCollator:
             add_generation_prompt=add_generation_prompt,
         )
 
-    def text_and_answer_spans(self, messages):
+    def text_and_answer_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans `[start, end)` of each answer + end-of-turn."""
         text = self.render(messages)
         spans = []
@@ -86,7 +88,7 @@ class CaptionCollator:
         extra = (self.processor.image_seq_length - 1) * len(token)
         return position + extra * text.count(token, 0, position)
 
-    def __call__(self, examples):
+    def __call__(self, examples: list[dict]) -> dict[str, Any]:
         texts, spans, images, skipped = [], [], [], []
         for example in examples:
             skipped.extend(example.get("skipped") or ())

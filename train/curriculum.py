@@ -13,6 +13,8 @@ Caption length is counted in words (for LLaVA-style conversations, the words of 
 read from the dataset's records without loading any image.
 """
 
+from collections.abc import Iterable
+
 import torch
 from torch.utils.data import Sampler
 
@@ -30,7 +32,14 @@ class ShortCaptionsFirstSampler(Sampler):
         seed: the shuffles' seed.
     """
 
-    def __init__(self, caption_words, first_examples: int, shortest_fraction: float, seed: int = 0, grow=False):
+    def __init__(
+        self,
+        caption_words: Iterable[int],
+        first_examples: int,
+        shortest_fraction: float,
+        seed: int = 0,
+        grow: bool = False,
+    ):
         if not 0 < shortest_fraction <= 1:
             raise ValueError(f"shortest_fraction must be in (0, 1], got {shortest_fraction}.")
         if first_examples < 0:
@@ -44,7 +53,7 @@ class ShortCaptionsFirstSampler(Sampler):
             self.first_examples = min(first_examples, len(self.words))
         self.epoch = 0
 
-    def set_epoch(self, epoch: int):
+    def set_epoch(self, epoch: int) -> None:
         """Called by accelerate's data loader at the start of each epoch."""
         self.epoch = epoch
 

@@ -22,11 +22,15 @@ import json
 import os
 import random
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 from .config import CAPTION_INSTRUCTIONS
 
@@ -55,12 +59,12 @@ class CaptionRecord:
 class ImageLoadError(Exception):
     """An image could not be loaded; `kind` is "missing" or "corrupt"."""
 
-    def __init__(self, kind, message):
+    def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
 
 
-def load_image(source):
+def load_image(source: Any) -> "Image.Image":
     """Any image source of a `CaptionRecord` as an RGB PIL image, or `ImageLoadError`."""
     from mqwen.processing_mqwen import to_rgb_image
 
@@ -93,16 +97,16 @@ class SkipReport:
         self.skipped = {"missing": {}, "corrupt": {}}
         self.occurrences = 0
 
-    def add(self, kind, record_id, detail):
+    def add(self, kind: str, record_id: object, detail: str) -> None:
         self.skipped.setdefault(kind, {})[str(record_id)] = detail
         self.occurrences += 1
 
-    def update(self, entries):
+    def update(self, entries: Iterable[tuple[str, object, str]] | None) -> None:
         """Add `(kind, record_id, detail)` triples (the `"skipped"` entries of examples and batches)."""
         for kind, record_id, detail in entries or ():
             self.add(kind, record_id, detail)
 
-    def merge(self, other: "SkipReport"):
+    def merge(self, other: "SkipReport") -> None:
         for kind, entries in other.skipped.items():
             self.skipped.setdefault(kind, {}).update(entries)
         self.occurrences += other.occurrences
@@ -118,7 +122,7 @@ class SkipReport:
     def __len__(self):
         return sum(len(v) for v in self.skipped.values())
 
-    def to_dict(self, max_listed=50):
+    def to_dict(self, max_listed: int = 50) -> dict:
         return {
             "missing": self.missing,
             "corrupt": self.corrupt,

@@ -13,8 +13,10 @@ single process; `enable_fsdp_on_cpu` switches accelerate's state over to it.
 
 import contextlib
 import os
+from collections.abc import Iterator
 
-from accelerate import PartialState
+import torch
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 # FSDP2, every decoder layer and vision block its own unit, checkpoints written as one shard per process
@@ -28,7 +30,7 @@ FSDP_DEFAULTS = {
 }
 
 
-def block_classes(model) -> list:
+def block_classes(model: torch.nn.Module) -> list[str]:
     """Class names of the model's repeated blocks (language-model decoder layers, vision blocks): the FSDP units.
 
     transformers 5 collects the submodels' `_no_split_modules` on the model; 4.57 has a method for it.
@@ -37,7 +39,7 @@ def block_classes(model) -> list:
     return sorted(collect("auto") if collect is not None else model._no_split_modules)
 
 
-def request_fsdp(model):
+def request_fsdp(model: torch.nn.Module) -> None:
     """Ask for FSDP2 over `model`'s blocks through accelerate's environment (a launcher's settings win)."""
     for name, value in {**FSDP_DEFAULTS, "FSDP_TRANSFORMER_CLS_TO_WRAP": ",".join(block_classes(model))}.items():
         os.environ.setdefault(name, value)
@@ -47,7 +49,7 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def enable_fsdp_on_cpu(accelerator, plugin_args=None) -> bool:
+def enable_fsdp_on_cpu(accelerator: Accelerator, plugin_args: dict | None = None) -> bool:
     """Switch a multi-process CPU run that asked for FSDP from plain data parallel to FSDP; True if it did.
 
     `plugin_args`: the Trainer's own FSDP plugin arguments (transformers 5 with `TrainingArguments.fsdp`),
@@ -64,7 +66,7 @@ def enable_fsdp_on_cpu(accelerator, plugin_args=None) -> bool:
 
 
 @contextlib.contextmanager
-def own_class(model):
+def own_class(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """`model` under its own class for the duration, e.g. of `save_pretrained`.
 
     FSDP2 turns a sharded module's class into a subclass defined in torch (`FSDPMQwenForCausalLM`);

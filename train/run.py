@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from transformers import TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from ..convert.staging import replace_folder, write_atomically
 from ..runtime import load_for_inference
@@ -136,7 +136,12 @@ def _dataset(spec, config, resample_bad=True):
 
 
 def build_trainer(
-    config: TrainConfig, model=None, processor=None, train_dataset=None, eval_dataset=None, callbacks=None
+    config: TrainConfig,
+    model: Any = None,
+    processor: Any = None,
+    train_dataset: Any = None,
+    eval_dataset: Any = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> CaptionTrainer:
     """A ready `CaptionTrainer` for `config` (model frozen/wrapped for the stage, data loaded, optimizer groups
     set up on first use). `model`/`processor`/datasets override `config.model`/`config.data`/`config.eval_data`."""
@@ -177,7 +182,13 @@ def build_trainer(
 
 
 def train(
-    config: TrainConfig, model=None, processor=None, train_dataset=None, eval_dataset=None, callbacks=None, save=True
+    config: TrainConfig,
+    model: Any = None,
+    processor: Any = None,
+    train_dataset: Any = None,
+    eval_dataset: Any = None,
+    callbacks: list[TrainerCallback] | None = None,
+    save: bool = True,
 ) -> TrainResult:
     """Train for `config` and save the final model to `OUTPUT_DIR/final` (see `build_trainer` for overrides)."""
     trainer = build_trainer(config, model, processor, train_dataset, eval_dataset, callbacks)

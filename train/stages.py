@@ -17,15 +17,18 @@ Per-part learning rates (projector, vision tower) come from `part_param_groups`,
 """
 
 import re
+from collections.abc import Container, Iterable
 
-from .config import VISION_LORA_TARGETS
+from torch import nn
+
+from .config import VISION_LORA_TARGETS, TrainConfig
 
 PROJECTOR = "multi_modal_projector"
 VISION_TOWER = "vision_tower"
 LANGUAGE_MODEL = "language_model"
 
 
-def lora_target_regex(lm_targets, vision_targets=()) -> str:
+def lora_target_regex(lm_targets: Iterable[str], vision_targets: Iterable[str] = ()) -> str:
     """A peft `target_modules` regex (full match on module names) for the given leaf names."""
     parts = [rf".*{LANGUAGE_MODEL}\..*\.({'|'.join(map(re.escape, lm_targets))})"]
     if vision_targets:
@@ -33,7 +36,7 @@ def lora_target_regex(lm_targets, vision_targets=()) -> str:
     return "|".join(f"(?:{p})" for p in parts)
 
 
-def prepare_model_for_stage(model, config):
+def prepare_model_for_stage(model: nn.Module, config: TrainConfig) -> nn.Module:
     """Freeze / wrap `model` (an MQwenForCausalLM) for `config.stage`; returns the model to train.
 
     For `lora` this is a `peft.PeftModel` around `model`; otherwise `model` itself.
@@ -76,7 +79,7 @@ def prepare_model_for_stage(model, config):
     return model
 
 
-def freeze_unused_vision_parts(model):
+def freeze_unused_vision_parts(model: nn.Module) -> None:
     """Freeze the vision tower's parts that `get_image_features` never runs (see the module docstring)."""
     tower = model.vision_tower
     blocks = tower.transformer.resblocks
@@ -91,7 +94,14 @@ def part_of(name: str) -> str:
     return next((p for p in (PROJECTOR, VISION_TOWER) if p in name), LANGUAGE_MODEL)
 
 
-def part_param_groups(model, lm_lr, weight_decay, decay_names, projector_lr=None, vision_lr=None):
+def part_param_groups(
+    model: nn.Module,
+    lm_lr: float,
+    weight_decay: float,
+    decay_names: Container[str],
+    projector_lr: float | None = None,
+    vision_lr: float | None = None,
+) -> list[dict]:
     """AdamW parameter groups: only trainable parameters, the projector and the vision tower each at its own
     learning rate (`None`: the language model's), and no weight decay on biases and norms (`decay_names`,
     from `Trainer.get_decay_parameter_names`).
@@ -121,7 +131,7 @@ def part_param_groups(model, lm_lr, weight_decay, decay_names, projector_lr=None
     return list(groups.values())
 
 
-def trainable_summary(model) -> dict:
+def trainable_summary(model: nn.Module) -> dict:
     """Trainable / total parameter counts per top-level part (vision_tower, projector, language_model)."""
     summary = {}
     for name, param in model.named_parameters():

@@ -8,6 +8,7 @@ switched on where accelerate would leave it off (see `distributed`).
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import Trainer
@@ -86,12 +87,12 @@ class CaptionTrainer(Trainer):
             grow=self.curriculum_grow,
         )
 
-    def create_accelerator_and_postprocess(self):
+    def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         if enable_fsdp_on_cpu(self.accelerator, getattr(self.args, "fsdp_plugin_args", None)):
             self.is_fsdp_enabled = True
 
-    def create_optimizer(self, model=None):
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         # Build the optimizer here; the parent then only applies its wrappers (it skips creation when
         # `self.optimizer` is set). `model` exists as an argument in transformers 5 only.
         opt_model = self.model if model is None else model
@@ -175,7 +176,9 @@ class CaptionTrainer(Trainer):
                 use_mtime=True,
             )
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
+    def compute_loss(
+        self, model: torch.nn.Module, inputs: dict[str, Any], *args, **kwargs
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         # Skipped-image records ride along with the batch so they are counted here, in the main process,
         # even when images load in DataLoader workers.
         inputs = dict(inputs)
@@ -196,7 +199,7 @@ class CaptionTrainer(Trainer):
             inputs["logits_to_keep"] = scored_positions(inputs["labels"])
         return super().compute_loss(model, inputs, *args, **kwargs)
 
-    def log(self, logs, *args, **kwargs):
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self.state.global_step <= self.vision_warmup_steps:
             logs = {**logs, "vision_warmup": 1}  # this loss is the warm-up's, not the caption loss
         if len(self.skip_report):

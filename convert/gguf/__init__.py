@@ -9,6 +9,7 @@ Both are checked for what llama.cpp can express before anything is written, then
 (`writer.py`) into a temporary folder that is renamed to OUT_DIR at the end (`..staging`).
 """
 
+import os
 from pathlib import Path
 
 from ..errors import ConvertError
@@ -17,7 +18,14 @@ from .writer import OUTTYPES
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / MOSTLY_Q8_0
 
 
-def export_gguf(model_dir, out_dir, outtype="f16", overwrite=False, name=None, progress=True):
+def export_gguf(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    outtype: str = "f16",
+    overwrite: bool = False,
+    name: str | None = None,
+    progress: bool = True,
+) -> tuple[Path, Path]:
     """Write the LM and mmproj GGUF files of the MQwen model in `model_dir` to `out_dir`; returns both paths."""
     import gguf
 

@@ -1,9 +1,17 @@
 """Read a saved MQwen folder for export: its config, tokenizer, chat template and weights, one tensor at a time."""
 
+from __future__ import annotations
+
 import json
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConvertError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from transformers import PreTrainedTokenizerBase
 
 
 class MQwenFolder:
@@ -13,7 +21,7 @@ class MQwenFolder:
     `tensor(name)` reads one tensor as float32 numpy, so an export never holds more than the tensor it writes.
     """
 
-    def __init__(self, path):
+    def __init__(self, path: str | os.PathLike):
         from mqwen.configuration_mqwen import MQwenConfig
 
         self.path = Path(path)
@@ -49,10 +57,10 @@ class MQwenFolder:
         with safe_open(single, "np") as f:
             return {name: single for name in f.keys()}
 
-    def names(self):
+    def names(self) -> list[str]:
         return list(self._files)
 
-    def shape(self, name):
+    def shape(self, name: str) -> tuple[int, ...]:
         """A weight's shape, read from the safetensors header (no data is loaded)."""
         return tuple(self._handle(name).get_slice(name).get_shape())
 
@@ -66,18 +74,18 @@ class MQwenFolder:
             self._handles[file] = safe_open(file, "pt")
         return self._handles[file]
 
-    def tensor(self, name):
+    def tensor(self, name: str) -> np.ndarray:
         """One weight as a float32 numpy array (bf16 and fp16 are widened)."""
         import torch
 
         return self._handle(name).get_tensor(name).to(torch.float32).numpy()
 
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.path)
 
-    def processor_settings(self):
+    def processor_settings(self) -> tuple[str, str, str]:
         """(chat template, image token string, caption instruction) as the processor saved them."""
         from mqwen.processing_mqwen import CHAT_TEMPLATE, DEFAULT_CAPTION_INSTRUCTION
 
@@ -96,6 +104,6 @@ class MQwenFolder:
             settings.get("caption_instruction", DEFAULT_CAPTION_INSTRUCTION),
         )
 
-    def generation_config(self):
+    def generation_config(self) -> dict:
         file = self.path / "generation_config.json"
         return json.loads(file.read_text()) if file.is_file() else {}

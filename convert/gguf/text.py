@@ -6,10 +6,21 @@ replaced by libmtmd's media marker `<__media__>`, so llama.cpp tools that render
 llama-server) place the image where MQwen's processor puts `<image>`.
 """
 
+from __future__ import annotations
+
 import json
+from typing import TYPE_CHECKING
 
 from ..errors import ConvertError
 from .writer import PlannedTensor
+
+if TYPE_CHECKING:
+    import gguf
+    from transformers import PretrainedConfig
+
+    from mqwen.configuration_mqwen import MQwenConfig
+
+    from .source import MQwenFolder
 
 MTMD_MEDIA_MARKER = "<__media__>"  # tools/mtmd/mtmd.cpp mtmd_default_marker()
 ARCHITECTURES = {"qwen2": "QWEN2", "llama": "LLAMA"}
@@ -26,7 +37,7 @@ LLAMA3_REGEX = (
 PRE_TOKENIZERS = {QWEN2_REGEX: "qwen2", LLAMA3_REGEX: "llama-bpe"}
 
 
-def check_text(config):
+def check_text(config: MQwenConfig) -> None:
     text = config.text_config
     if text.model_type not in ARCHITECTURES:
         raise ConvertError(
@@ -50,17 +61,17 @@ def _rope_theta(text):
     return float(theta)
 
 
-def head_dim(text):
+def head_dim(text: PretrainedConfig) -> int:
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
-def arch_of(config):
+def arch_of(config: MQwenConfig) -> str:
     import gguf
 
     return gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, ARCHITECTURES[config.text_config.model_type])]
 
 
-def add_text_metadata(writer, config, name, file_type):
+def add_text_metadata(writer: gguf.GGUFWriter, config: MQwenConfig, name: str, file_type: int) -> None:
     import gguf
 
     text = config.text_config
@@ -81,7 +92,7 @@ def add_text_metadata(writer, config, name, file_type):
     writer.add_vocab_size(text.vocab_size)
 
 
-def pre_tokenizer_name(source):
+def pre_tokenizer_name(source: MQwenFolder) -> str:
     """llama.cpp's name for the tokenizer's pre-tokenization regex; refuses the ones it would split differently."""
     file = source.path / "tokenizer.json"
     if not file.is_file():
@@ -106,7 +117,9 @@ def pre_tokenizer_name(source):
     )
 
 
-def add_tokenizer(writer, source, config, chat_template, image_token):
+def add_tokenizer(
+    writer: gguf.GGUFWriter, source: MQwenFolder, config: MQwenConfig, chat_template: str, image_token: str
+) -> None:
     """Vocabulary (padded to the embedding rows), token types, merges, special ids and the chat template."""
     import gguf
 
@@ -158,7 +171,7 @@ def _permute_for_llama(weights, heads):
     )
 
 
-def plan_text_tensors(source, config):
+def plan_text_tensors(source: MQwenFolder, config: MQwenConfig) -> list[PlannedTensor]:
     import gguf
 
     text = config.text_config

@@ -16,15 +16,26 @@ What the graph cannot express is refused: a kept class token, pooled patches, th
 then takes ffn_up and ffn_down for a legacy swapped layout).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from ..errors import ConvertError
 from .writer import PlannedTensor
+
+if TYPE_CHECKING:
+    import gguf
+
+    from mqwen.configuration_mqwen import MQwenConfig
+
+    from .source import MQwenFolder
 
 # tools/mtmd/clip-impl.h KEY_FEATURE_LAYERS; the gguf package has no constant for it.
 KEY_FEATURE_LAYER = "clip.vision.feature_layer"
 PROJECTOR_TYPE = "mlp"  # gguf.constants.VISION_PROJECTOR_TYPE_NAMES[VISION_PROJECTOR_TYPE.MLP]
 
 
-def check_vision(config):
+def check_vision(config: MQwenConfig) -> None:
     """Raise ConvertError for MQwen settings llama.cpp's "mlp" projector graph cannot run as MQwen does."""
     vision = config.vision_config
     problems = []
@@ -48,13 +59,13 @@ def check_vision(config):
         raise ConvertError("This MQwen configuration cannot be exported to llama.cpp: " + "; ".join(problems) + ".")
 
 
-def feature_blocks(config):
+def feature_blocks(config: MQwenConfig) -> int:
     """How many ViT blocks MQwen runs before it reads features (vision_feature_layer, LLaVA-indexed)."""
     layers = config.vision_config.layers
     return config.vision_feature_layer % (layers + 1)
 
 
-def add_vision_metadata(writer, config, name, file_type):
+def add_vision_metadata(writer: gguf.GGUFWriter, config: MQwenConfig, name: str, file_type: int) -> None:
     import gguf
 
     vision = config.vision_config
@@ -82,7 +93,7 @@ def add_vision_metadata(writer, config, name, file_type):
     )
 
 
-def plan_vision_tensors(source, config):
+def plan_vision_tensors(source: MQwenFolder, config: MQwenConfig) -> list[PlannedTensor]:
     """The mmproj's tensors, in file order, each read from the MQwen checkpoint when written."""
     vision = config.vision_config
     width = vision.width

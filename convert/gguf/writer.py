@@ -5,12 +5,19 @@ declared (name, shape, type, byte size) so the header can be written, then read,
 the same order, so the export holds one tensor at a time.
 """
 
-from collections.abc import Callable
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ConvertError
+
+if TYPE_CHECKING:
+    import gguf
 
 OUTTYPES = ("f32", "f16", "q8_0")
 
@@ -29,7 +36,7 @@ class PlannedTensor:
     kind: str = "matrix"
 
 
-def ggml_type(tensor: PlannedTensor, outtype: str):
+def ggml_type(tensor: PlannedTensor, outtype: str) -> gguf.GGMLQuantizationType:
     import gguf
 
     if tensor.kind == "keep_f32" or len(tensor.shape) == 1 or outtype == "f32":
@@ -39,7 +46,7 @@ def ggml_type(tensor: PlannedTensor, outtype: str):
     return gguf.GGMLQuantizationType.Q8_0
 
 
-def check_quantizable(tensors, outtype):
+def check_quantizable(tensors: Sequence[PlannedTensor], outtype: str) -> None:
     """q8_0 packs rows in blocks of 32 values: refuse (naming the tensor) when a row length does not allow it."""
     import gguf
 
@@ -75,7 +82,14 @@ def _nbytes(shape, qtype):
     return int(np.prod(shape)) // block * size
 
 
-def write_gguf(path, writer, tensors, outtype, progress=True, desc=None):
+def write_gguf(
+    path: str | os.PathLike,
+    writer: gguf.GGUFWriter,
+    tensors: Sequence[PlannedTensor],
+    outtype: str,
+    progress: bool = True,
+    desc: str | None = None,
+) -> None:
     """Declare `tensors`, write the header and metadata already added to `writer`, then stream the data."""
     from tqdm.auto import tqdm
 
