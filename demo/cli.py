@@ -56,6 +56,18 @@ def parse_args(argv: list[str] | None = None) -> DemoSettings:
         help=f"train the vision tower alone for the first N steps (default: {DEFAULTS.vision_warmup_steps}; 0: off)",
     )
     parser.add_argument(
+        "--vision-warmup-target",
+        choices=["words", "word_pairs"],
+        help=f"what the vision warm-up names: the caption's words or its adjacent word pairs "
+        f"(default: {DEFAULTS.vision_warmup_target})",
+    )
+    parser.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"draw training images at other sizes and with pixel noise (default: {DEFAULTS.augment})",
+    )
+    parser.add_argument(
         "--curriculum-grow",
         action=argparse.BooleanOptionalAction,
         default=None,

@@ -44,6 +44,8 @@ class DemoSettings:
     curriculum_fraction: float = 1 / 3  # a third of the images show one shape
     curriculum_grow: bool = False  # True: the pool grows to two-shape images, then all, over those steps
     vision_warmup_steps: int = 1000  # train/'s vision warm-up: the ViT alone first (train/vision_warmup.py)
+    vision_warmup_target: str = "words"  # what the warm-up names: "words" or "word_pairs"
+    augment: bool = False  # training images drawn at other sizes, with pixel noise (shapes.AUGMENT_*)
     lr_scheduler: str = "cosine"  # or "warmup_stable_decay": the peak rate until the last decay_ratio of steps
     decay_ratio: float = 0.2
     other_test_size: int = 300  # the second test set, drawn by other_renderer.py
@@ -153,6 +155,7 @@ def train_model(
         curriculum_fraction=settings.curriculum_fraction,
         curriculum_grow=settings.curriculum_grow,
         vision_warmup_steps=settings.vision_warmup_steps,
+        vision_warmup_target=settings.vision_warmup_target,
         disable_tqdm=not settings.progress,
         dataloader_num_workers=settings.loader_workers,
         lr_scheduler_type=settings.lr_scheduler,
@@ -198,7 +201,8 @@ def make_data(settings: DemoSettings, out_dir: Path) -> dict:
     """Step 1: the splits (training images drawn on demand; held-out splits kept and saved as PNGs) and the
     other renderer's test set."""
     image_size = PRESETS[settings.preset].image_size
-    splits = {"train": lazy_split("train", settings.train_size, settings.seed, image_size, settings.progress)}
+    train = lazy_split("train", settings.train_size, settings.seed, image_size, settings.progress, settings.augment)
+    splits = {"train": train}
     for name, size in (("validation", settings.validation_size), ("test", settings.test_size)):
         splits[name] = make_split(name, size, settings.seed, image_size, settings.progress)
     splits["other_renderer"] = draw_set(settings.other_test_size, settings.seed, settings.progress)

@@ -61,6 +61,10 @@ SPLITS = {"train": 0, "validation": 1, "test": 2}
 _PHRASE = r"a (red|green|blue|yellow) (circle|square|triangle)"
 _CAPTION_RE = re.compile(rf"^{_PHRASE}(?:(?:, {_PHRASE})? and {_PHRASE})?$")
 
+# --augment: drawing sizes (none of other_renderer.py's 48/80/96/128) and the most pixel noise
+AUGMENT_CANVASES = (56, 64, 72, 88, 104, 120)
+AUGMENT_NOISE = 4.0
+
 _SUPERSAMPLE = 2  # shapes are drawn at 2x and downsampled, for anti-aliased edges (4x costs 3x the time
 # per image, which the one data-loader worker then takes from the two cores that train)
 
@@ -138,17 +142,25 @@ def render(
     background: tuple[int, int, int],
     image_size: int,
     rng: np.random.Generator | None = None,
+    canvas: int | None = None,
+    noise: float = 0.0,
 ) -> Image.Image:
-    """Draw `shapes` (ShapeSpecs) on a plain background; colours get a small jitter when `rng` is given."""
+    """Draw `shapes` (ShapeSpecs, laid out for `image_size`) on a plain background.
+
+    Colours get a small jitter when `rng` is given. `canvas` draws the same layout at another size (the
+    processor resizes it to the vision tower's); `noise` adds uniform pixel noise of up to that many levels.
+    """
+    canvas = canvas or image_size
     s = _SUPERSAMPLE
-    image = Image.new("RGB", (image_size * s, image_size * s), background)
+    scale = s * canvas / image_size
+    image = Image.new("RGB", (canvas * s, canvas * s), background)
     draw = ImageDraw.Draw(image)
     for spec in shapes:
         colour = np.array(COLOURS[spec.colour])
         if rng is not None:
             colour = np.clip(colour + rng.integers(-20, 21, size=3), 0, 255)
         fill = tuple(int(c) for c in colour)
-        x0, y0, x1, y1 = (v * s for v in spec.box)
+        x0, y0, x1, y1 = (v * scale for v in spec.box)
         x1, y1 = x1 - 1, y1 - 1
         if spec.shape == "circle":
             draw.ellipse((x0, y0, x1, y1), fill=fill)
@@ -156,7 +168,11 @@ def render(
             draw.rectangle((x0, y0, x1, y1), fill=fill)
         else:
             draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
-    return image.resize((image_size, image_size), Image.LANCZOS)
+    image = image.resize((canvas, canvas), Image.LANCZOS)
+    if noise and rng is not None:
+        pixels = np.asarray(image, dtype=np.float32) + rng.uniform(-noise, noise, size=(canvas, canvas, 3))
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+    return image
 
 
 def _layout(split, index, seed, image_size):
@@ -171,10 +187,17 @@ def _layout(split, index, seed, image_size):
             return shapes, background, rng
 
 
-def make_example(split: str, index: int, seed: int = 0, image_size: int = 64) -> Example:
-    """Example `index` of `split` ("train", "validation" or "test"), a pure function of its arguments."""
+def make_example(split: str, index: int, seed: int = 0, image_size: int = 64, augment: bool = False) -> Example:
+    """Example `index` of `split` ("train", "validation" or "test"), a pure function of its arguments.
+
+    `augment` draws the image at a random size from `AUGMENT_CANVASES` with up to `AUGMENT_NOISE` levels of
+    pixel noise (for training: the processor resizes every image, and real inputs come at any size).
+    """
     shapes, background, rng = _layout(split, index, seed, image_size)
-    return Example(render(shapes, background, image_size, rng), caption_for(shapes), shapes)
+    canvas, noise = None, 0.0
+    if augment:
+        canvas, noise = int(rng.choice(AUGMENT_CANVASES)), float(rng.uniform(0, AUGMENT_NOISE))
+    return Example(render(shapes, background, image_size, rng, canvas, noise), caption_for(shapes), shapes)
 
 
 class LazyExample:
@@ -184,22 +207,24 @@ class LazyExample:
     (about half a millisecond) each time the data loader asks for it, identical every time.
     """
 
-    __slots__ = ("split", "index", "seed", "image_size", "caption")
+    __slots__ = ("split", "index", "seed", "image_size", "augment", "caption")
 
-    def __init__(self, split: str, index: int, seed: int = 0, image_size: int = 64):
-        self.split, self.index, self.seed, self.image_size = split, index, seed, image_size
+    def __init__(self, split: str, index: int, seed: int = 0, image_size: int = 64, augment: bool = False):
+        self.split, self.index, self.seed, self.image_size, self.augment = split, index, seed, image_size, augment
         self.caption = caption_for(_layout(split, index, seed, image_size)[0])
 
     def __call__(self):
-        return make_example(self.split, self.index, self.seed, self.image_size).image
+        return make_example(self.split, self.index, self.seed, self.image_size, self.augment).image
 
 
-def lazy_split(split: str, n: int, seed: int = 0, image_size: int = 64, progress: bool = False) -> list:
+def lazy_split(
+    split: str, n: int, seed: int = 0, image_size: int = 64, progress: bool = False, augment: bool = False
+) -> list:
     """The first `n` examples of `split` as `LazyExample`s (captions only, images on demand)."""
     from tqdm.auto import tqdm
 
     indices = tqdm(range(n), desc=f"sampling {split} captions", unit="img", disable=not progress, leave=False)
-    return [LazyExample(split, i, seed, image_size) for i in indices]
+    return [LazyExample(split, i, seed, image_size, augment) for i in indices]
 
 
 def make_split(split: str, n: int, seed: int = 0, image_size: int = 64, progress: bool = False) -> list:

@@ -93,6 +93,12 @@ def test_cli_quick_flag_and_validation():
     assert parse_args([]).max_steps == DemoSettings().max_steps
     with pytest.raises(SystemExit):
         parse_args(["--max-steps", "0"])
+    other = parse_args(["--vision-warmup-target", "words", "--no-augment"])
+    assert (other.vision_warmup_target, other.augment) == ("words", False)
+    other = parse_args(["--vision-warmup-target", "word_pairs", "--augment"])
+    assert (other.vision_warmup_target, other.augment) == ("word_pairs", True)
+    with pytest.raises(SystemExit):
+        parse_args(["--vision-warmup-target", "pairs"])
 
 
 def test_sincos_positions_encode_row_and_column_separately():

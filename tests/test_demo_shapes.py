@@ -162,3 +162,32 @@ def test_shape_sizes_span_small_to_three_quarters_of_the_image_alone():
     assert 44 <= max(sides[1]) <= 48
     assert max(sides[2]) <= 28 and max(sides[3]) <= 17  # what the width leaves, with margins and gaps
     assert all(s.box[3] - s.box[1] == s.box[2] - s.box[0] for e in examples for s in e.shapes)
+
+
+def test_augmented_examples_keep_caption_and_layout_at_another_size_with_noise():
+    """--augment: the same caption and layout, drawn at a size from AUGMENT_CANVASES with bounded noise; each
+    shape's centre pixel, scaled to the drawing's size, is still its colour; deterministic per index."""
+    from mqwen.demo.shapes import AUGMENT_CANVASES, AUGMENT_NOISE
+
+    sizes = set()
+    for index in range(40):
+        plain, augmented = make_example("train", index, seed=4), make_example("train", index, seed=4, augment=True)
+        again = make_example("train", index, seed=4, augment=True)
+        assert augmented.caption == plain.caption and augmented.shapes == plain.shapes
+        assert np.array_equal(_pixels(augmented), _pixels(again))
+        size = augmented.image.size[0]
+        assert augmented.image.size == (size, size) and size in AUGMENT_CANVASES
+        sizes.add(size)
+        image = _pixels(augmented).astype(int)
+        scale = size / 64
+        for spec in augmented.shapes:
+            x0, y0, x1, y1 = (v * scale for v in spec.box)
+            pixel = image[int((y0 + y1) / 2), int((x0 + x1) / 2)]
+            assert np.abs(pixel - np.array(COLOURS[spec.colour])).max() <= 20 + AUGMENT_NOISE + 1, (spec, pixel)
+    assert len(sizes) >= 4
+    assert not set(AUGMENT_CANVASES) & {48, 80, 96, 128}, "sizes the other renderer draws stay out of training"
+    lazy = lazy_split("train", 3, seed=4, augment=True)
+    assert all(
+        np.array_equal(np.asarray(drawn()), _pixels(make_example("train", i, 4, augment=True)))
+        for i, drawn in enumerate(lazy)
+    )
