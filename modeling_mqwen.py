@@ -51,6 +51,31 @@ _GENERATION_KEYWORDS = inspect.signature(GenerationMixin.prepare_inputs_for_gene
 CACHE_KWARG = "cache" if "cache" in _GENERATION_KEYWORDS else "past_key_values"
 
 
+class _MethodSignature(inspect.Signature):
+    """A method's signature that also holds, made once, the one its bound methods report (without `self`).
+
+    For a bound method, `inspect.signature` takes the function's signature and calls
+    `.replace(parameters=<all but the first>)`, which builds and re-validates a new Signature on every call (most
+    of what a decode step spends in inspect). Asked for exactly that, `replace` returns the copy made here; any
+    other `replace` is inspect's own.
+    """
+
+    __slots__ = ("_bound_parameters", "_bound")
+
+    @classmethod
+    def of(cls, function):
+        signature = inspect.signature(function)
+        stored = cls(signature.parameters.values(), return_annotation=signature.return_annotation)
+        stored._bound_parameters = tuple(stored.parameters.values())[1:]
+        stored._bound = inspect.Signature(stored._bound_parameters, return_annotation=signature.return_annotation)
+        return stored
+
+    def replace(self, **changes):
+        if changes.keys() == {"parameters"} and changes["parameters"] == getattr(self, "_bound_parameters", None):
+            return self._bound
+        return super().replace(**changes)
+
+
 def signature_computed_once(method):
     """Store the signature of the function under `method`'s decorators on that function, computed once.
 
@@ -58,13 +83,14 @@ def signature_computed_once(method):
     `inspect.signature(model.forward)` on every decode step (it looks for the retired `cache_position`; 4.57 does
     it for every model, looking for `position_ids`): a few percent of a small model's step. `inspect.signature`
     follows `__wrapped__` down to the innermost function and computes the signature from it, so storing exactly
-    that result there changes no answer, only the cost. Only under a decorator, never on the outer function: a
+    that result there changes no answer, only the cost; it is a `_MethodSignature`, so the bound method's
+    signature (without `self`) is not rebuilt either. Only under a decorator, never on the outer function: a
     hook that wraps the bound method (accelerate's `add_hook_to_module`) copies the outer function's attributes
     and would then report the signature with `self`.
     """
     function = inspect.unwrap(method)
     if function is not method:
-        function.__signature__ = inspect.signature(function)
+        function.__signature__ = _MethodSignature.of(function)
     return method
 
 
