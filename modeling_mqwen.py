@@ -57,6 +57,31 @@ _GENERATION_KEYWORDS = inspect.signature(GenerationMixin.prepare_inputs_for_gene
 CACHE_KWARG = "cache" if "cache" in _GENERATION_KEYWORDS else "past_key_values"
 
 
+class _MethodSignature(inspect.Signature):
+    """A method's signature that also holds, made once, the one its bound methods report (without `self`).
+
+    For a bound method, `inspect.signature` takes the function's signature and calls
+    `.replace(parameters=<all but the first>)`, which builds and re-validates a new Signature on every call (most
+    of what a decode step spends in inspect). Asked for exactly that, `replace` returns the copy made here; any
+    other `replace` is inspect's own.
+    """
+
+    __slots__ = ("_bound_parameters", "_bound")
+
+    @classmethod
+    def of(cls, function: Callable) -> "_MethodSignature":
+        signature = inspect.signature(function)
+        stored = cls(signature.parameters.values(), return_annotation=signature.return_annotation)
+        stored._bound_parameters = tuple(stored.parameters.values())[1:]
+        stored._bound = inspect.Signature(stored._bound_parameters, return_annotation=signature.return_annotation)
+        return stored
+
+    def replace(self, **changes) -> inspect.Signature:
+        if changes.keys() == {"parameters"} and changes["parameters"] == getattr(self, "_bound_parameters", None):
+            return self._bound
+        return super().replace(**changes)
+
+
 def signature_computed_once(method: Callable) -> Callable:
     """Store the signature of the function under `method`'s decorators on that function, computed once.
 
@@ -64,13 +89,14 @@ def signature_computed_once(method: Callable) -> Callable:
     `inspect.signature(model.forward)` on every decode step (it looks for the retired `cache_position`; 4.57 does
     it for every model, looking for `position_ids`): a few percent of a small model's step. `inspect.signature`
     follows `__wrapped__` down to the innermost function and computes the signature from it, so storing exactly
-    that result there changes no answer, only the cost. Only under a decorator, never on the outer function: a
+    that result there changes no answer, only the cost; it is a `_MethodSignature`, so the bound method's
+    signature (without `self`) is not rebuilt either. Only under a decorator, never on the outer function: a
     hook that wraps the bound method (accelerate's `add_hook_to_module`) copies the outer function's attributes
     and would then report the signature with `self`.
     """
     function = inspect.unwrap(method)
     if function is not method:
-        function.__signature__ = inspect.signature(function)
+        function.__signature__ = _MethodSignature.of(function)
     return method
 
 
@@ -365,7 +391,7 @@ class MQwenPreTrainedModel(PreTrainedModel):
 
 
 def _require_tensor(value, name, expected):
-    if not torch.is_tensor(value):
+    if not isinstance(value, torch.Tensor):
         hint = ""
         if hasattr(value, "__len__"):  # an array or a list
             hint = " (torch.from_numpy(...), or the processor with return_tensors='pt')"
@@ -419,7 +445,7 @@ class MQwenModel(MQwenPreTrainedModel):
         """Check types, dtypes and shapes of `forward`'s inputs (free per step). Token ids and labels are
         range-checked on the CPU only, where that needs no device synchronisation, and not on one-token decode
         steps (they feed back generated ids); elsewhere an id outside the vocabulary still fails inside the
-        embedding. Pixels get `_check_pixel_values`."""
+        embedding. Pixels get `_check_pixel_values`; `<image>` tokens in a prompt without pixels, a warning."""
         tokens = None
         if input_ids is not None:
             _require_tensor(input_ids, "input_ids", "a LongTensor of token ids of shape (batch, sequence)")
@@ -463,6 +489,10 @@ class MQwenModel(MQwenPreTrainedModel):
                     "(a mismatched shape would be broadcast into a wrong loss)."
                 )
             self._check_token_ids(labels, "labels", self.get_output_embeddings(), ignore=-100)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if pixel_values is None and input_ids is not None and tokens[1] > 1:
+            self._warn_if_placeholders_without_pixels(input_ids)
 
     @staticmethod
     def _check_token_ids(ids, name, embedding, ignore=None):
@@ -560,9 +590,10 @@ class MQwenModel(MQwenPreTrainedModel):
     def _warn_if_placeholders_without_pixels(self, input_ids):
         """Placeholders without pixels are embedded as ordinary tokens (see the module docstring); say so once.
 
-        Only prompt-length calls look (a decode step feeds one generated token), and never under torch.compile.
+        `_check_inputs` asks for prompt-length calls only (a decode step feeds one generated token); never
+        under torch.compile.
         """
-        if input_ids is None or input_ids.shape[-1] < 2 or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             return
         if bool((input_ids == self.config.image_token_id).any()):
             logger.warning_once(
@@ -571,17 +602,13 @@ class MQwenModel(MQwenPreTrainedModel):
                 "processor's pixel_values too: model(**processor(images=..., text=...))."
             )
 
-    def _embed(self, input_ids, pixel_values, inputs_embeds):
-        """The language model's inputs: `(input_ids, None)` when there is nothing to splice (the language model
-        embeds them itself, exactly as it would alone), else `(None, embeddings with the images spliced in)`."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if pixel_values is None:
-            self._warn_if_placeholders_without_pixels(input_ids)
-            return input_ids, inputs_embeds
+    def _embed_with_images(self, input_ids, inputs_embeds, pixel_values):
+        """The language model's input embeddings with the images spliced in. `forward` calls it only with pixels:
+        otherwise the language model embeds `input_ids` itself, exactly as it would alone, and a decode step
+        does no image work at all."""
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        return None, self._splice_image_features(input_ids, inputs_embeds, pixel_values)
+        return self._splice_image_features(input_ids, inputs_embeds, pixel_values)
 
     @can_return_tuple
     def forward(
@@ -603,7 +630,8 @@ class MQwenModel(MQwenPreTrainedModel):
         """
         kwargs[CACHE_KWARG] = cache if cache is not None else past_key_values
         self._check_inputs(input_ids, pixel_values, attention_mask, inputs_embeds, kwargs=kwargs)
-        input_ids, inputs_embeds = self._embed(input_ids, pixel_values, inputs_embeds)
+        if pixel_values is not None:
+            input_ids, inputs_embeds = None, self._embed_with_images(input_ids, inputs_embeds, pixel_values)
         outputs = self.get_decoder()(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -664,7 +692,8 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
         self._check_inputs(input_ids, pixel_values, attention_mask, inputs_embeds, labels, kwargs)
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
-        input_ids, inputs_embeds = self._embed(input_ids, pixel_values, inputs_embeds)
+        if pixel_values is not None:
+            input_ids, inputs_embeds = None, self._embed_with_images(input_ids, inputs_embeds, pixel_values)
         loss_from_kept = labels is not None and torch.is_tensor(logits_to_keep) and logits_to_keep.dim() == 1
         outputs = self.language_model(
             input_ids=input_ids,
@@ -715,7 +744,6 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
         pixels: `_update_model_kwargs_for_generation` drops them once a forward has used them.
         """
         model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
-        model_inputs.pop("pixel_values", None)
         if pixel_values is not None:
             cache = model_inputs.get(CACHE_KWARG)
             cached = int(cache.get_seq_length()) if cache is not None else 0

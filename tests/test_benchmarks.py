@@ -141,3 +141,29 @@ def test_bandwidth_figure_runs_and_divides_by_the_bound(monkeypatch):
     assert row.reference_stats.samples == [pytest.approx(bound)]
     assert len(row.ours_stats.samples) == 2 and all(s > 0 for s in row.ours_stats.samples)
     assert row.ratio == pytest.approx(statistics.median(row.ours_stats.samples) / bound)
+
+
+def test_decode_overhead_counts_the_bytecodes_only_the_wrapper_runs(capsys):
+    """`benchmarks/decode_overhead.py`: MQwen's decode step runs its forward and `_check_inputs`, the bare LM's
+    runs no line of modeling_mqwen.py; and the tool prints its table of three contenders."""
+    from mqwen.benchmarks import decode_overhead
+    from mqwen.benchmarks.contenders import build_mqwen, greedy_config, make_tokenizer
+    from mqwen.convert.build import build_processor
+
+    tokenizer = make_tokenizer()
+    model = build_mqwen(QUICK, tokenizer)
+    processor = build_processor(tokenizer, model.config.vision_config, model.config.image_seq_length)
+    inputs = processor(images=random_photos(1, QUICK.image_size_in), text=[processor.caption_prompt()])
+    config = greedy_config(tokenizer, 4)
+    ours = decode_overhead.bytecodes_per_step(model, inputs, config)
+    theirs = decode_overhead.bytecodes_per_step(model.language_model, {"input_ids": inputs["input_ids"]}, config)
+    assert any(name.endswith("MQwenForCausalLM.forward") and count > 0 for name, count in ours.items())
+    assert any(name.endswith("MQwenModel._check_inputs") for name in ours)
+    assert not any("modeling_mqwen" in name for name in theirs)
+    assert not any(name.endswith("get_image_features") for name in ours), "decode steps do no image work"
+
+    assert decode_overhead.main(["--quick", "--reps", "1", "--new-tokens", "3", "--top", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "Python bytecodes per decode step (3 new tokens)" in printed
+    for name in ("| bare LM |", "| bare LM, vision tower run before its decode steps |", "| MQwen (with the image) |"):
+        assert name in printed

@@ -350,3 +350,21 @@ def test_the_forward_signature_computed_once_is_inspects_own_with_or_without_hoo
     hooks.add_hook_to_module(hooked, hooks.ModelHook())
     assert inspect.signature(hooked.forward) == expected
     assert torch.equal(greedy(hooked, inputs), reference)
+
+
+def test_the_bound_forward_signature_is_made_once_and_other_replacements_are_inspects(tiny):
+    """The stored signature also holds the bound method's (without `self`), so a decode step's
+    `inspect.signature(model.forward)` builds no new Signature; any other `replace` must still build a new,
+    validated one, as inspect's own does."""
+    model, _ = tiny
+    bound = inspect.signature(model.forward)
+    assert inspect.signature(model.forward) is bound, "the bound signature is made once"
+    assert "self" not in bound.parameters and list(bound.parameters)[0] == "input_ids"
+
+    stored = inspect.signature(type(model).forward)
+    params = list(stored.parameters.values())
+    assert stored.replace(parameters=params[1:]) == bound  # a list, not the stored tuple: built anew, equal
+    assert stored.replace(return_annotation=int).return_annotation is int
+    assert list(stored.replace(return_annotation=int).parameters) == list(stored.parameters)
+    with pytest.raises(ValueError, match="duplicate parameter name"):
+        stored.replace(parameters=[params[1], params[1]])
