@@ -15,6 +15,7 @@ Figure 1 divides MQwen's decode tokens/s by the bare language model's. This tool
 import argparse
 import collections
 import sys
+from typing import Any
 
 EXAMPLES = """examples:
   python -m mqwen.benchmarks.decode_overhead --quick --reps 300 --clock cpu --threads 1   # figure 1's --quick shapes
@@ -23,7 +24,7 @@ EXAMPLES = """examples:
 """
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m mqwen.benchmarks.decode_overhead",
         description="Bytecodes per decode step (per function) and decode tokens/s: MQwen against the bare LM.",
@@ -42,7 +43,7 @@ def parse_args(argv=None):
     return args
 
 
-def bytecodes_per_step(model, inputs, config):
+def bytecodes_per_step(model: Any, inputs: dict, config: Any) -> dict:
     """{function: bytecodes per decode step} of one `generate` (after an untimed one), counted with settrace."""
     import torch
     from transformers.generation.streamers import BaseStreamer
@@ -80,7 +81,7 @@ def bytecodes_per_step(model, inputs, config):
     return {name: count / steps for name, count in counts.items()}
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
@@ -106,8 +107,10 @@ def main(argv=None):
 
     ours, theirs = bytecodes_per_step(model, inputs, config), bytecodes_per_step(bare, text_only, config)
     total_ours, total_theirs = sum(ours.values()), sum(theirs.values())
-    print(f"Python bytecodes per decode step ({new} new tokens): MQwen {total_ours:.0f}, bare LM {total_theirs:.0f}, "
-          f"difference {total_ours - total_theirs:+.0f} ({total_ours / total_theirs - 1:+.1%})\n")
+    print(
+        f"Python bytecodes per decode step ({new} new tokens): MQwen {total_ours:.0f}, bare LM {total_theirs:.0f}, "
+        f"difference {total_ours - total_theirs:+.0f} ({total_ours / total_theirs - 1:+.1%})\n"
+    )
     print("| difference | MQwen | bare LM | function |\n|---|---|---|---|")
     names = sorted(set(ours) | set(theirs), key=lambda name: -abs(ours.get(name, 0) - theirs.get(name, 0)))
     for name in names[: args.top]:
