@@ -4,6 +4,8 @@ import argparse
 import sys
 from dataclasses import fields
 
+from mqwen.train.config import VISION_WARMUP_TARGETS
+
 from .run import QUICK, DemoSettings, run
 
 EXAMPLES = """examples:
@@ -57,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> DemoSettings:
     )
     parser.add_argument(
         "--vision-warmup-target",
-        choices=["words", "word_pairs"],
+        choices=list(VISION_WARMUP_TARGETS),
         help=f"what the vision warm-up names: the caption's words or its adjacent word pairs "
         f"(default: {DEFAULTS.vision_warmup_target})",
     )

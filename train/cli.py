@@ -11,7 +11,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import VISION_WARMUP_TARGETS, TrainConfig
 
 EXAMPLES = """examples:
   # stage 1: align the projector on COCO captions (vision tower and language model frozen)
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         if field.name == "stage":
             options["choices"] = ["align", "lora", "full"]
         if field.name == "vision_warmup_target":
-            options["choices"] = ["words", "word_pairs"]
+            options["choices"] = list(VISION_WARMUP_TARGETS)
         parser.add_argument(_flag(field.name), **options)
     return parser
 

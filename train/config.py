@@ -25,6 +25,7 @@ CAPTION_INSTRUCTIONS = (
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The vision tower's linear layers (its fused q/k/v is a raw parameter, which LoRA cannot wrap).
 VISION_LORA_TARGETS = ("out_proj", "c_fc", "c_proj")
+VISION_WARMUP_TARGETS = ("words", "word_pairs")  # what the vision warm-up names (vision_warmup.py)
 
 # Learning rates that work for a LLaVA-style recipe when none is given.
 DEFAULT_LEARNING_RATES = {"align": 1e-3, "lora": 2e-4, "full": 2e-5}
@@ -164,7 +165,7 @@ class TrainConfig:
             )
         if not 0 < self.curriculum_fraction <= 1:
             raise ValueError(f"curriculum_fraction must be in (0, 1], got {self.curriculum_fraction}.")
-        if self.vision_warmup_target not in ("words", "word_pairs"):
+        if self.vision_warmup_target not in VISION_WARMUP_TARGETS:
             raise ValueError(
                 f"vision_warmup_target must be 'words' or 'word_pairs', got {self.vision_warmup_target!r}."
             )

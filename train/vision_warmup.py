@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TARGETS = ("words", "word_pairs")
+from .config import VISION_WARMUP_TARGETS as TARGETS
 
 
 class VisionWarmup:
