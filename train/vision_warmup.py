@@ -66,6 +66,10 @@ class VisionWarmup:
         self.head = nn.Linear(width, outputs).to(device)
         self.ignored = torch.tensor(sorted(set(ignored_ids)), dtype=torch.long)
 
+    def _is_word(self, labels: torch.Tensor) -> torch.Tensor:
+        """Where `labels` holds a caption word: trained on (not -100) and not an ignored special token."""
+        return (labels >= 0) & ~torch.isin(labels, self.ignored.to(labels.device))
+
     def loss(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of each image's word (or word-pair) distribution against its caption's (uniform)."""
         if pixel_values.shape[0] != labels.shape[0]:
@@ -80,7 +84,7 @@ class VisionWarmup:
         # over all (patch, word) pairs, summed over patches), so a small object's patches can name it alone.
         scores = self.head(hidden.float())
         log_probs = torch.logsumexp(F.log_softmax(scores.flatten(1), dim=-1).view_as(scores), dim=1)
-        is_word = (labels >= 0) & ~torch.isin(labels, self.ignored.to(labels.device))
+        is_word = self._is_word(labels)
         target = torch.zeros_like(log_probs).scatter_add_(1, labels.clamp(min=0), is_word.to(log_probs.dtype))
         target = (target > 0).to(log_probs.dtype)
         has_words = target.sum(-1) > 0
@@ -101,7 +105,7 @@ class VisionWarmup:
         first, second = scores[..., : self.vocab_size], scores[..., self.vocab_size :]
         first = F.log_softmax(first.flatten(1), dim=-1).view_as(first)  # (batch, patch, word), over patch and word
         second = F.log_softmax(second, dim=-1)  # (batch, patch, word), over words at each patch
-        is_word = (labels >= 0) & ~torch.isin(labels, self.ignored.to(labels.device))
+        is_word = self._is_word(labels)
         is_pair = is_word[:, :-1] & is_word[:, 1:]  # (batch, position): labels[t], labels[t + 1]
         words = labels.clamp(min=0)
         patches = hidden.shape[1]
