@@ -40,22 +40,13 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import CompileConfig
 
-    from mqwen.convert.build import build_processor
+    from .contenders import cpu_decode_setup, greedy_config
+    from .figures import _generate
+    from .timing import interleave
 
-    from .contenders import build_mqwen, greedy_config, make_tokenizer
-    from .figures import _generate, random_photos
-    from .shapes import pick
-    from .timing import interleave, use_clock
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    use_clock(args.clock)
-    shapes = pick("cpu", args.quick)
-    tokenizer = make_tokenizer()
-    model = build_mqwen(shapes, tokenizer, device="cpu", dtype=torch.float32)
-    processor = build_processor(tokenizer, model.config.vision_config, model.config.image_seq_length)
-    inputs = processor(images=random_photos(1, shapes.image_size_in, seed=1), text=[processor.caption_prompt()])
-    text_only = {key: inputs[key] for key in ("input_ids", "attention_mask")}
+    setup = cpu_decode_setup(args.quick, args.threads, args.clock)
+    shapes, tokenizer, model = setup.shapes, setup.tokenizer, setup.model
+    inputs, text_only = setup.inputs, setup.text_only
     new = args.new_tokens or max(shapes.decode_tokens, 16)
     dynamic = greedy_config(tokenizer, new)
     static = greedy_config(tokenizer, new)

@@ -279,3 +279,40 @@ def check_same_logits(contenders: Contenders, images: list["Image.Image"], atol:
     if error > atol:
         raise RuntimeError(f"MQwen and LLaVA logits differ by {error:.2e} (relative), more than {atol:g}")
     return error
+
+
+@dataclass
+class CpuDecodeSetup:
+    """What the decode-step studies (`decode_overhead`, `compile_decode`) run: MQwen and one captioning prompt.
+
+    `inputs` hold one random photo and the caption prompt; `text_only` is the same prompt without the pixels,
+    the bare language model's input.
+    """
+
+    shapes: "Shapes"
+    tokenizer: "PreTrainedTokenizerFast"
+    model: MQwenForCausalLM
+    processor: "MQwenProcessor"
+    inputs: dict
+    text_only: dict
+
+
+def cpu_decode_setup(quick: bool, threads: int | None, clock: str) -> CpuDecodeSetup:
+    """The CPU model and prompt of the decode-step studies, at `--quick` or mid-size shapes.
+
+    Also sets torch's CPU threads (when `threads` is given) and the timing clock (`timing.use_clock`).
+    """
+    from .figures import random_photos
+    from .shapes import pick
+    from .timing import use_clock
+
+    if threads:
+        torch.set_num_threads(threads)
+    use_clock(clock)
+    shapes = pick("cpu", quick)
+    tokenizer = make_tokenizer()
+    model = build_mqwen(shapes, tokenizer, device="cpu", dtype=torch.float32)
+    processor = build_processor(tokenizer, model.config.vision_config, model.config.image_seq_length)
+    inputs = processor(images=random_photos(1, shapes.image_size_in, seed=1), text=[processor.caption_prompt()])
+    text_only = {key: inputs[key] for key in ("input_ids", "attention_mask")}
+    return CpuDecodeSetup(shapes, tokenizer, model, processor, inputs, text_only)

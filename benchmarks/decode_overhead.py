@@ -85,23 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from mqwen.convert.build import build_processor
+    from .contenders import cpu_decode_setup, greedy_config
+    from .timing import StepClock, interleave
 
-    from .contenders import build_mqwen, greedy_config, make_tokenizer
-    from .figures import random_photos
-    from .shapes import pick
-    from .timing import StepClock, interleave, use_clock
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    use_clock(args.clock)
-    shapes = pick("cpu", args.quick)
-    tokenizer = make_tokenizer()
-    model = build_mqwen(shapes, tokenizer, device="cpu", dtype=torch.float32).eval()
+    setup = cpu_decode_setup(args.quick, args.threads, args.clock)
+    shapes, tokenizer, model = setup.shapes, setup.tokenizer, setup.model
+    inputs, text_only = setup.inputs, setup.text_only
     bare = model.language_model
-    processor = build_processor(tokenizer, model.config.vision_config, model.config.image_seq_length)
-    inputs = processor(images=random_photos(1, shapes.image_size_in, seed=1), text=[processor.caption_prompt()])
-    text_only = {key: inputs[key] for key in ("input_ids", "attention_mask")}
     new = args.new_tokens or shapes.decode_tokens
     config = greedy_config(tokenizer, new)
 

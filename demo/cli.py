@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> DemoSettings:
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help=f"draw training images at other sizes and with pixel noise (default: {DEFAULTS.augment})",
+        help="draw training images from a wider distribution: other sizes, smaller shapes, darker backgrounds "
+        f"with a gradient, stronger colour jitter, pixel noise (default: {DEFAULTS.augment})",
     )
     parser.add_argument(
         "--curriculum-grow",
