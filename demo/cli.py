@@ -67,8 +67,7 @@ def parse_args(argv: list[str] | None = None) -> DemoSettings:
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="draw training images from a wider distribution: other sizes, smaller shapes, darker backgrounds "
-        f"with a gradient, stronger colour jitter, pixel noise (default: {DEFAULTS.augment})",
+        help=f"draw training images at other sizes and with pixel noise (default: {DEFAULTS.augment})",
     )
     parser.add_argument(
         "--curriculum-grow",
@@ -87,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> DemoSettings:
     parser.add_argument(
         "--max-train-minutes",
         type=float,
-        help="stop training after this many minutes even if --max-steps is not reached",
+        help="stop training after this many minutes even if --max-steps is not reached "
+        f"(default: {DEFAULTS.max_train_minutes}; 0: no limit)",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(

@@ -6,16 +6,12 @@ the grammar (`caption_for`) and the colour names. What differs from the training
 
 - the rasteriser: shapes are coverage masks computed here with numpy (4 x 4 samples per pixel, centred
   geometry), not PIL's polygon and ellipse filling, downsampled;
-- image sizes 48, 80, 96 and 128 px (training: 64, or with `--augment` 56-120 px but never these; the
-  processor resizes);
-- layout: margins, gaps and the spread of the leftover width are drawn differently; every arrangement may
-  appear (the held-out rule of the main test split does not apply: this set tests the drawing, not
-  composition);
-- Gaussian pixel noise (`--augment`: uniform) and a left-to-right brightness ramp.
-
-Its ranges lie inside what `--augment` trains on (the demo's default), but not inside the plain task's: shape
-sides from 10 % of the image side (plain: 12 %; augmented: 8 %), background channels 200-255 (plain: 214-255;
-augmented: 184-255 and a gradient), shape colours jittered by up to 30 per channel (plain: 20; augmented: 35).
+- image sizes 48, 80, 96 and 128 px (training uses 64; the processor resizes);
+- sizes from 10 % of the side (training: 12 %) up to 75 % for a shape alone;
+- background: each channel drawn in 200-255 independently (training: 214-255), plus a faint left-to-right
+  brightness ramp and pixel noise; shape colours jittered by up to 30 per channel (training: 20);
+- every arrangement may appear (the held-out rule of the main test split does not apply: this set tests the
+  drawing, not composition).
 """
 
 from dataclasses import dataclass

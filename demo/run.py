@@ -45,13 +45,15 @@ class DemoSettings:
     curriculum_grow: bool = False  # True: the pool grows to two-shape images, then all, over those steps
     vision_warmup_steps: int = 2000  # train/'s vision warm-up: the ViT alone first (train/vision_warmup.py)
     vision_warmup_target: str = "word_pairs"  # what the warm-up names: "words" or "word_pairs"
-    augment: bool = True  # training images drawn from a wider distribution (shapes.AUGMENT_*)
+    augment: bool = True  # training images drawn at other sizes, with pixel noise (shapes.AUGMENT_*)
     lr_scheduler: str = "cosine"  # or "warmup_stable_decay": the peak rate until the last decay_ratio of steps
     decay_ratio: float = 0.2
     other_test_size: int = 300  # the second test set, drawn by other_renderer.py
     eval_batch_size: int = 64
     max_new_tokens: int = 24
-    max_train_minutes: float = None
+    # Training stops after this many minutes even if steps remain (0 or None: no limit): the job's 10-minute
+    # budget on the 2-core reference machine. Only its last steps can be cut, where the cosine rate is near zero.
+    max_train_minutes: float | None = 9.75
     show: int = 8
     grid: int = 16
     threads: int = None

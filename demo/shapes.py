@@ -61,19 +61,12 @@ SPLITS = {"train": 0, "validation": 1, "test": 2}
 _PHRASE = r"a (red|green|blue|yellow) (circle|square|triangle)"
 _CAPTION_RE = re.compile(rf"^{_PHRASE}(?:(?:, {_PHRASE})? and {_PHRASE})?$")
 
-# --augment: a wider drawing of the same grammar for training (the processor resizes every image, and real
-# inputs vary): other sizes (none of other_renderer.py's 48/80/96/128), smaller shapes, darker backgrounds with
-# a brightness gradient, stronger colour jitter, pixel noise.
+# --augment: drawing sizes (none of other_renderer.py's 48/80/96/128) and the most pixel noise
 AUGMENT_CANVASES = (56, 64, 72, 88, 104, 120)
-AUGMENT_MIN_SIZE = 0.08  # smallest shape side, as a fraction of the image side (plain: MIN_SIZE)
-AUGMENT_DARKER = 30  # each background channel darkened by up to this many levels more
-AUGMENT_GRADIENT = 10.0  # a linear brightness gradient, in a random direction, of up to this many levels each way
-AUGMENT_JITTER = 35  # shape colour jitter per channel (plain: JITTER)
-AUGMENT_NOISE = 4.0  # uniform pixel noise of up to this many levels
-JITTER = 20
+AUGMENT_NOISE = 4.0
 
-_SUPERSAMPLE = 2  # shapes are drawn at 2x and downsampled, for anti-aliased edges (4x costs 3x the time
-# per image, which the one data-loader worker then takes from the two cores that train)
+_SUPERSAMPLE = 2  # shapes are drawn at 2x and each pixel averages its 2 x 2 samples, for anti-aliased edges
+# (cheap on purpose: the one data-loader worker takes its time from the two cores that train; 4x costs 3x)
 
 
 @dataclass(frozen=True)
@@ -117,17 +110,16 @@ def is_held_out(caption: str) -> bool:
 
 
 def sample_layout(
-    rng: np.random.Generator, image_size: int, n: int | None = None, min_size: float = MIN_SIZE
+    rng: np.random.Generator, image_size: int, n: int | None = None
 ) -> tuple[tuple[ShapeSpec, ...], tuple[int, int, int]]:
     """Random shapes in disjoint horizontal bands, left to right, and a light background colour.
 
-    `n` shapes (default: 1, 2 or 3, equally often). A shape's side is drawn uniformly from `min_size` of the
-    image side (about 12 %; at least 4 px) up to 75 % for a shape alone, or up to what the width leaves for two
-    or three.
+    `n` shapes (default: 1, 2 or 3, equally often). A shape's side is drawn uniformly from about 12 % of the
+    image side up to 75 % for a shape alone, or up to what the width leaves for two or three.
     """
     n = int(rng.integers(1, MAX_SHAPES + 1)) if n is None else n
     margin, gap = max(1, image_size // 32), max(2, image_size // 16)
-    smin = max(4, round(min_size * image_size))
+    smin = max(8, round(MIN_SIZE * image_size))
     smax = min(round(MAX_SIZE_ALONE * image_size), (image_size - 2 * margin - (n - 1) * gap) // n)
     sizes = rng.integers(smin, smax + 1, size=n)
     # Spread the leftover width randomly over the n + 1 spaces around the shapes.
@@ -152,15 +144,11 @@ def render(
     rng: np.random.Generator | None = None,
     canvas: int | None = None,
     noise: float = 0.0,
-    jitter: int = JITTER,
-    gradient: float = 0.0,
 ) -> Image.Image:
     """Draw `shapes` (ShapeSpecs, laid out for `image_size`) on a plain background.
 
-    Colours get a jitter of up to `jitter` levels per channel when `rng` is given. `canvas` draws the same
-    layout at another size (the processor resizes it to the vision tower's); `gradient` adds a linear
-    brightness ramp of up to that many levels each way in a random direction, and `noise` uniform pixel noise
-    of up to that many levels (both need `rng`).
+    Colours get a small jitter when `rng` is given. `canvas` draws the same layout at another size (the
+    processor resizes it to the vision tower's); `noise` adds uniform pixel noise of up to that many levels.
     """
     canvas = canvas or image_size
     s = _SUPERSAMPLE
@@ -170,7 +158,7 @@ def render(
     for spec in shapes:
         colour = np.array(COLOURS[spec.colour])
         if rng is not None:
-            colour = np.clip(colour + rng.integers(-jitter, jitter + 1, size=3), 0, 255)
+            colour = np.clip(colour + rng.integers(-20, 21, size=3), 0, 255)
         fill = tuple(int(c) for c in colour)
         x0, y0, x1, y1 = (v * scale for v in spec.box)
         x1, y1 = x1 - 1, y1 - 1
@@ -180,25 +168,20 @@ def render(
             draw.rectangle((x0, y0, x1, y1), fill=fill)
         else:
             draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
-    image = image.resize((canvas, canvas), Image.LANCZOS)
-    if (noise or gradient) and rng is not None:
-        angle = rng.uniform(0, 2 * np.pi)
-        axis = np.linspace(-1, 1, canvas, dtype=np.float32)
-        ramp = gradient * (np.cos(angle) * axis[None, :] + np.sin(angle) * axis[:, None]) / np.sqrt(2)
-        pixels = np.asarray(image, dtype=np.float32) + ramp[..., None]
-        pixels += rng.uniform(-noise, noise, size=(canvas, canvas, 3)).astype(np.float32)
+    image = image.reduce(s)  # each pixel the mean of its s x s samples
+    if noise and rng is not None:
+        pixels = np.asarray(image, dtype=np.float32) + (rng.random((canvas, canvas, 3), np.float32) * 2 - 1) * noise
         image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
     return image
 
 
-def _layout(split, index, seed, image_size, augment=False):
+def _layout(split, index, seed, image_size):
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; choose one of {list(SPLITS)}")
     rng = np.random.default_rng([seed, SPLITS[split], index])
     n = int(rng.integers(1, MAX_SHAPES + 1))  # drawn first: every split has 1, 2 and 3 shapes equally often
-    min_size = AUGMENT_MIN_SIZE if augment else MIN_SIZE
     while True:  # rejection sampling keeps each split's distribution otherwise uniform
-        shapes, background = sample_layout(rng, image_size, n, min_size)
+        shapes, background = sample_layout(rng, image_size, n)
         caption = caption_for(shapes)
         if n == 1 or is_held_out(caption) == (split == "test"):
             return shapes, background, rng
@@ -207,19 +190,14 @@ def _layout(split, index, seed, image_size, augment=False):
 def make_example(split: str, index: int, seed: int = 0, image_size: int = 64, augment: bool = False) -> Example:
     """Example `index` of `split` ("train", "validation" or "test"), a pure function of its arguments.
 
-    `augment` draws a wider distribution for training (the `AUGMENT_*` settings): shapes from
-    `AUGMENT_MIN_SIZE` of the side, drawn at a size from `AUGMENT_CANVASES`, on a darker background with a
-    brightness gradient, with stronger colour jitter and pixel noise. The caption still names exactly the shapes
-    drawn.
+    `augment` draws the image at a random size from `AUGMENT_CANVASES` with up to `AUGMENT_NOISE` levels of
+    pixel noise (for training: the processor resizes every image, and real inputs come at any size).
     """
-    shapes, background, rng = _layout(split, index, seed, image_size, augment)
-    if not augment:
-        return Example(render(shapes, background, image_size, rng), caption_for(shapes), shapes)
-    canvas, noise = int(rng.choice(AUGMENT_CANVASES)), float(rng.uniform(0, AUGMENT_NOISE))
-    background = tuple(int(v) for v in np.array(background) - rng.integers(0, AUGMENT_DARKER + 1, size=3))
-    gradient = float(rng.uniform(0, AUGMENT_GRADIENT))
-    image = render(shapes, background, image_size, rng, canvas, noise, AUGMENT_JITTER, gradient)
-    return Example(image, caption_for(shapes), shapes)
+    shapes, background, rng = _layout(split, index, seed, image_size)
+    canvas, noise = None, 0.0
+    if augment:
+        canvas, noise = int(rng.choice(AUGMENT_CANVASES)), float(rng.uniform(0, AUGMENT_NOISE))
+    return Example(render(shapes, background, image_size, rng, canvas, noise), caption_for(shapes), shapes)
 
 
 class LazyExample:
@@ -233,7 +211,7 @@ class LazyExample:
 
     def __init__(self, split: str, index: int, seed: int = 0, image_size: int = 64, augment: bool = False):
         self.split, self.index, self.seed, self.image_size, self.augment = split, index, seed, image_size, augment
-        self.caption = caption_for(_layout(split, index, seed, image_size, augment)[0])
+        self.caption = caption_for(_layout(split, index, seed, image_size)[0])
 
     def __call__(self):
         return make_example(self.split, self.index, self.seed, self.image_size, self.augment).image

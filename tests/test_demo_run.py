@@ -155,3 +155,20 @@ def test_plateau_exit_is_where_the_caption_loss_stays_under_the_threshold():
     assert plateau_exit_step(log) == 50
     assert plateau_exit_step(log[:4]) is None
     assert plateau_exit_step(log, threshold=0.21) == 60
+
+
+def test_time_limit_stops_training_once_the_minutes_are_spent():
+    """The default --max-train-minutes callback lets steps run until its deadline, then asks the Trainer to stop."""
+    import time
+    from types import SimpleNamespace
+
+    from mqwen.demo.run import _progress_callbacks
+
+    assert DemoSettings().max_train_minutes and _progress_callbacks(0)[1] == []
+    for minutes, stops in ((10, False), (1e-9, True)):
+        (limit,) = _progress_callbacks(minutes)[1]
+        control = SimpleNamespace(should_training_stop=False)
+        limit.on_train_begin(None, None, control)
+        time.sleep(0.01)
+        limit.on_step_end(None, None, control)
+        assert control.should_training_stop is stops

@@ -164,44 +164,28 @@ def test_shape_sizes_span_small_to_three_quarters_of_the_image_alone():
     assert all(s.box[3] - s.box[1] == s.box[2] - s.box[0] for e in examples for s in e.shapes)
 
 
-def test_augmented_examples_draw_a_wider_distribution_and_caption_it_exactly():
-    """--augment: deterministic per index; drawn at a size from AUGMENT_CANVASES; shapes smaller than the plain
-    task's smallest, backgrounds darker than its darkest; every shape's centre pixel, scaled to the drawing's
-    size, is still its colour within the jitter, gradient and noise bounds; held-out arrangements stay out."""
-    from mqwen.demo.shapes import (
-        AUGMENT_CANVASES,
-        AUGMENT_DARKER,
-        AUGMENT_GRADIENT,
-        AUGMENT_JITTER,
-        AUGMENT_MIN_SIZE,
-        AUGMENT_NOISE,
-        is_held_out,
-    )
+def test_augmented_examples_keep_caption_and_layout_at_another_size_with_noise():
+    """--augment: the same caption and layout, drawn at a size from AUGMENT_CANVASES with bounded noise; each
+    shape's centre pixel, scaled to the drawing's size, is still its colour; deterministic per index."""
+    from mqwen.demo.shapes import AUGMENT_CANVASES, AUGMENT_NOISE
 
-    sizes, sides, corners = set(), [], []
-    for index in range(60):
-        augmented, again = (make_example("train", index, seed=4, augment=True) for _ in range(2))
+    sizes = set()
+    for index in range(40):
+        plain, augmented = make_example("train", index, seed=4), make_example("train", index, seed=4, augment=True)
+        again = make_example("train", index, seed=4, augment=True)
+        assert augmented.caption == plain.caption and augmented.shapes == plain.shapes
         assert np.array_equal(_pixels(augmented), _pixels(again))
-        assert parse_caption(augmented.caption) == [(s.colour, s.shape) for s in augmented.shapes]
-        assert not is_held_out(augmented.caption)
         size = augmented.image.size[0]
         assert augmented.image.size == (size, size) and size in AUGMENT_CANVASES
         sizes.add(size)
         image = _pixels(augmented).astype(int)
-        corners.append(image[0, 0].min())
         scale = size / 64
         for spec in augmented.shapes:
-            sides.append(spec.box[2] - spec.box[0])
-            if sides[-1] < 8:
-                continue  # a few pixels wide: the downsampling mixes the background into its centre
             x0, y0, x1, y1 = (v * scale for v in spec.box)
             pixel = image[int((y0 + y1) / 2), int((x0 + x1) / 2)]
-            bound = AUGMENT_JITTER + AUGMENT_GRADIENT + AUGMENT_NOISE + 1
-            assert np.abs(pixel - np.array(COLOURS[spec.colour])).max() <= bound, (spec, pixel)
+            assert np.abs(pixel - np.array(COLOURS[spec.colour])).max() <= 20 + AUGMENT_NOISE + 1, (spec, pixel)
     assert len(sizes) >= 4
     assert not set(AUGMENT_CANVASES) & {48, 80, 96, 128}, "sizes the other renderer draws stay out of training"
-    assert round(AUGMENT_MIN_SIZE * 64) <= min(sides) < 8, "smaller shapes than the plain task's 8 px"
-    assert 214 - AUGMENT_DARKER - AUGMENT_GRADIENT - AUGMENT_NOISE <= min(corners) < 200, "darker backgrounds"
     lazy = lazy_split("train", 3, seed=4, augment=True)
     assert all(
         np.array_equal(np.asarray(drawn()), _pixels(make_example("train", i, 4, augment=True)))

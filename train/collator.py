@@ -70,7 +70,7 @@ class CaptionCollator:
             if message["role"] != "assistant":
                 continue
             prefix = self.render(messages[:k], add_generation_prompt=True)
-            through = self.render(messages[: k + 1])
+            through = text if k == len(messages) - 1 else self.render(messages[: k + 1])
             if not (through.startswith(prefix) and text.startswith(through)):
                 raise ValueError(
                     "The chat template does not render conversations prefix by prefix (ChatML does), so answer "
