@@ -18,17 +18,16 @@ EXAMPLES = """examples:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from .contenders import add_cpu_decode_arguments
+
     parser = argparse.ArgumentParser(
         prog="python -m mqwen.benchmarks.compile_decode",
         description="Decode tokens/s of MQwen: dynamic cache, static cache, static cache + torch.compile.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (default: the CPU mid-size shapes)")
+    add_cpu_decode_arguments(parser)
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per contender (default 10)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per generation (default: the shapes')")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="as in `mqwen-bench`")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error(f"--reps must be at least 1, got {args.reps}")

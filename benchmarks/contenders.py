@@ -25,6 +25,8 @@ from mqwen.convert.tokenizer import train_qwen_style_tokenizer, wrap_as_transfor
 from mqwen.processing_mqwen import CHAT_TEMPLATE
 
 if TYPE_CHECKING:
+    import argparse
+
     from PIL import Image
     from transformers import (
         CLIPVisionConfig,
@@ -295,6 +297,14 @@ class CpuDecodeSetup:
     processor: "MQwenProcessor"
     inputs: dict
     text_only: dict
+
+
+def add_cpu_decode_arguments(parser: "argparse.ArgumentParser") -> None:
+    """The options of the decode-step studies that `cpu_decode_setup` and the decode length take."""
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (default: the CPU mid-size shapes)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per generation (default: the shapes')")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="as in `mqwen-bench`")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def cpu_decode_setup(quick: bool, threads: int | None, clock: str) -> CpuDecodeSetup:

@@ -25,18 +25,17 @@ EXAMPLES = """examples:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from .contenders import add_cpu_decode_arguments
+
     parser = argparse.ArgumentParser(
         prog="python -m mqwen.benchmarks.decode_overhead",
         description="Bytecodes per decode step (per function) and decode tokens/s: MQwen against the bare LM.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (default: the CPU mid-size shapes)")
+    add_cpu_decode_arguments(parser)
     parser.add_argument("--reps", type=int, default=100, help="timed rounds (default 100; 0: bytecodes only)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per generation (default: the shapes')")
     parser.add_argument("--top", type=int, default=25, help="functions listed by bytecode difference (default 25)")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="as in `mqwen-bench`")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.reps < 0:
         parser.error(f"--reps must be at least 0, got {args.reps}")
