@@ -86,8 +86,7 @@ def parse_args(argv: list[str] | None = None) -> DemoSettings:
     parser.add_argument(
         "--max-train-minutes",
         type=float,
-        help="stop training after this many minutes even if --max-steps is not reached "
-        f"(default: {DEFAULTS.max_train_minutes}; 0: no limit)",
+        help="stop training after this many minutes even if --max-steps is not reached (default: no limit)",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(

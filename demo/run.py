@@ -51,9 +51,9 @@ class DemoSettings:
     other_test_size: int = 300  # the second test set, drawn by other_renderer.py
     eval_batch_size: int = 64
     max_new_tokens: int = 24
-    # Training stops after this many minutes even if steps remain (0 or None: no limit): the job's 10-minute
-    # budget on the 2-core reference machine. Only its last steps can be cut, where the cosine rate is near zero.
-    max_train_minutes: float | None = 9.75
+    # Training stops after this many minutes even if steps remain (None or 0: no limit). Off by default: on a
+    # slower or busier machine a limit cuts the run while the learning rate is still high (demo/EXPERIMENTS.md).
+    max_train_minutes: float | None = None
     show: int = 8
     grid: int = 16
     threads: int = None

@@ -158,13 +158,13 @@ def test_plateau_exit_is_where_the_caption_loss_stays_under_the_threshold():
 
 
 def test_time_limit_stops_training_once_the_minutes_are_spent():
-    """The default --max-train-minutes callback lets steps run until its deadline, then asks the Trainer to stop."""
+    """--max-train-minutes lets steps run until its deadline, then asks the Trainer to stop; no limit by default."""
     import time
     from types import SimpleNamespace
 
     from mqwen.demo.run import _progress_callbacks
 
-    assert DemoSettings().max_train_minutes and _progress_callbacks(0)[1] == []
+    assert DemoSettings().max_train_minutes is None and _progress_callbacks(None)[1] == _progress_callbacks(0)[1] == []
     for minutes, stops in ((10, False), (1e-9, True)):
         (limit,) = _progress_callbacks(minutes)[1]
         control = SimpleNamespace(should_training_stop=False)
