@@ -66,7 +66,7 @@ AUGMENT_CANVASES = (56, 64, 72, 88, 104, 120)
 AUGMENT_NOISE = 4.0
 
 _SUPERSAMPLE = 2  # shapes are drawn at 2x and each pixel averages its 2 x 2 samples, for anti-aliased edges
-# (cheap on purpose: the one data-loader worker takes its time from the two cores that train; 4x costs 3x)
+# (cheap on purpose: the one data-loader worker takes its time from the two cores that train)
 
 
 @dataclass(frozen=True)
