@@ -167,7 +167,8 @@ class TrainConfig:
             raise ValueError(f"curriculum_fraction must be in (0, 1], got {self.curriculum_fraction}.")
         if self.vision_warmup_target not in VISION_WARMUP_TARGETS:
             raise ValueError(
-                f"vision_warmup_target must be 'words' or 'word_pairs', got {self.vision_warmup_target!r}."
+                f"vision_warmup_target must be {' or '.join(map(repr, VISION_WARMUP_TARGETS))}, "
+                f"got {self.vision_warmup_target!r}."
             )
         if self.vision_warmup_steps and not (self.train_vision_tower and self.stage == "full"):
             raise ValueError(
