@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> DemoSettings:
         f"(default: {DEFAULTS.vision_warmup_target})",
     )
     parser.add_argument(
+        "--vision-aux-weight",
+        type=float,
+        help=f"after the vision warm-up, keep its loss on at this weight beside the caption loss "
+        f"(default: {DEFAULTS.vision_aux_weight}; 0: off)",
+    )
+    parser.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=None,

@@ -119,3 +119,147 @@ def test_trainer_trains_only_the_vision_tower_during_the_warmup(tmp_path, target
     untouched.save_pretrained(tmp_path / "untouched")
     saved = load_file(str(result.model_dir / "model.safetensors"))
     assert set(saved) == set(load_file(str(tmp_path / "untouched" / "model.safetensors")))
+
+
+def _aux_trainer(tmp_path, weight, **config):
+    from mqwen.train import TrainConfig, build_trainer
+
+    model, processor = build_tiny(seed=0)
+    data = [(Image.new("RGB", (32, 32), c), f"a {c} image") for c in ("red", "green", "blue", "white")]
+    config = TrainConfig(
+        model=model,
+        data=data,
+        output_dir=str(tmp_path),
+        stage="full",
+        train_vision_tower=True,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        vision_warmup_target="word_pairs",
+        vision_aux_weight=weight,
+        seed=0,
+        training_args={"save_strategy": "no", "report_to": []},
+        **config,
+    )
+    trainer = build_trainer(config, model=model, processor=processor)
+    trainer.create_optimizer()
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    return trainer, model, {k: v for k, v in batch.items() if k != "skipped"}
+
+
+def _loss_and_vision_grads(trainer, model, batch, loss_fn):
+    model.zero_grad(set_to_none=True)
+    trainer.vision_warmup.head.zero_grad(set_to_none=True)
+    loss = loss_fn(batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.vision_tower.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, trainer.vision_warmup.head.weight.grad.clone()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_aux_loss_is_the_caption_loss_plus_the_weighted_warmup_loss_of_a_second_vision_pass(tmp_path, checkpointing):
+    """With vision_aux_weight, the loss (and every gradient it gives the vision tower and the head) equals the
+    caption loss plus weight x VisionWarmup.loss computed on its own, by a second run of the vision tower. With
+    reentrant gradient checkpointing the caption pass's features carry no graph, and the fallback must agree."""
+    from mqwen.train.trainer import CaptionTrainer
+
+    trainer, model, batch = _aux_trainer(tmp_path, 0.5)
+    if checkpointing:
+        reentrant = {"use_reentrant": True}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=reentrant)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=reentrant)
+        model.enable_input_require_grads()
+    loss, grads, head_grad = _loss_and_vision_grads(trainer, model, batch, lambda b: trainer.compute_loss(model, b))
+
+    def reference(b):
+        caption = super(CaptionTrainer, trainer).compute_loss(model, dict(b))
+        return caption + 0.5 * trainer.vision_warmup.loss(b["pixel_values"], b["labels"])
+
+    expected, expected_grads, expected_head_grad = _loss_and_vision_grads(trainer, model, batch, reference)
+    torch.testing.assert_close(loss, expected)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], msg=name)
+    torch.testing.assert_close(head_grad, expected_head_grad)
+    assert head_grad.abs().sum() > 0
+    assert len(trainer._vision_aux_losses) == 1  # one per caption pass; cleared by log
+
+
+def test_aux_loss_is_off_at_weight_zero_and_in_evaluation(tmp_path):
+    from mqwen.train.trainer import CaptionTrainer
+
+    trainer, model, batch = _aux_trainer(tmp_path, 0.5)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            trainer.compute_loss(model, dict(batch)),
+            super(CaptionTrainer, trainer).compute_loss(model, dict(batch)),
+        )
+    assert trainer._vision_aux_losses == []
+
+
+def test_logged_loss_stays_the_caption_loss_and_the_aux_loss_is_logged_beside_it(tmp_path):
+    """`loss` in the log is the caption loss alone (the plateau-exit step of the demo reads it), the auxiliary
+    loss, averaged over the steps since the last log, is `vision_aux_loss`."""
+    trainer, _, _ = _aux_trainer(tmp_path, 0.25)
+    trainer._vision_aux_losses = [torch.tensor(2.0), torch.tensor(4.0)]
+    trainer.log({"loss": 3.0})
+    logged = trainer.state.log_history[-1]
+    assert logged["loss"] == pytest.approx(3.0 - 0.25 * 3.0) and logged["vision_aux_loss"] == pytest.approx(3.0)
+    assert trainer._vision_aux_losses == []
+
+
+def test_aux_head_keeps_training_after_the_warmup(tmp_path):
+    """A warm-up of one step, then caption steps: with vision_aux_weight the head still moves, without it not (its
+    gradients are cleared after each step, though the Trainer's `model.zero_grad()` does not reach it)."""
+    from transformers import TrainerCallback
+
+    from mqwen.train import TrainConfig, build_trainer
+
+    class HeadSnapshots(TrainerCallback):
+        def __init__(self):
+            self.trainer, self.heads = None, []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.heads.append(self.trainer.vision_warmup.head.weight.detach().clone())
+
+    heads = {}
+    for weight in (0.0, 0.5):
+        model, processor = build_tiny(seed=0)
+        data = [(Image.new("RGB", (32, 32), c), f"a {c} image") for c in ("red", "green", "blue", "white")]
+        config = TrainConfig(
+            model=model,
+            data=data,
+            output_dir=str(tmp_path / str(weight)),
+            stage="full",
+            train_vision_tower=True,
+            max_steps=3,
+            per_device_train_batch_size=2,
+            logging_steps=1,
+            vision_warmup_steps=1,
+            vision_warmup_target="word_pairs",
+            vision_aux_weight=weight,
+            learning_rate=1e-3,
+            warmup_ratio=0.0,
+            seed=0,
+            training_args={"save_strategy": "no"},
+        )
+        snapshots = HeadSnapshots()
+        snapshots.trainer = trainer = build_trainer(config, model=model, processor=processor, callbacks=[snapshots])
+        trainer.train()
+        heads[weight] = snapshots.heads
+        logged = [e for e in trainer.state.log_history if "loss" in e]
+        assert [("vision_aux_loss" in e) for e in logged] == [False, weight > 0, weight > 0]
+    assert torch.equal(heads[0.0][0], heads[0.0][-1])  # the warm-up's head, untouched by caption steps
+    assert not torch.equal(heads[0.5][0], heads[0.5][-1])
+
+
+def test_config_checks_the_aux_weight():
+    from mqwen.train import TrainConfig
+
+    with pytest.raises(ValueError, match="train_vision_tower=True"):
+        TrainConfig(stage="full", vision_aux_weight=0.1)
+    with pytest.raises(ValueError, match=">= 0"):
+        TrainConfig(stage="full", train_vision_tower=True, vision_aux_weight=-0.1)

@@ -91,6 +91,11 @@ class TrainConfig:
         "pairs, which asks each object's patches to describe that object alone)",
         default="words",
     )
+    vision_aux_weight: float = _help(
+        "after the vision warm-up, keep its loss on at this weight beside the caption loss (on the caption pass's "
+        "own vision features; logged as vision_aux_loss; see train/vision_warmup.py); 0: off",
+        default=0.0,
+    )
     # -- what trains ----------------------------------------------------------------------------------------
     learning_rate: Optional[float] = _help(
         "learning rate of the language model / LoRA weights (default: 1e-3 align, 2e-4 lora, 2e-5 full)", default=None
@@ -158,10 +163,10 @@ class TrainConfig:
                 f"vision_lr={self.vision_lr} is set but the vision tower is frozen; add "
                 "train_vision_tower=True (--train-vision-tower) or drop vision_lr."
             )
-        if self.curriculum_steps < 0 or self.vision_warmup_steps < 0:
+        if self.curriculum_steps < 0 or self.vision_warmup_steps < 0 or self.vision_aux_weight < 0:
             raise ValueError(
-                "curriculum_steps and vision_warmup_steps must be >= 0, got "
-                f"{self.curriculum_steps} and {self.vision_warmup_steps}."
+                "curriculum_steps, vision_warmup_steps and vision_aux_weight must be >= 0, got "
+                f"{self.curriculum_steps}, {self.vision_warmup_steps} and {self.vision_aux_weight}."
             )
         if not 0 < self.curriculum_fraction <= 1:
             raise ValueError(f"curriculum_fraction must be in (0, 1], got {self.curriculum_fraction}.")
@@ -170,9 +175,11 @@ class TrainConfig:
                 f"vision_warmup_target must be {' or '.join(map(repr, VISION_WARMUP_TARGETS))}, "
                 f"got {self.vision_warmup_target!r}."
             )
-        if self.vision_warmup_steps and not (self.train_vision_tower and self.stage == "full"):
+        if (self.vision_warmup_steps or self.vision_aux_weight) and not (
+            self.train_vision_tower and self.stage == "full"
+        ):
             raise ValueError(
-                "vision_warmup_steps trains the vision tower: it needs stage='full' and "
+                "vision_warmup_steps and vision_aux_weight train the vision tower: they need stage='full' and "
                 "train_vision_tower=True (--stage full --train-vision-tower)."
             )
         if isinstance(self.instructions, str):

@@ -175,6 +175,7 @@ def build_trainer(
         curriculum_grow=config.curriculum_grow,
         vision_warmup_steps=config.vision_warmup_steps,
         vision_warmup_target=config.vision_warmup_target,
+        vision_aux_weight=config.vision_aux_weight,
     )
     trainer.mqwen_config = config
     trainer.mqwen_processor = processor

@@ -37,7 +37,10 @@ class CaptionTrainer(Trainer):
         curriculum_steps, curriculum_fraction: the first steps draw from the shortest captions only
             (`curriculum.py`);
         vision_warmup_steps: the first steps train the vision tower alone (`vision_warmup.py`);
-        vision_warmup_target: what it names, "words" or "word_pairs" (`vision_warmup.py`).
+        vision_warmup_target: what it names, "words" or "word_pairs" (`vision_warmup.py`);
+        vision_aux_weight: after the warm-up, its loss stays on at this weight beside the caption loss, on the
+            caption pass's own vision features (`vision_warmup.py`). The logged `loss` stays the caption loss;
+            the auxiliary term is logged as `vision_aux_loss`.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class CaptionTrainer(Trainer):
         curriculum_grow=False,
         vision_warmup_steps=0,
         vision_warmup_target="words",
+        vision_aux_weight=0.0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -60,6 +64,8 @@ class CaptionTrainer(Trainer):
         self.curriculum_grow = curriculum_grow
         self.vision_warmup_steps = vision_warmup_steps
         self.vision_warmup_target = vision_warmup_target
+        self.vision_aux_weight = vision_aux_weight
+        self._vision_aux_losses: list[torch.Tensor] = []  # since the last log
         self.vision_warmup = None  # built with the optimizer, whose parameter groups hold its head
         self.skip_report = SkipReport()
 
@@ -106,17 +112,22 @@ class CaptionTrainer(Trainer):
                 projector_lr=self.projector_lr,
                 vision_lr=self.vision_lr,
             )
-            if self.vision_warmup_steps:
+            if self.vision_warmup_steps or self.vision_aux_weight:
                 groups.append(self._vision_warmup_group(opt_model))
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            if self.vision_warmup is not None:
+                # The Trainer clears the model's gradients after each step (`model.zero_grad()`), and the head is
+                # not part of the model: without this its gradients would add up across steps.
+                head = self.vision_warmup.head
+                self.optimizer.register_step_post_hook(lambda *_: head.zero_grad(set_to_none=True))
         return super().create_optimizer() if model is None else super().create_optimizer(model)
 
     def _vision_warmup_group(self, model) -> dict:
         """The warm-up head's parameter group (`vision_warmup.py`); the head lives outside the model."""
         if self.args.world_size > 1:
             raise ValueError(
-                "vision_warmup_steps runs in a single process (its head is not part of the model that "
-                "DDP/FSDP/DeepSpeed synchronise); warm the vision tower up in one process first."
+                "vision_warmup_steps and vision_aux_weight run in a single process (their head is not part of the "
+                "model that DDP/FSDP/DeepSpeed synchronise); warm the vision tower up in one process first."
             )
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         self.vision_warmup = VisionWarmup(
@@ -197,11 +208,48 @@ class CaptionTrainer(Trainer):
             # The LM head runs only where a caption token is scored (the loss is the same; see
             # MQwenForCausalLM.forward): a caption sample is mostly image and prompt positions.
             inputs["logits_to_keep"] = scored_positions(inputs["labels"])
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        if not (self.vision_aux_weight and model.training and inputs.get("pixel_values") is not None):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+        return self._caption_loss_with_vision_aux(model, inputs, *args, **kwargs)
+
+    def _caption_loss_with_vision_aux(self, model, inputs: dict[str, Any], *args, **kwargs):
+        """The caption loss plus `vision_aux_weight` x the warm-up loss of the caption pass's own vision features.
+
+        The auxiliary term is scaled for gradient accumulation exactly as the Trainer scales the caption loss, so
+        the logged `loss` minus the weighted mean auxiliary loss is the caption loss (`log`).
+        """
+        labels, pixel_values = inputs["labels"], inputs["pixel_values"]
+        with self.vision_warmup.capturing_features() as captured:
+            result = super().compute_loss(model, inputs, *args, **kwargs)
+        loss = result[0] if isinstance(result, tuple) else result
+        if captured and captured[0].requires_grad:
+            hidden = captured[0]
+        else:  # layer 0, or reentrant gradient checkpointing: run the blocks again, with a graph
+            hidden = self.vision_warmup.vision_tower.hidden_state(pixel_values, self.vision_warmup.feature_layer)
+        aux = self.vision_warmup.loss_from_features(hidden, labels)
+        self._vision_aux_losses.append(aux.detach())
+        if self._loss_is_scaled_for_accumulation(kwargs.get("num_items_in_batch")):
+            aux = aux / self.current_gradient_accumulation_steps
+        loss = loss + self.vision_aux_weight * aux
+        return (loss, result[1]) if isinstance(result, tuple) else loss
+
+    def _loss_is_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """Whether `training_step` leaves the loss undivided by the accumulation steps (its own rule, which
+        transformers 5 can also set as `loss_is_scaled_for_ga`)."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is not None:
+            return scaled
+        return bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            self.compute_loss_func is not None
+        )
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self.state.global_step <= self.vision_warmup_steps:
+        if "loss" in logs and 0 < self.state.global_step <= self.vision_warmup_steps:
             logs = {**logs, "vision_warmup": 1}  # this loss is the warm-up's, not the caption loss
+        elif "loss" in logs and self._vision_aux_losses:  # the caption loss alone, and the auxiliary loss beside it
+            aux = float(torch.stack(self._vision_aux_losses).mean())
+            self._vision_aux_losses.clear()
+            logs = {**logs, "loss": logs["loss"] - self.vision_aux_weight * aux, "vision_aux_loss": aux}
         if len(self.skip_report):
             logs = {**logs, "skipped_images": len(self.skip_report)}
         return super().log(logs, *args, **kwargs)

@@ -33,7 +33,15 @@ Pair it with the short-captions-first curriculum (`curriculum.py`): on one-objec
 caption belongs to the one object, and the demo's ViT learns to tell its shapes apart within a few hundred
 steps. It needs a trainable vision tower and one image per example (what
 caption training has), in a single process.
+
+After the warm-up the head can stay on (`vision_aux_weight`): the same loss, on the vision features the caption
+pass computes anyway (`capturing_features`), is added to the caption loss at that weight. The warm-up teaches
+each object's patches to name that object; the caption loss alone can then wear that away again, and on some seeds
+of the shapes demo the captioner goes back to taking one object's shape for another's (demo/EXPERIMENTS.md).
 """
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -72,12 +80,16 @@ class VisionWarmup:
 
     def loss(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of each image's word (or word-pair) distribution against its caption's (uniform)."""
-        if pixel_values.shape[0] != labels.shape[0]:
+        return self.loss_from_features(self.vision_tower.hidden_state(pixel_values, self.feature_layer), labels)
+
+    def loss_from_features(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`loss` from the vision tower's hidden state at `vision_feature_layer` (class token first)."""
+        if hidden.shape[0] != labels.shape[0]:
             raise ValueError(
-                f"vision_warmup_steps needs one image per example; got {pixel_values.shape[0]} images "
+                f"vision_warmup_steps needs one image per example; got {hidden.shape[0]} images "
                 f"for {labels.shape[0]} examples."
             )
-        hidden = self.vision_tower.hidden_state(pixel_values, self.feature_layer)[:, 1:]
+        hidden = hidden[:, 1:]
         if self.target == "word_pairs":
             return self._word_pairs_loss(hidden, labels)
         # Each patch scores every word; the image's word distribution is the mixture over its patches (a softmax
@@ -92,6 +104,26 @@ class VisionWarmup:
             return log_probs.sum() * 0.0
         target = target[has_words] / target[has_words].sum(-1, keepdim=True)
         return -(target * log_probs[has_words]).sum(-1).mean()
+
+    @contextmanager
+    def capturing_features(self) -> Iterator[list[torch.Tensor]]:
+        """Inside the block, the hidden states at `vision_feature_layer` that forward passes compute are appended
+        to the list it yields, so a caption pass's own vision features can feed `loss_from_features` without
+        running the vision tower twice. Nothing is captured at layer 0 (the patch embedding, which no block
+        outputs); under reentrant gradient checkpointing the captured tensors carry no graph. The caller
+        falls back to `hidden_state` in both cases.
+        """
+        blocks = self.vision_tower.transformer.resblocks
+        index = self.feature_layer % (len(blocks) + 1)  # how many blocks `hidden_state` runs
+        captured: list[torch.Tensor] = []
+        if index == 0:
+            yield captured
+            return
+        handle = blocks[index - 1].register_forward_hook(lambda module, args, output: captured.append(output))
+        try:
+            yield captured
+        finally:
+            handle.remove()
 
     def _word_pairs_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against the caption's adjacent word pairs; each patch names a pair as a product.
