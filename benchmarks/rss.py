@@ -49,7 +49,7 @@ class _Sampler(threading.Thread):
                     pass
         return total
 
-    def run(self):
+    def run(self) -> None:
         import psutil
 
         while not self._halt.is_set():
@@ -59,7 +59,7 @@ class _Sampler(threading.Thread):
                 return
             time.sleep(self.interval)
 
-    def stop(self):
+    def stop(self) -> int:
         self._halt.set()
         self.join()
         return self.peak

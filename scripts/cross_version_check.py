@@ -15,17 +15,17 @@ import torch
 from PIL import Image
 
 
-def images():
+def images() -> list[Image.Image]:
     return [Image.fromarray((np.random.RandomState(s).rand(64, 80, 3) * 255).astype("uint8")) for s in (0, 1)]
 
 
-def generate(model, processor):
+def generate(model: "torch.nn.Module", processor: object) -> list[list[int]]:
     inputs = processor(images=images())
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False).tolist()
 
 
-def main(mode, folder):
+def main(mode: str, folder: str) -> int:
     import transformers
 
     folder = Path(folder)

@@ -15,7 +15,7 @@ from mqwen.demo.shapes import make_example
 OUT = Path(__file__).resolve().parent / "examples"
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--count", type=int, default=6, help="how many test-split images (default: %(default)s)")

@@ -468,7 +468,7 @@ class _HFImageRef:
     def __init__(self, dataset, row, column, root):
         self.dataset, self.row, self.column, self.root = dataset, row, column, root
 
-    def fetch(self):
+    def fetch(self) -> "Image.Image | str":
         value = self.dataset[self.row][self.column]
         if isinstance(value, dict) and not value.get("bytes") and value.get("path"):
             return _resolve(value["path"], self.root)
