@@ -26,7 +26,7 @@ def console_scripts():
 
 
 SCRIPTS = console_scripts()
-MODULES = ["convert", "train", "train.eval", "caption", "benchmarks", "demo"]
+MODULES = ["convert", "train", "train.eval", "train.configs", "caption", "benchmarks", "demo"]
 
 
 def run_elsewhere(command, cwd):
@@ -83,6 +83,22 @@ def test_readme_uses_commands_that_work_anywhere():
     readme = (REPO / "README.md").read_text()
     for old in ("python -m convert", "python -m train", "python -m benchmarks", "python -m caption", "-m train "):
         assert old not in readme, f"README still says {old!r}: use the console script or python -m mqwen.*"
+    for old in ("--config_file train/configs", "--deepspeed train/configs"):  # a checkout's path, not an install's
+        assert old not in readme, f"README still says {old!r}: use $(python -m mqwen.train.configs NAME)"
+
+
+def test_shipped_launcher_configs_are_found_by_name_from_anywhere(tmp_path):
+    """`python -m mqwen.train.configs NAME` prints the path of the config shipped with the package (the same file as
+    the checkout's train/configs/NAME); without a name it lists them; an unknown name says which exist."""
+    shipped = sorted(p.name for p in (REPO / "train" / "configs").iterdir() if p.suffix in (".yaml", ".json"))
+    listed = run_elsewhere([sys.executable, "-m", "mqwen.train.configs"], tmp_path)
+    assert listed.returncode == 0 and listed.stdout.split() == shipped
+    for name in shipped:
+        found = run_elsewhere([sys.executable, "-m", "mqwen.train.configs", name], tmp_path)
+        assert found.returncode == 0, found.stderr
+        assert Path(found.stdout.strip()).read_bytes() == (REPO / "train" / "configs" / name).read_bytes()
+    unknown = run_elsewhere([sys.executable, "-m", "mqwen.train.configs", "fsdp.yml"], tmp_path)
+    assert unknown.returncode == 2 and "fsdp.yml" in unknown.stderr and "fsdp_cpu.yaml" in unknown.stderr
 
 
 def test_the_wheel_holds_every_cli_and_the_runtime(tmp_path):
@@ -123,6 +139,7 @@ def test_the_wheel_holds_every_cli_and_the_runtime(tmp_path):
         (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
         listed = archive.read(entry_points).decode()
     assert {"mqwen/runtime.py", "mqwen/app.py", "mqwen/train/configs/fsdp.yaml"} <= names
+    assert {"mqwen/train/configs/deepspeed_zero3.json", "mqwen/train/configs/cli.py"} <= names
     for script, target in SCRIPTS.items():
         assert f"{script} = {target}" in listed
         assert f"mqwen/{target.split(':')[0].replace('.', '/').removeprefix('mqwen/')}.py" in names
@@ -146,3 +163,12 @@ def test_the_wheel_holds_every_cli_and_the_runtime(tmp_path):
         timeout=300,
     )
     assert where.stdout.strip() == str(site / "mqwen" / "runtime.py")
+    config = subprocess.run(
+        [sys.executable, "-m", "mqwen.train.configs", "fsdp_cpu.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert config.stdout.strip() == str(site / "mqwen" / "train" / "configs" / "fsdp_cpu.yaml"), config.stderr

@@ -26,10 +26,11 @@ EXAMPLES = """examples:
   mqwen-train --model runs/align/final --data captions.jsonl --stage lora --keep-adapter \\
       --output-dir runs/lora --resume-from-checkpoint last
 
-  # several GPUs: DDP, or FSDP2 with --fsdp (see train/configs/*.yaml and the README for what is tested)
+  # several GPUs: DDP, or FSDP2 with --fsdp (`python -m mqwen.train.configs` lists the launcher configs;
+  # the README says what is tested)
   torchrun --nproc_per_node=8 -m mqwen.train --model ... --data ... --stage full --output-dir runs/full --bf16
   torchrun --nproc_per_node=8 -m mqwen.train --fsdp --model ... --data ... --stage full --output-dir runs/full --bf16
-  accelerate launch --config_file train/configs/fsdp.yaml -m mqwen.train --model ... --stage full ...
+  accelerate launch --config_file "$(python -m mqwen.train.configs fsdp.yaml)" -m mqwen.train --model ... --stage full
 
 The final model (Hub format, with its processor) is written to OUTPUT_DIR/final; a summary with the
 skipped-image count goes to OUTPUT_DIR/train_summary.json. Evaluate it with `mqwen-eval`.

@@ -142,7 +142,7 @@ class TrainConfig:
     fsdp: bool = _help(
         "shard weights, gradients and optimizer states across processes with PyTorch FSDP2, "
         "one unit per decoder layer / vision block (with torchrun; `accelerate launch "
-        "--config_file train/configs/fsdp.yaml` sets it itself)",
+        "--config_file $(python -m mqwen.train.configs fsdp.yaml)` sets it itself)",
         default=False,
     )
     max_shard_size: str = _help("largest safetensors file of the final model", default="5GB")
