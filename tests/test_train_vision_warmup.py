@@ -65,13 +65,32 @@ def test_config_needs_a_trainable_vision_tower():
     TrainConfig(stage="full", train_vision_tower=True, vision_warmup_steps=3)
 
 
+def _vision_training_config(model, output_dir, copies=1, **overrides):
+    """A `full`-stage TrainConfig with a trainable vision tower on four one-colour images (`copies` times)."""
+    from mqwen.train import TrainConfig
+
+    data = [(Image.new("RGB", (32, 32), c), f"a {c} image") for c in ("red", "green", "blue", "white")] * copies
+    settings = dict(
+        model=model,
+        data=data,
+        output_dir=str(output_dir),
+        stage="full",
+        train_vision_tower=True,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,
+        seed=0,
+        training_args={"save_strategy": "no", "report_to": []},
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
 @pytest.mark.parametrize("target", ["words", "word_pairs"])
 def test_trainer_trains_only_the_vision_tower_during_the_warmup(tmp_path, target):
     """Steps 1-2: the vision tower moves, nothing else; step 3 on: the caption loss trains everything. The saved
     model has exactly the model's weights (the warm-up head is not among them)."""
     from transformers import TrainerCallback
 
-    from mqwen.train import TrainConfig, train
+    from mqwen.train import train
 
     model, processor = build_tiny(seed=0)
     snapshots = []
@@ -81,22 +100,15 @@ def test_trainer_trains_only_the_vision_tower_during_the_warmup(tmp_path, target
             snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
 
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    data = [(Image.new("RGB", (32, 32), c), f"a {c} image") for c in ("red", "green", "blue", "white")] * 2
-    config = TrainConfig(
-        model=model,
-        data=data,
-        output_dir=str(tmp_path),
-        stage="full",
-        train_vision_tower=True,
+    config = _vision_training_config(
+        model,
+        tmp_path,
+        copies=2,
         max_steps=4,
         per_device_train_batch_size=2,
         logging_steps=1,
         vision_warmup_steps=2,
         vision_warmup_target=target,
-        learning_rate=1e-3,
-        warmup_ratio=0.0,
-        seed=0,
-        training_args={"save_strategy": "no"},
     )
     result = train(config, model=model, processor=processor, callbacks=[Snapshot()])
 
@@ -121,24 +133,17 @@ def test_trainer_trains_only_the_vision_tower_during_the_warmup(tmp_path, target
     assert set(saved) == set(load_file(str(tmp_path / "untouched" / "model.safetensors")))
 
 
-def _aux_trainer(tmp_path, weight, **config):
-    from mqwen.train import TrainConfig, build_trainer
+def _aux_trainer(tmp_path, weight):
+    from mqwen.train import build_trainer
 
     model, processor = build_tiny(seed=0)
-    data = [(Image.new("RGB", (32, 32), c), f"a {c} image") for c in ("red", "green", "blue", "white")]
-    config = TrainConfig(
-        model=model,
-        data=data,
-        output_dir=str(tmp_path),
-        stage="full",
-        train_vision_tower=True,
+    config = _vision_training_config(
+        model,
+        tmp_path,
         max_steps=2,
         per_device_train_batch_size=4,
         vision_warmup_target="word_pairs",
         vision_aux_weight=weight,
-        seed=0,
-        training_args={"save_strategy": "no", "report_to": []},
-        **config,
     )
     trainer = build_trainer(config, model=model, processor=processor)
     trainer.create_optimizer()
@@ -216,7 +221,7 @@ def test_aux_head_keeps_training_after_the_warmup(tmp_path):
     gradients are cleared after each step, though the Trainer's `model.zero_grad()` does not reach it)."""
     from transformers import TrainerCallback
 
-    from mqwen.train import TrainConfig, build_trainer
+    from mqwen.train import build_trainer
 
     class HeadSnapshots(TrainerCallback):
         def __init__(self):
@@ -228,23 +233,15 @@ def test_aux_head_keeps_training_after_the_warmup(tmp_path):
     heads = {}
     for weight in (0.0, 0.5):
         model, processor = build_tiny(seed=0)
-        data = [(Image.new("RGB", (32, 32), c), f"a {c} image") for c in ("red", "green", "blue", "white")]
-        config = TrainConfig(
-            model=model,
-            data=data,
-            output_dir=str(tmp_path / str(weight)),
-            stage="full",
-            train_vision_tower=True,
+        config = _vision_training_config(
+            model,
+            tmp_path / str(weight),
             max_steps=3,
             per_device_train_batch_size=2,
             logging_steps=1,
             vision_warmup_steps=1,
             vision_warmup_target="word_pairs",
             vision_aux_weight=weight,
-            learning_rate=1e-3,
-            warmup_ratio=0.0,
-            seed=0,
-            training_args={"save_strategy": "no"},
         )
         snapshots = HeadSnapshots()
         snapshots.trainer = trainer = build_trainer(config, model=model, processor=processor, callbacks=[snapshots])
