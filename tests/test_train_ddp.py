@@ -102,3 +102,36 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_dir, jsonl_data):
     final = load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(final[name], weights[0][name]) for name in final)
     assert not list(out.glob(".final*"))  # no temporary folder left behind
+
+
+def test_the_process_group_is_destroyed_at_exit(tmp_path):
+    """`destroy_process_group_at_exit` (what `train` registers under several processes) tears the group down when
+    the interpreter exits: an exit handler registered before it, and so run after it, sees no group left."""
+    script = textwrap.dedent(
+        """
+        import atexit, os
+        import torch.distributed as dist
+        from mqwen.train.distributed import destroy_process_group_at_exit
+
+        atexit.register(lambda: print("initialized at exit:", dist.is_initialized(), flush=True))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        destroy_process_group_at_exit()
+        print("initialized in the script:", dist.is_initialized(), flush=True)
+        """
+    )
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=dict(os.environ, PORT=str(port)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["initialized in the script: True", "initialized at exit: False"]

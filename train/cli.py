@@ -108,10 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         if len(result.skipped):
             print(result.skipped.summary(), file=sys.stderr)
-    # Tear the process group down before the interpreter does: left to exit, a rank can abort in a C++
-    # destructor ("terminate called without an active exception") after everything is saved, and the launcher
-    # then reports the whole run as failed.
-    result.trainer.accelerator.end_training()
     return 0
 
 

@@ -11,6 +11,7 @@ torch's FSDP2 (`fully_shard`) runs on CPU with gloo, which is how the tests chec
 single process; `enable_fsdp_on_cpu` switches accelerate's state over to it.
 """
 
+import atexit
 import contextlib
 import os
 from collections.abc import Iterator
@@ -81,3 +82,20 @@ def own_class(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
     finally:
         model.__class__ = sharded_class
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def destroy_process_group_at_exit() -> None:
+    """Tear the process group down when the interpreter exits, before it destroys what the group still uses.
+
+    Left to the interpreter's own teardown, a rank of a DDP, FSDP or DeepSpeed run can abort in a C++ destructor
+    ("terminate called without an active exception") after everything is saved, and torchrun then reports the
+    whole run as failed. At exit, not at the end of `train`, so that a script can still use the group afterwards.
+    Registering twice registers once.
+    """
+    atexit.unregister(_destroy_process_group)
+    atexit.register(_destroy_process_group)

@@ -23,7 +23,7 @@ from ..runtime import load_for_inference
 from .collator import CaptionCollator
 from .config import TrainConfig
 from .data import CaptionDataset, SkipReport, load_caption_dataset
-from .distributed import own_class, request_fsdp
+from .distributed import destroy_process_group_at_exit, own_class, request_fsdp
 from .stages import prepare_model_for_stage, trainable_summary
 from .trainer import CaptionTrainer
 
@@ -158,6 +158,8 @@ def build_trainer(
             f"Launched as {_world_size()} processes but the Trainer sees {args.world_size}: every process would "
             "train on all the data on its own. Check the launcher (torchrun / accelerate launch) and the devices."
         )
+    if args.world_size > 1:
+        destroy_process_group_at_exit()
     set_seed(config.seed)  # LoRA's initial weights: the same in every process, and in every run of a seed
     model = prepare_model_for_stage(model, config)
     trainer = CaptionTrainer(
