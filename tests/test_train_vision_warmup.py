@@ -260,3 +260,31 @@ def test_config_checks_the_aux_weight():
         TrainConfig(stage="full", vision_aux_weight=0.1)
     with pytest.raises(ValueError, match=">= 0"):
         TrainConfig(stage="full", train_vision_tower=True, vision_aux_weight=-0.1)
+
+
+def test_aux_loss_is_scaled_for_gradient_accumulation_like_the_caption_loss(tmp_path):
+    """One SGD step on four examples, as one batch of 4 or as 2 accumulated batches of 2: the same weights. SGD,
+    not Adam, so that an auxiliary gradient off by the accumulation factor would show in the step."""
+    from mqwen.train import build_trainer
+
+    weights = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        model, processor = build_tiny(seed=0)
+        config = _vision_training_config(
+            model,
+            tmp_path / f"ga{accumulation}",
+            max_steps=1,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            vision_warmup_target="word_pairs",
+            vision_aux_weight=1.0,
+            learning_rate=0.5,
+            training_args={"save_strategy": "no", "report_to": [], "optim": "sgd"},
+        )
+        build_trainer(config, model=model, processor=processor).train()
+        weights.append({k: v.detach().clone() for k, v in model.vision_tower.state_dict().items()})
+    untouched, _ = build_tiny(seed=0)
+    start = untouched.vision_tower.state_dict()
+    assert any(not torch.equal(weights[0][k], start[k]) for k in start)
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], msg=name)
