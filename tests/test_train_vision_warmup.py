@@ -189,7 +189,7 @@ def test_aux_loss_is_the_caption_loss_plus_the_weighted_warmup_loss_of_a_second_
         torch.testing.assert_close(grads[name], expected_grads[name], msg=name)
     torch.testing.assert_close(head_grad, expected_head_grad)
     assert head_grad.abs().sum() > 0
-    assert len(trainer._vision_aux_losses) == 1  # one per caption pass; cleared by log
+    assert trainer._vision_aux_count == 1  # one per caption pass; cleared by log
 
 
 def test_aux_loss_is_off_at_weight_zero_and_in_evaluation(tmp_path):
@@ -202,18 +202,18 @@ def test_aux_loss_is_off_at_weight_zero_and_in_evaluation(tmp_path):
             trainer.compute_loss(model, dict(batch)),
             super(CaptionTrainer, trainer).compute_loss(model, dict(batch)),
         )
-    assert trainer._vision_aux_losses == []
+    assert trainer._vision_aux_count == 0
 
 
 def test_logged_loss_stays_the_caption_loss_and_the_aux_loss_is_logged_beside_it(tmp_path):
     """`loss` in the log is the caption loss alone (the plateau-exit step of the demo reads it), the auxiliary
     loss, averaged over the steps since the last log, is `vision_aux_loss`."""
     trainer, _, _ = _aux_trainer(tmp_path, 0.25)
-    trainer._vision_aux_losses = [torch.tensor(2.0), torch.tensor(4.0)]
+    trainer._vision_aux_sum, trainer._vision_aux_count = torch.tensor(2.0 + 4.0), 2
     trainer.log({"loss": 3.0})
     logged = trainer.state.log_history[-1]
     assert logged["loss"] == pytest.approx(3.0 - 0.25 * 3.0) and logged["vision_aux_loss"] == pytest.approx(3.0)
-    assert trainer._vision_aux_losses == []
+    assert trainer._vision_aux_count == 0 and float(trainer._vision_aux_sum) == 0.0
 
 
 def test_aux_head_keeps_training_after_the_warmup(tmp_path):

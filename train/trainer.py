@@ -65,7 +65,8 @@ class CaptionTrainer(Trainer):
         self.vision_warmup_steps = vision_warmup_steps
         self.vision_warmup_target = vision_warmup_target
         self.vision_aux_weight = vision_aux_weight
-        self._vision_aux_losses: list[torch.Tensor] = []  # since the last log
+        # The auxiliary losses since the last log, summed (a running sum: a run that never logs keeps no list)
+        self._vision_aux_sum, self._vision_aux_count = torch.zeros(()), 0
         self.vision_warmup = None  # built with the optimizer, whose parameter groups hold its head
         self.skip_report = SkipReport()
 
@@ -222,12 +223,9 @@ class CaptionTrainer(Trainer):
         with self.vision_warmup.capturing_features() as captured:
             result = super().compute_loss(model, inputs, *args, **kwargs)
         loss = result[0] if isinstance(result, tuple) else result
-        if captured and captured[0].requires_grad:
-            hidden = captured[0]
-        else:  # layer 0, or reentrant gradient checkpointing: run the blocks again, with a graph
-            hidden = self.vision_warmup.vision_tower.hidden_state(pixel_values, self.vision_warmup.feature_layer)
-        aux = self.vision_warmup.loss_from_features(hidden, labels)
-        self._vision_aux_losses.append(aux.detach())
+        aux = self.vision_warmup.loss_from_caption_pass(captured, pixel_values, labels)
+        self._vision_aux_sum = self._vision_aux_sum.to(aux.device) + aux.detach().float()
+        self._vision_aux_count += 1
         if self._loss_is_scaled_for_accumulation(kwargs.get("num_items_in_batch")):
             aux = aux / self.current_gradient_accumulation_steps
         loss = loss + self.vision_aux_weight * aux
@@ -246,9 +244,9 @@ class CaptionTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and 0 < self.state.global_step <= self.vision_warmup_steps:
             logs = {**logs, "vision_warmup": 1}  # this loss is the warm-up's, not the caption loss
-        elif "loss" in logs and self._vision_aux_losses:  # the caption loss alone, and the auxiliary loss beside it
-            aux = float(torch.stack(self._vision_aux_losses).mean())
-            self._vision_aux_losses.clear()
+        elif "loss" in logs and self._vision_aux_count:  # the caption loss alone, and the auxiliary loss beside it
+            aux = float(self._vision_aux_sum) / self._vision_aux_count
+            self._vision_aux_sum, self._vision_aux_count = torch.zeros(()), 0
             logs = {**logs, "loss": logs["loss"] - self.vision_aux_weight * aux, "vision_aux_loss": aux}
         if len(self.skip_report):
             logs = {**logs, "skipped_images": len(self.skip_report)}

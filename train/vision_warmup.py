@@ -109,9 +109,7 @@ class VisionWarmup:
     def capturing_features(self) -> Iterator[list[torch.Tensor]]:
         """Inside the block, the hidden states at `vision_feature_layer` that forward passes compute are appended
         to the list it yields, so a caption pass's own vision features can feed `loss_from_features` without
-        running the vision tower twice. Nothing is captured at layer 0 (the patch embedding, which no block
-        outputs); under reentrant gradient checkpointing the captured tensors carry no graph. The caller
-        falls back to `hidden_state` in both cases.
+        running the vision tower twice (`loss_from_caption_pass`).
         """
         blocks = self.vision_tower.transformer.resblocks
         index = self.feature_layer % (len(blocks) + 1)  # how many blocks `hidden_state` runs
@@ -124,6 +122,16 @@ class VisionWarmup:
             yield captured
         finally:
             handle.remove()
+
+    def loss_from_caption_pass(
+        self, captured: list[torch.Tensor], pixel_values: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """`loss` on the features a caption pass computed, as `capturing_features` captured them. Where it captured
+        nothing with a graph, the vision tower runs again: at layer 0 (the patch embedding, which no block outputs)
+        and under reentrant gradient checkpointing (whose forward runs without one)."""
+        if captured and captured[0].requires_grad:
+            return self.loss_from_features(captured[0], labels)
+        return self.loss(pixel_values, labels)
 
     def _word_pairs_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against the caption's adjacent word pairs; each patch names a pair as a product.
