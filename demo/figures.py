@@ -86,21 +86,31 @@ def loss_curve(
     """The Trainer's logged training loss against the step (from `trainer.state.log_history`).
 
     Steps of train/'s vision warm-up (logged with `vision_warmup`) are drawn apart: their loss is the warm-up
-    objective's, not the caption loss. `plateau` draws the caption loss of guessing every shape, for reference.
+    objective's, not the caption loss. Where that objective stays on after the warm-up (`vision_aux_loss`, logged
+    beside the caption loss), it continues the warm-up's line, dashed. `plateau` draws the caption loss of guessing
+    every shape, for reference.
     """
     plt = _pyplot()
     logged = [entry for entry in log_history if "loss" in entry and "step" in entry]
     if not logged:
         raise ValueError("The training log holds no loss values; lower logging_steps so at least one is logged.")
     fig, ax = plt.subplots(figsize=(6, 4))
+    marker = "." if len(logged) < 50 else None
+    warmup_colour = None
     for warmup, label in ((True, "vision warm-up (words named by the ViT alone)"), (False, "caption loss")):
         points = [(e["step"], e["loss"]) for e in logged if bool(e.get("vision_warmup")) == warmup]
         if points:
             steps, losses = zip(*points)
-            ax.plot(steps, losses, marker="." if len(logged) < 50 else None, label=label)
+            (line,) = ax.plot(steps, losses, marker=marker, label=label)
+            warmup_colour = line.get_color() if warmup else warmup_colour
+    auxiliary = [(e["step"], e["vision_aux_loss"]) for e in logged if "vision_aux_loss" in e]
+    if auxiliary:
+        steps, losses = zip(*auxiliary)
+        label = "the warm-up's loss, kept on beside the caption loss"
+        ax.plot(steps, losses, linestyle="--", color=warmup_colour, marker=marker, label=label)
     if plateau is not None:
         ax.axhline(plateau, color="grey", linestyle=":", label="plateau exit threshold")
-    losses = [e["loss"] for e in logged]
+    losses = [e["loss"] for e in logged] + [loss for _, loss in auxiliary]
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats per token / per word)")
     if min(losses) > 0 and max(losses) / min(losses) > 10:  # from ~6 nats at the start to ~0.01

@@ -322,6 +322,7 @@ def results_record(
         },
         "loss": [
             {"step": e["step"], "loss": e["loss"], "vision_warmup": bool(e.get("vision_warmup"))}
+            | ({"vision_aux_loss": e["vision_aux_loss"]} if "vision_aux_loss" in e else {})
             for e in history
             if "loss" in e
         ],

@@ -41,6 +41,11 @@ def test_writes_model_figures_and_results(demo):
     assert on_disk == json.loads(json.dumps(results))
     assert on_disk["steps"] == QUICK["max_steps"]
     assert len(on_disk["loss"]) >= 1 and all(entry["loss"] > 0 for entry in on_disk["loss"])
+    # After the one warm-up step its loss stays on beside the caption loss (the demo's vision_aux_weight), and
+    # results.json records it on every later step.
+    assert [entry["vision_warmup"] for entry in on_disk["loss"]] == [True] + [False] * (QUICK["max_steps"] - 1)
+    assert all(("vision_aux_loss" in entry) != entry["vision_warmup"] for entry in on_disk["loss"])
+    assert all(entry.get("vision_aux_loss", 1) > 0 for entry in on_disk["loss"])
     for key in ("exact_match", "bleu4", "cider"):
         assert 0 <= on_disk["test"][key] <= (1 if key != "cider" else 10)
     assert on_disk["test"]["images"] == QUICK["test_size"]
