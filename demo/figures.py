@@ -102,7 +102,8 @@ def loss_curve(
         if points:
             steps, losses = zip(*points)
             (line,) = ax.plot(steps, losses, marker=marker, label=label)
-            warmup_colour = line.get_color() if warmup else warmup_colour
+            if warmup:
+                warmup_colour = line.get_color()
     auxiliary = [(e["step"], e["vision_aux_loss"]) for e in logged if "vision_aux_loss" in e]
     if auxiliary:
         steps, losses = zip(*auxiliary)
