@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> DemoSettings:
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help=f"draw training images at other sizes and with pixel noise (default: {DEFAULTS.augment})",
+        help=f"draw training images at other sizes, with noise, on tinted backgrounds (default: {DEFAULTS.augment})",
     )
     parser.add_argument(
         "--curriculum-grow",

@@ -8,8 +8,10 @@ the grammar (`caption_for`) and the colour names. What differs from the training
   geometry), not PIL's polygon and ellipse filling, downsampled;
 - image sizes 48, 80, 96 and 128 px (training uses 64; the processor resizes);
 - sizes from 10 % of the side (training: 12 %) up to 75 % for a shape alone;
-- background: each channel drawn in 200-255 independently (training: 214-255), plus a faint left-to-right
-  brightness ramp and pixel noise; shape colours jittered by up to 30 per channel (training: 20);
+- background: each channel drawn in 200-255 independently (the task: 214-255, channels within 11 levels of
+  each other; training's `--augment` then darkens each channel by up to 40, so the ranges overlap), plus a
+  faint left-to-right brightness ramp and Gaussian pixel noise (training: uniform); shape colours jittered by
+  up to 30 per channel (training: 20);
 - every arrangement may appear (the held-out rule of the main test split does not apply: this set tests the
   drawing, not composition).
 """

@@ -61,9 +61,12 @@ SPLITS = {"train": 0, "validation": 1, "test": 2}
 _PHRASE = r"a (red|green|blue|yellow) (circle|square|triangle)"
 _CAPTION_RE = re.compile(rf"^{_PHRASE}(?:(?:, {_PHRASE})? and {_PHRASE})?$")
 
-# --augment: drawing sizes (none of other_renderer.py's 48/80/96/128) and the most pixel noise
+# --augment: drawing sizes (none of other_renderer.py's 48/80/96/128), the most pixel noise, and the most each
+# background channel is darkened on its own (a tinted light background; the plain task's channels differ by 11
+# levels at most, and a model trained on that alone reads a tinted background as an extra shape)
 AUGMENT_CANVASES = (56, 64, 72, 88, 104, 120)
 AUGMENT_NOISE = 4.0
+AUGMENT_TINT = 40
 
 _SUPERSAMPLE = 2  # shapes are drawn at 2x and each pixel averages its 2 x 2 samples, for anti-aliased edges
 # (cheap on purpose: the one data-loader worker takes its time from the two cores that train)
@@ -191,12 +194,14 @@ def make_example(split: str, index: int, seed: int = 0, image_size: int = 64, au
     """Example `index` of `split` ("train", "validation" or "test"), a pure function of its arguments.
 
     `augment` draws the image at a random size from `AUGMENT_CANVASES` with up to `AUGMENT_NOISE` levels of
-    pixel noise (for training: the processor resizes every image, and real inputs come at any size).
+    pixel noise, on a background whose channels are each darkened by up to `AUGMENT_TINT` levels (for
+    training: the processor resizes every image, and real inputs come at any size and on any light ground).
     """
     shapes, background, rng = _layout(split, index, seed, image_size)
     canvas, noise = None, 0.0
     if augment:
         canvas, noise = int(rng.choice(AUGMENT_CANVASES)), float(rng.uniform(0, AUGMENT_NOISE))
+        background = tuple(int(v) for v in np.array(background) - rng.integers(0, AUGMENT_TINT + 1, size=3))
     return Example(render(shapes, background, image_size, rng, canvas, noise), caption_for(shapes), shapes)
 
 

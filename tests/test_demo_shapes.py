@@ -165,11 +165,12 @@ def test_shape_sizes_span_small_to_three_quarters_of_the_image_alone():
 
 
 def test_augmented_examples_keep_caption_and_layout_at_another_size_with_noise():
-    """--augment: the same caption and layout, drawn at a size from AUGMENT_CANVASES with bounded noise; each
-    shape's centre pixel, scaled to the drawing's size, is still its colour; deterministic per index."""
-    from mqwen.demo.shapes import AUGMENT_CANVASES, AUGMENT_NOISE
+    """--augment: the same caption and layout, drawn at a size from AUGMENT_CANVASES with bounded noise on a
+    background whose channels are each darkened by at most AUGMENT_TINT; each shape's centre pixel, scaled to
+    the drawing's size, is still its colour; deterministic per index."""
+    from mqwen.demo.shapes import AUGMENT_CANVASES, AUGMENT_NOISE, AUGMENT_TINT
 
-    sizes = set()
+    sizes, tints = set(), []
     for index in range(40):
         plain, augmented = make_example("train", index, seed=4), make_example("train", index, seed=4, augment=True)
         again = make_example("train", index, seed=4, augment=True)
@@ -179,12 +180,16 @@ def test_augmented_examples_keep_caption_and_layout_at_another_size_with_noise()
         assert augmented.image.size == (size, size) and size in AUGMENT_CANVASES
         sizes.add(size)
         image = _pixels(augmented).astype(int)
+        darkening = _pixels(plain)[0, 0].astype(int) - image[0, 0]  # a corner: background in every layout
+        assert (darkening >= -AUGMENT_NOISE - 1).all() and (darkening <= AUGMENT_TINT + AUGMENT_NOISE + 1).all()
+        tints.append(int(image[0, 0].max() - image[0, 0].min()))
         scale = size / 64
         for spec in augmented.shapes:
             x0, y0, x1, y1 = (v * scale for v in spec.box)
             pixel = image[int((y0 + y1) / 2), int((x0 + x1) / 2)]
             assert np.abs(pixel - np.array(COLOURS[spec.colour])).max() <= 20 + AUGMENT_NOISE + 1, (spec, pixel)
     assert len(sizes) >= 4
+    assert max(tints) >= 25, "some backgrounds are tinted, beyond the plain task's 11 levels between channels"
     assert not set(AUGMENT_CANVASES) & {48, 80, 96, 128}, "sizes the other renderer draws stay out of training"
     lazy = lazy_split("train", 3, seed=4, augment=True)
     assert all(
