@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from gguf_model import N_IMAGES, SIZE_OVERRIDES, TRAIN, train_gguf_test_model  #
 
 from mqwen.convert.errors import ConvertError  # noqa: E402
 from mqwen.convert.gguf import export_gguf  # noqa: E402
+from mqwen.demo.run import DemoSettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("MQWEN_CI_CACHE", Path.home() / ".cache" / "mqwen-ci"))
@@ -37,7 +39,9 @@ MAX_NEW_TOKENS = 24
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """(model_dir, test_dir): trained once per machine (about 2 minutes) and cached under MQWEN_CI_CACHE."""
-    key = hashlib.sha256(json.dumps([SIZE_OVERRIDES, TRAIN, N_IMAGES], sort_keys=True).encode()).hexdigest()[:12]
+    # Keyed on every training setting, defaults included: a cached model trained under other defaults is stale.
+    settings = {k: v for k, v in asdict(DemoSettings(**TRAIN)).items() if k not in ("out_dir", "progress")}
+    key = hashlib.sha256(json.dumps([SIZE_OVERRIDES, settings, N_IMAGES], sort_keys=True).encode()).hexdigest()[:12]
     folder = CACHE / f"gguf-test-model-{key}"
     if not (folder / "model" / "config.json").is_file():
         staging = tmp_path_factory.mktemp("gguf-train")
@@ -298,6 +302,10 @@ def test_llama_cpp_captions_equal_mqwen_captions(trained, exports, mqwen_model, 
     rendered = theirs["f16"]["chat_template"]
     assert rendered is not None and "<__media__>" in rendered
     accuracy = {"mqwen": np.mean([a == b for a, b in zip(ours, truth)])}
+    print(f"MQwen exact match {accuracy['mqwen']:.0%}")
+    # It has learnt something, so agreement is not agreement on noise (and a fixture model that did not train
+    # says so here, not as a runtime disagreement).
+    assert accuracy["mqwen"] >= 0.1, f"the test model did not learn the task: {list(zip(ours, truth))[:5]}"
     for outtype, result in theirs.items():
         captions = [result["captions"][p.name] for p in images]
         agreement = np.mean([a == b for a, b in zip(captions, ours)])
@@ -305,9 +313,8 @@ def test_llama_cpp_captions_equal_mqwen_captions(trained, exports, mqwen_model, 
         print(f"{outtype}: agreement with MQwen {agreement:.0%}, exact match {accuracy[outtype]:.0%}")
         if outtype in ("f32", "f16"):
             assert agreement >= 0.95, list(zip(captions, ours))
-    print(f"MQwen exact match {accuracy['mqwen']:.0%}")
-    assert accuracy["mqwen"] >= 0.1  # it has learnt something: agreement is not agreement on noise
-    assert abs(accuracy["q8_0"] - accuracy["mqwen"]) <= 0.02
+    # Within 2 points: one image of the 50, compared as counts (0.14 - 0.12 is 0.020000000000000018 in floats).
+    assert abs(round(accuracy["q8_0"] * N_IMAGES) - round(accuracy["mqwen"] * N_IMAGES)) <= 0.02 * N_IMAGES
 
 
 def test_llama_language_model_round_trips_through_transformers(tmp_path):
