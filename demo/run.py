@@ -47,7 +47,7 @@ class DemoSettings:
     curriculum_grow: bool = False  # True: the pool grows to two-shape images, then all, over those steps
     vision_warmup_steps: int = 2000  # train/'s vision warm-up: the ViT alone first (train/vision_warmup.py)
     vision_warmup_target: str = "word_pairs"  # what the warm-up names: "words" or "word_pairs"
-    vision_aux_weight: float = 0.3  # after the warm-up its loss stays on at this weight (train/vision_warmup.py)
+    vision_aux_weight: float = 0.6  # after the warm-up its loss stays on at this weight (train/vision_warmup.py)
     augment: bool = True  # training images at other sizes, with pixel noise, on tinted grounds (shapes.AUGMENT_*)
     lr_scheduler: str = "cosine"  # or "warmup_stable_decay": the peak rate until the last decay_ratio of steps
     decay_ratio: float = 0.2
