@@ -33,13 +33,17 @@ def llama_cpp_command(
     images: Iterable[str | os.PathLike],
     max_new_tokens: int,
     threads: int | None = None,
+    repack: bool = True,
 ) -> list[str]:
     """The command that captions `images` with llama.cpp: `llama_cpp_caption.py` run by `python`, the interpreter
-    of the environment llama-cpp-python is built in; it writes its captions and timings to `out` (JSON)."""
+    of the environment llama-cpp-python is built in; it writes its captions and timings to `out` (JSON).
+    `repack=False` loads the weights without llama.cpp's repacked and AMX layouts (see `llama_cpp_caption.py`)."""
     command = [python, str(HERE / "llama_cpp_caption.py"), "--model", str(lm), "--mmproj", str(mmproj)]
     command += ["--prompt-file", str(prompt_file), "--out", str(out), "--max-new-tokens", str(max_new_tokens)]
     if threads is not None:
         command += ["--threads", str(threads)]
+    if not repack:
+        command.append("--no-repack")
     return command + [str(image) for image in images]
 
 
@@ -73,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images_dir", help="a folder of images (captions.jsonl beside them adds exact match)")
     parser.add_argument("--llama-cpp-python", required=True, help="python of the environment with llama_cpp")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--no-repack",
+        dest="repack",
+        action="store_false",
+        help="llama.cpp without its repacked and AMX weight layouts (needed on Xeons with AMX: llama.cpp #20824)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--limit", type=int, default=50)
     parser.add_argument("--out", default=str(HERE / "RESULTS-gguf.md"))
@@ -100,7 +110,15 @@ def main(argv: list[str] | None = None) -> int:
             lm, mmproj = export_gguf(args.model_dir, Path(tmp) / outtype, outtype, progress=False)
             out = Path(tmp) / f"{outtype}.json"
             command = llama_cpp_command(
-                args.llama_cpp_python, lm, mmproj, prompt_file, out, images, args.max_new_tokens, args.threads
+                args.llama_cpp_python,
+                lm,
+                mmproj,
+                prompt_file,
+                out,
+                images,
+                args.max_new_tokens,
+                args.threads,
+                args.repack,
             )
             subprocess.run(command, check=True)
             name = f"llama.cpp {outtype}"

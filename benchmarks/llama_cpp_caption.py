@@ -27,11 +27,14 @@ def caption_images(
     images: list[str | os.PathLike],
     max_new_tokens: int = 24,
     threads: int = 1,
+    repack: bool = True,
 ) -> dict:
     import llama_cpp
     import llama_cpp.mtmd_cpp as mtmd
     import numpy as np
 
+    if not repack:
+        _load_without_repacking(llama_cpp)
     start = time.perf_counter()
     llm = llama_cpp.Llama(
         model_path=str(model), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False
@@ -82,6 +85,23 @@ def caption_images(
     return {"captions": captions, "seconds_per_image": seconds, "load_seconds": load_seconds}
 
 
+def _load_without_repacking(llama_cpp) -> None:
+    """Make `llama_cpp.Llama` load weights without llama.cpp's extra buffer types (`--no-repack` in its CLI).
+
+    Those are the CPU backend's repacked and AMX layouts. On a Xeon with AMX, llama.cpp 0.3.36 (llama-cpp-python's)
+    crashed with a segmentation fault inside `ggml_backend_amx_mul_mat` on the test model's q8_0 weights
+    (ggml-org/llama.cpp issue #20824 reports the same crash with a real model). The bindings' `Llama` takes no
+    argument for it, so the default parameters it starts from are changed, in this process only."""
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params_without_extra_buffers():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = params_without_extra_buffers
+
+
 def chat_template_of(model: str | os.PathLike) -> str | None:
     """The GGUF's tokenizer.chat_template, read with the bindings' own metadata reader."""
     import llama_cpp
@@ -98,10 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="JSON file for captions and timings")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--no-repack",
+        dest="repack",
+        action="store_false",
+        help="load weights without llama.cpp's repacked and AMX layouts (as its CLI's --no-repack)",
+    )
     parser.add_argument("images", nargs="+")
     args = parser.parse_args(argv)
     result = caption_images(
-        args.model, args.mmproj, Path(args.prompt_file).read_text(), args.images, args.max_new_tokens, args.threads
+        args.model,
+        args.mmproj,
+        Path(args.prompt_file).read_text(),
+        args.images,
+        args.max_new_tokens,
+        args.threads,
+        args.repack,
     )
     result["chat_template"] = chat_template_of(args.model)
     Path(args.out).write_text(json.dumps(result, indent=1))
