@@ -127,6 +127,35 @@ def _progress_callbacks(max_minutes):
     return LossInBarProgress, ([TimeLimit()] if max_minutes else [])
 
 
+def _phase_clock(warmup_steps: int):
+    """A callback that times the vision warm-up's steps and the caption steps apart: they differ in cost about
+    twofold, so their mean step times say how fast this machine ran the job (results.json, `timings`), which
+    the total time alone does not when machines of one kind differ in speed from day to day."""
+    from transformers import TrainerCallback
+
+    class PhaseClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = self.boundary = self.end = time.perf_counter()
+            self.steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.end = time.perf_counter()
+            self.steps = state.global_step
+            if state.global_step <= warmup_steps:
+                self.boundary = self.end
+
+        def ms_per_step(self) -> dict[str, float | None]:
+            """Mean milliseconds a step of each phase took (None: the phase had no steps)."""
+            warmup = min(warmup_steps, self.steps)
+            captions = self.steps - warmup
+            return {
+                "vision_warmup_ms_per_step": 1e3 * (self.boundary - self.start) / warmup if warmup else None,
+                "caption_ms_per_step": 1e3 * (self.end - self.boundary) / captions if captions else None,
+            }
+
+    return PhaseClock()
+
+
 def _schedule_arguments(settings: DemoSettings) -> dict:
     args = {"save_strategy": "no"}
     if settings.lr_scheduler == "warmup_stable_decay":
@@ -136,8 +165,9 @@ def _schedule_arguments(settings: DemoSettings) -> dict:
 
 def train_model(
     settings: DemoSettings, model: Any, processor: Any, train_pairs: Sequence, out_dir: Path
-) -> tuple[Any, Path, float]:
-    """Train with train/'s API; returns (trainer, model_dir, train_seconds)."""
+) -> tuple[Any, Path, dict[str, float | None]]:
+    """Train with train/'s API; returns (trainer, model_dir, timings): `train_seconds` and each phase's mean step
+    time (`_phase_clock`)."""
     from transformers.trainer_callback import ProgressCallback
 
     from mqwen.train import TrainConfig, build_trainer, save_final_model
@@ -168,7 +198,8 @@ def train_model(
         training_args=_schedule_arguments(settings),
     )
     progress, extra_callbacks = _progress_callbacks(settings.max_train_minutes)
-    trainer = build_trainer(config, model=model, processor=processor, callbacks=extra_callbacks)
+    clock = _phase_clock(settings.vision_warmup_steps)
+    trainer = build_trainer(config, model=model, processor=processor, callbacks=[*extra_callbacks, clock])
     if settings.progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(progress())
@@ -176,7 +207,7 @@ def train_model(
     trainer.train()
     train_seconds = time.perf_counter() - start
     model_dir = save_final_model(trainer, config, out_dir / "model")
-    return trainer, model_dir, train_seconds
+    return trainer, model_dir, {"train_seconds": train_seconds, **clock.ms_per_step()}
 
 
 def reload_in_fresh_process(
@@ -293,8 +324,11 @@ def results_record(
     in_process: list[str],
     files: dict[str, str],
 ) -> dict:
-    """What results.json holds: settings, model size, timings, every score, the loss log, every test caption."""
+    """What results.json holds: settings, model size, timings and the machine, every score, the loss log, every
+    test caption."""
     import torch
+
+    from ..benchmarks.report import machine_description
 
     history = trainer.state.log_history
     return {
@@ -311,7 +345,8 @@ def results_record(
         "steps": trainer.state.global_step,
         "plateau_exit_step": exit_step,
         "threads": torch.get_num_threads(),
-        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "timings": {k: None if v is None else round(v, 1) for k, v in timings.items()},
+        "machine": machine_description("cpu"),
         "test": reloaded["metrics"],
         "test_in_process": scores["test"]["metrics"],
         "validation": scores["validation"]["metrics"],
@@ -370,12 +405,18 @@ def run(settings: DemoSettings, log: Callable[[str], object] = print) -> dict:
 
     log(f"[3/6] Training for {settings.max_steps} steps of {settings.batch_size} ...")
     train_pairs = [(example, example.caption) for example in splits["train"]]
-    trainer, model_dir, timings["train_seconds"] = train_model(settings, model, processor, train_pairs, out_dir)
+    trainer, model_dir, train_timings = train_model(settings, model, processor, train_pairs, out_dir)
+    timings.update(train_timings)
     model = trainer.model.eval()
     history = trainer.state.log_history
     exit_step = plateau_exit_step(history)
+    per_step = ", ".join(
+        f"{name} {timings[key]:.0f} ms a step"
+        for name, key in (("vision warm-up", "vision_warmup_ms_per_step"), ("captions", "caption_ms_per_step"))
+        if timings[key] is not None
+    )
     log(
-        f"      {trainer.state.global_step} steps in {timings['train_seconds']:.0f} s; caption loss under "
+        f"      {trainer.state.global_step} steps in {timings['train_seconds']:.0f} s ({per_step}); caption loss under "
         f"{PLATEAU_LOSS} (off the plateau) from step {exit_step}; saved to {model_dir}"
     )
 

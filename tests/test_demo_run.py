@@ -177,3 +177,50 @@ def test_time_limit_stops_training_once_the_minutes_are_spent():
         time.sleep(0.01)
         limit.on_step_end(None, None, control)
         assert control.should_training_stop is stops
+
+
+def _clocked_run(monkeypatch, warmup_steps: int, readings: list[float]) -> dict:
+    """The demo's phase clock over a run whose perf_counter reads `readings`: the start, then each step's end."""
+    from types import SimpleNamespace
+
+    import mqwen.demo.run as demo_run
+
+    ticks = iter(readings)
+    monkeypatch.setattr(demo_run.time, "perf_counter", lambda: next(ticks))
+    clock = demo_run._phase_clock(warmup_steps)
+    clock.on_train_begin(None, None, None)
+    for step in range(1, len(readings)):
+        clock.on_step_end(None, SimpleNamespace(global_step=step), None)
+    return clock.ms_per_step()
+
+
+def test_phase_clock_times_the_warm_up_and_the_caption_steps_apart(monkeypatch):
+    """results.json's per-phase step times: the warm-up's steps over the warm-up's time, the rest over the rest."""
+    # Training begins at 10 s; steps end at 10.1, 10.2 (the warm-up's last), then 10.5, 10.8 and 11.1.
+    times = _clocked_run(monkeypatch, 2, [10.0, 10.1, 10.2, 10.5, 10.8, 11.1])
+    assert times == {"vision_warmup_ms_per_step": pytest.approx(100.0), "caption_ms_per_step": pytest.approx(300.0)}
+    # No warm-up: every step is a caption step. Stopped inside the warm-up: no caption step.
+    assert _clocked_run(monkeypatch, 0, [0.0, 0.1, 0.2, 0.3]) == {
+        "vision_warmup_ms_per_step": None,
+        "caption_ms_per_step": pytest.approx(100.0),
+    }
+    assert _clocked_run(monkeypatch, 5, [0.0, 0.1, 0.2, 0.3]) == {
+        "vision_warmup_ms_per_step": pytest.approx(100.0),
+        "caption_ms_per_step": None,
+    }
+
+
+def test_results_record_each_phase_step_time_and_the_machine(demo):
+    from mqwen.benchmarks.report import cpu_model
+
+    _, results = demo
+    timings = results["timings"]
+    warmup = QUICK["vision_warmup_steps"]
+    captions = QUICK["max_steps"] - warmup
+    assert timings["vision_warmup_ms_per_step"] > 0 and timings["caption_ms_per_step"] > 0
+    # The phases' steps lie inside the training time, which also holds the trainer's start and its end (results.json
+    # rounds seconds and milliseconds to one decimal: up to 50 ms, and 0.05 ms a step).
+    phases = warmup * timings["vision_warmup_ms_per_step"] + captions * timings["caption_ms_per_step"]
+    assert phases <= 1e3 * timings["train_seconds"] + 50 + 0.05 * QUICK["max_steps"]
+    assert results["machine"]["cpu"] == cpu_model()
+    assert results["machine"]["torch threads"] == results["threads"]
