@@ -9,7 +9,7 @@ from mqwen.train.config import VISION_WARMUP_TARGETS
 from .run import QUICK, DemoSettings, run
 
 EXAMPLES = """examples:
-  mqwen-demo                                  # the full run: under 10 minutes of training on 2 CPU cores
+  mqwen-demo                                  # the full run: 8-19 minutes of training on 2 CPU cores (README)
   mqwen-demo --out /tmp/shapes --max-steps 500  # shorter training, lower accuracy
   mqwen-demo --quick                          # smoke test: a very small model, a few steps (~30 s)
   mqwen-caption mqwen-shapes-demo/data/test --model mqwen-shapes-demo/model   # use the trained model afterwards
@@ -76,6 +76,17 @@ def parse_args(argv: list[str] | None = None) -> DemoSettings:
         help=f"draw training images at other sizes, with noise, on tinted backgrounds (default: {DEFAULTS.augment})",
     )
     parser.add_argument(
+        "--small-shapes-from-step",
+        type=int,
+        help=f"from this step on, augmented training images draw their shapes smaller, at --small-shapes-scale to 1 "
+        f"of their side (default: {DEFAULTS.small_shapes_from_step}; 0: never)",
+    )
+    parser.add_argument(
+        "--small-shapes-scale",
+        type=float,
+        help=f"the smallest fraction of its side a late shape is drawn at (default: {DEFAULTS.small_shapes_scale})",
+    )
+    parser.add_argument(
         "--curriculum-grow",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -111,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> DemoSettings:
     for name in ("max_steps", "batch_size", "train_size", "test_size", "validation_size"):
         if settings.get(name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < settings.get("small_shapes_scale", 1) <= 1:
+        parser.error("--small-shapes-scale must be above 0 and at most 1")
     return DemoSettings(**settings)
 
 

@@ -49,6 +49,10 @@ class DemoSettings:
     vision_warmup_target: str = "word_pairs"  # what the warm-up names: "words" or "word_pairs"
     vision_aux_weight: float = 0.6  # after the warm-up its loss stays on at this weight (train/vision_warmup.py)
     augment: bool = True  # training images at other sizes, with pixel noise, on tinted grounds (shapes.AUGMENT_*)
+    # From this step on, augmented training images draw their shapes at small_shapes_scale-1 of their side (smaller
+    # than the task's smallest), once the model has left its plateau; None or 0: never (`schedule_small_shapes`)
+    small_shapes_from_step: int | None = 3000
+    small_shapes_scale: float = 0.7
     lr_scheduler: str = "cosine"  # or "warmup_stable_decay": the peak rate until the last decay_ratio of steps
     decay_ratio: float = 0.2
     other_test_size: int = 300  # the second test set, drawn by other_renderer.py
@@ -156,6 +160,34 @@ def _phase_clock(warmup_steps: int):
     return PhaseClock()
 
 
+def schedule_small_shapes(trainer: Any, examples: Sequence, settings: DemoSettings) -> int:
+    """Mark the training examples that steps from `small_shapes_from_step` on will draw, so that they draw their
+    shapes smaller (`shapes.make_example`'s `shrink_to`); returns how many were marked.
+
+    Why late: shapes under the task's smallest size are what a model trained on it gets wrong on other drawings
+    (the other renderer's 10 % of the side), but drawn from the start they hold it longer on its plateau and it
+    ends worse (demo/EXPERIMENTS.md). Which examples those steps draw is known before training: train/'s
+    curriculum sampler fixes its order from the seed, and the trainer builds the same one for its data loader.
+    """
+    from mqwen.train.curriculum import ShortCaptionsFirstSampler
+
+    if not settings.small_shapes_from_step or settings.small_shapes_from_step >= settings.max_steps:
+        return 0
+    if not 0 < settings.small_shapes_scale <= 1:
+        raise ValueError(f"small_shapes_scale must be in (0, 1], got {settings.small_shapes_scale}.")
+    sampler = trainer._get_train_sampler()
+    if not isinstance(sampler, ShortCaptionsFirstSampler):
+        raise ValueError(
+            "small_shapes_from_step needs the curriculum's sampler, whose order is fixed before training: set "
+            "curriculum_steps (--curriculum-steps) above 0, or small_shapes_from_step to None "
+            "(--small-shapes-from-step 0)."
+        )
+    late = list(sampler)[settings.small_shapes_from_step * settings.batch_size :]
+    for index in late:
+        examples[index].shrink_to = settings.small_shapes_scale
+    return len(late)
+
+
 def _schedule_arguments(settings: DemoSettings) -> dict:
     args = {"save_strategy": "no"}
     if settings.lr_scheduler == "warmup_stable_decay":
@@ -200,6 +232,7 @@ def train_model(
     progress, extra_callbacks = _progress_callbacks(settings.max_train_minutes)
     clock = _phase_clock(settings.vision_warmup_steps)
     trainer = build_trainer(config, model=model, processor=processor, callbacks=[*extra_callbacks, clock])
+    schedule_small_shapes(trainer, [example for example, _ in train_pairs], settings)
     if settings.progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(progress())

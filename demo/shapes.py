@@ -67,6 +67,11 @@ _CAPTION_RE = re.compile(rf"^{_PHRASE}(?:(?:, {_PHRASE})? and {_PHRASE})?$")
 AUGMENT_CANVASES = (56, 64, 72, 88, 104, 120)
 AUGMENT_NOISE = 4.0
 AUGMENT_TINT = 40
+# Late in training (`DemoSettings.small_shapes_from_step`), augmented images may also draw every shape smaller about
+# its centre, by one factor per image from [scale, 1] (drawn from its own random stream, so the rest of the image
+# is the same): with 0.7, shapes reach down to 8.75 % of the side, under the task's 12.5 %, as real inputs and the
+# other renderer's do (10 %). Early in training such shapes hold the model on its plateau (demo/EXPERIMENTS.md).
+_SHRINK_STREAM = 99
 
 _SUPERSAMPLE = 2  # shapes are drawn at 2x and each pixel averages its 2 x 2 samples, for anti-aliased edges
 # (cheap on purpose: the one data-loader worker takes its time from the two cores that train)
@@ -147,11 +152,13 @@ def render(
     rng: np.random.Generator | None = None,
     canvas: int | None = None,
     noise: float = 0.0,
+    shrink: float = 1.0,
 ) -> Image.Image:
     """Draw `shapes` (ShapeSpecs, laid out for `image_size`) on a plain background.
 
     Colours get a small jitter when `rng` is given. `canvas` draws the same layout at another size (the
-    processor resizes it to the vision tower's); `noise` adds uniform pixel noise of up to that many levels.
+    processor resizes it to the vision tower's); `noise` adds uniform pixel noise of up to that many levels;
+    `shrink` draws each shape at that fraction of its side, about its box's centre.
     """
     canvas = canvas or image_size
     s = _SUPERSAMPLE
@@ -164,6 +171,9 @@ def render(
             colour = np.clip(colour + rng.integers(-20, 21, size=3), 0, 255)
         fill = tuple(int(c) for c in colour)
         x0, y0, x1, y1 = (v * scale for v in spec.box)
+        if shrink != 1.0:
+            cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, shrink * (x1 - x0) / 2
+            x0, y0, x1, y1 = cx - half, cy - half, cx + half, cy + half
         x1, y1 = x1 - 1, y1 - 1
         if spec.shape == "circle":
             draw.ellipse((x0, y0, x1, y1), fill=fill)
@@ -190,36 +200,45 @@ def _layout(split, index, seed, image_size):
             return shapes, background, rng
 
 
-def make_example(split: str, index: int, seed: int = 0, image_size: int = 64, augment: bool = False) -> Example:
+def make_example(
+    split: str, index: int, seed: int = 0, image_size: int = 64, augment: bool = False, shrink_to: float = 1.0
+) -> Example:
     """Example `index` of `split` ("train", "validation" or "test"), a pure function of its arguments.
 
     `augment` draws the image at a random size from `AUGMENT_CANVASES` with up to `AUGMENT_NOISE` levels of
     pixel noise, on a background whose channels are each darkened by up to `AUGMENT_TINT` levels (for
     training: the processor resizes every image, and real inputs come at any size and on any light ground).
+    With `augment`, `shrink_to` < 1 also draws every shape at a random fraction in [shrink_to, 1] of its side,
+    about its centre: the layout and the caption stay the same.
     """
     shapes, background, rng = _layout(split, index, seed, image_size)
     canvas, noise = None, 0.0
     if augment:
         canvas, noise = int(rng.choice(AUGMENT_CANVASES)), float(rng.uniform(0, AUGMENT_NOISE))
         background = tuple(int(v) for v in np.array(background) - rng.integers(0, AUGMENT_TINT + 1, size=3))
-    return Example(render(shapes, background, image_size, rng, canvas, noise), caption_for(shapes), shapes)
+    shrink = 1.0
+    if augment and shrink_to < 1.0:
+        shrink = float(np.random.default_rng([seed, _SHRINK_STREAM, index]).uniform(shrink_to, 1.0))
+    return Example(render(shapes, background, image_size, rng, canvas, noise, shrink), caption_for(shapes), shapes)
 
 
 class LazyExample:
     """Example `index` of `split` with its caption known now and its image drawn only when called.
 
     A training set of a hundred thousand images then costs memory for captions only; the image is drawn
-    (about half a millisecond) each time the data loader asks for it, identical every time.
+    (about half a millisecond) each time the data loader asks for it, identical every time. `shrink_to`
+    (`make_example`) may be set before training starts, for the examples it will draw late.
     """
 
-    __slots__ = ("split", "index", "seed", "image_size", "augment", "caption")
+    __slots__ = ("split", "index", "seed", "image_size", "augment", "caption", "shrink_to")
 
     def __init__(self, split: str, index: int, seed: int = 0, image_size: int = 64, augment: bool = False):
         self.split, self.index, self.seed, self.image_size, self.augment = split, index, seed, image_size, augment
         self.caption = caption_for(_layout(split, index, seed, image_size)[0])
+        self.shrink_to = 1.0
 
     def __call__(self):
-        return make_example(self.split, self.index, self.seed, self.image_size, self.augment).image
+        return make_example(self.split, self.index, self.seed, self.image_size, self.augment, self.shrink_to).image
 
 
 def lazy_split(

@@ -224,3 +224,46 @@ def test_results_record_each_phase_step_time_and_the_machine(demo):
     assert phases <= 1e3 * timings["train_seconds"] + 50 + 0.05 * QUICK["max_steps"]
     assert results["machine"]["cpu"] == cpu_model()
     assert results["machine"]["torch threads"] == results["threads"]
+
+
+def test_small_shapes_are_drawn_from_their_step_on(tmp_path, monkeypatch):
+    """`small_shapes_from_step`: the images the trainer's data loader draws before that step are the usual ones,
+    and every image it draws from that step on has its shapes shrunk, the examples marked before training."""
+    from mqwen.demo.model import PRESETS, build_shapes_model
+    from mqwen.demo.run import train_model
+    from mqwen.demo.shapes import LazyExample, lazy_split
+
+    drawn = []
+    draw = LazyExample.__call__
+    monkeypatch.setattr(LazyExample, "__call__", lambda self: drawn.append((self.index, self.shrink_to)) or draw(self))
+    settings = DemoSettings(
+        **{**QUICK, "max_steps": 6, "curriculum_steps": 2, "small_shapes_from_step": 4, "small_shapes_scale": 0.6},
+        out_dir=str(tmp_path),
+        progress=False,
+        loader_workers=0,  # the images are drawn in this process, in the order the steps take them
+    )
+    examples = lazy_split("train", settings.train_size, seed=0, augment=True)
+    model, processor = build_shapes_model(PRESETS["quick"], seed=0)
+    train_model(settings, model, processor, [(e, e.caption) for e in examples], tmp_path)
+
+    batch = settings.batch_size
+    assert len(drawn) >= settings.max_steps * batch
+    assert [scale for _, scale in drawn[: 4 * batch]] == [1.0] * 4 * batch
+    assert [scale for _, scale in drawn[4 * batch : 6 * batch]] == [0.6] * 2 * batch
+    assert sum(e.shrink_to == 0.6 for e in examples) == len(examples) - 4 * batch  # the rest of the epoch's order
+
+
+def test_small_shapes_need_the_curriculum_order_and_a_scale_in_range():
+    from types import SimpleNamespace
+
+    from torch.utils.data import RandomSampler
+
+    from mqwen.demo.run import schedule_small_shapes
+
+    stock = SimpleNamespace(_get_train_sampler=lambda: RandomSampler(range(8)))
+    with pytest.raises(ValueError, match="--curriculum-steps"):
+        schedule_small_shapes(stock, [], DemoSettings(curriculum_steps=0))
+    with pytest.raises(ValueError, match="small_shapes_scale"):
+        schedule_small_shapes(stock, [], DemoSettings(small_shapes_scale=1.5))
+    for off in (None, 0, DemoSettings().max_steps):  # never, or not before training ends
+        assert schedule_small_shapes(stock, [], DemoSettings(small_shapes_from_step=off)) == 0

@@ -196,3 +196,30 @@ def test_augmented_examples_keep_caption_and_layout_at_another_size_with_noise()
         np.array_equal(np.asarray(drawn()), _pixels(make_example("train", i, 4, augment=True)))
         for i, drawn in enumerate(lazy)
     )
+
+
+def test_shrunk_shapes_keep_caption_layout_and_centres_and_cover_less():
+    """`shrink_to` (late training images): the same caption, layout and background, each shape drawn about its
+    centre at one random fraction in [shrink_to, 1] of its side; the rest of the image's random draws unchanged;
+    nothing changes without --augment or at shrink_to=1."""
+    areas = []
+    for index in range(30):
+        full = make_example("train", index, seed=6, augment=True)
+        small = make_example("train", index, seed=6, augment=True, shrink_to=0.7)
+        assert small.caption == full.caption and small.shapes == full.shapes
+        assert np.array_equal(_pixels(small), _pixels(make_example("train", index, 6, augment=True, shrink_to=0.7)))
+        assert np.array_equal(_pixels(make_example("train", index, 6, augment=True, shrink_to=1.0)), _pixels(full))
+        plain = make_example("train", index, 6)
+        assert np.array_equal(_pixels(make_example("train", index, 6, shrink_to=0.7)), _pixels(plain))
+        image, background = _pixels(small).astype(int), _pixels(full)[0, 0].astype(int)
+        assert np.abs(image[0, 0] - background).max() <= 8, "the background (and its noise) is drawn as before"
+        scale = small.image.size[0] / 64
+        for spec in small.shapes:
+            x0, y0, x1, y1 = (v * scale for v in spec.box)
+            pixel = image[int((y0 + y1) / 2), int((x0 + x1) / 2)]
+            assert np.abs(pixel - np.array(COLOURS[spec.colour])).max() <= 25, (spec, pixel)
+        # pixels far from the background colour: the shapes' area
+        covered = [int((np.abs(_pixels(e).astype(int) - background).max(axis=2) > 60).sum()) for e in (small, full)]
+        areas.append(covered[0] / covered[1])
+    assert all(0.7**2 - 0.1 <= a <= 1.0 for a in areas), areas
+    assert min(areas) < 0.7 and max(areas) > 0.85, "the factor is drawn per image over [0.7, 1]"
