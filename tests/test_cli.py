@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from mqwen.train import configs
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -93,10 +95,13 @@ def test_shipped_launcher_configs_are_found_by_name_from_anywhere(tmp_path):
     shipped = sorted(p.name for p in (REPO / "train" / "configs").iterdir() if p.suffix in (".yaml", ".json"))
     listed = run_elsewhere([sys.executable, "-m", "mqwen.train.configs"], tmp_path)
     assert listed.returncode == 0 and listed.stdout.split() == shipped
+    # One lookup through the command (a process costs seconds: it imports transformers); the rest through the
+    # function it prints, each checked against the checkout's file.
+    found = run_elsewhere([sys.executable, "-m", "mqwen.train.configs", shipped[0]], tmp_path)
+    assert found.returncode == 0, found.stderr
+    assert Path(found.stdout.strip()) == configs.path(shipped[0])
     for name in shipped:
-        found = run_elsewhere([sys.executable, "-m", "mqwen.train.configs", name], tmp_path)
-        assert found.returncode == 0, found.stderr
-        assert Path(found.stdout.strip()).read_bytes() == (REPO / "train" / "configs" / name).read_bytes()
+        assert configs.path(name).read_bytes() == (REPO / "train" / "configs" / name).read_bytes()
     unknown = run_elsewhere([sys.executable, "-m", "mqwen.train.configs", "fsdp.yml"], tmp_path)
     assert unknown.returncode == 2 and "fsdp.yml" in unknown.stderr and "fsdp_cpu.yaml" in unknown.stderr
 

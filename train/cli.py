@@ -89,9 +89,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .run import train
-
     config = parse_config(argv)
+    from .run import train  # after parsing: `--help` and a wrong flag answer without importing the Trainer
+
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     result = train(config)
     if result.trainer.is_world_process_zero():
