@@ -62,7 +62,7 @@ Open the printed URL, drop one or several images, press Caption.
 
 NO_MODEL_HELP = """No model to serve: pass --model DIR_OR_REPO (or set MQWEN_MODEL).
 The shapes demo's trained model is not there yet (looked in: {looked}). Ways to get a model:
-  - train it (about 10 minutes on 2 CPU cores), then run this again from the same folder:
+  - train it (about 20 minutes on 2 CPU cores), then run this again from the same folder:
         python -m mqwen.demo && python app.py
   - a tiny random checkpoint, to try the page out (its captions are gibberish):
         mqwen-convert tiny /tmp/mqwen-tiny && python app.py --model /tmp/mqwen-tiny

@@ -9,7 +9,7 @@ from mqwen.train.config import VISION_WARMUP_TARGETS
 from .run import QUICK, DemoSettings, run
 
 EXAMPLES = """examples:
-  mqwen-demo                                  # the full run: 8-19 minutes of training on 2 CPU cores (README)
+  mqwen-demo                                  # the full run: 18-24 minutes of training on 2 CPU cores (README)
   mqwen-demo --out /tmp/shapes --max-steps 500  # shorter training, lower accuracy
   mqwen-demo --quick                          # smoke test: a very small model, a few steps (~30 s)
   mqwen-caption mqwen-shapes-demo/data/test --model mqwen-shapes-demo/model   # use the trained model afterwards
