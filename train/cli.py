@@ -116,6 +116,8 @@ EVAL_EXAMPLES = """examples:
   mqwen-eval --model out/final --data annotations/captions_val2017.json --image-root val2017 \\
       --batch-size 32 --limit 500
   mqwen-eval --model out/final --data hf://owner/captions --split validation
+  mqwen-eval --model out/final --data data/val.jsonl --clipscore-model ViT-L-14:openai   # + CLIPScore
+  mqwen-eval --model out/final --data data/val.jsonl --tokenizer simple   # no Java: scores not comparable
   python -m mqwen.train.eval --model out/final --data data/val.jsonl      # the same
 """
 
@@ -125,7 +127,9 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="mqwen-eval",
-        description="Caption a held-out set with an MQwen model and score it (BLEU-4, CIDEr-D, exact match).",
+        description="Caption a held-out set with an MQwen model and score it: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D "
+        "(and SPICE when its models are present) by pycocoevalcap with its Java PTB tokenizer, exact match, and "
+        "optionally CLIPScore / RefCLIPScore.",
         epilog=EVAL_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -141,6 +145,18 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-column")
     parser.add_argument("--caption-column")
     parser.add_argument("--split")
+    parser.add_argument(
+        "--tokenizer",
+        choices=("ptb", "simple"),
+        default="ptb",
+        help="ptb: pycocoevalcap's PTB tokenizer and METEOR, the published numbers (needs Java: Debian's "
+        "openjdk-17-jre-headless); simple: Java-free, no METEOR, scores labelled not comparable",
+    )
+    parser.add_argument(
+        "--clipscore-model",
+        help="also report CLIPScore and RefCLIPScore with this OpenCLIP model: ARCH:TAG (ViT-L-14:openai), "
+        "ARCH:/path/to/weights, or hf-hub:org/repo",
+    )
     add_device_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -149,12 +165,25 @@ def build_eval_parser() -> argparse.ArgumentParser:
 def eval_main(argv: list[str] | None = None) -> int:
     """`mqwen-eval`: load a saved model (`runtime.load_for_inference`), caption and score, print the metrics."""
     from ..convert.staging import write_atomically
+    from ..evaluation.coco_metrics import JavaNotFoundError, require_java
     from ..runtime import load_for_inference
     from .eval import evaluate_captions
 
     args = build_eval_parser().parse_args(argv)
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be at least 1")
+    if args.tokenizer == "ptb":
+        try:
+            require_java()
+        except JavaNotFoundError as error:
+            raise SystemExit(f"error: {error}") from None
+    if args.clipscore_model:
+        from ..evaluation.clipscore import parse_clip_model  # imports open_clip (about 2 s): only when asked
+
+        try:
+            parse_clip_model(args.clipscore_model)
+        except ValueError as error:
+            raise SystemExit(f"error: --clipscore-model: {error}") from None
     model, processor = load_for_inference(args.model, device=args.device, dtype=args.dtype)
     results = evaluate_captions(
         model,
@@ -170,12 +199,16 @@ def eval_main(argv: list[str] | None = None) -> int:
         image_column=args.image_column,
         caption_column=args.caption_column,
         split=args.split,
+        tokenizer=args.tokenizer,
+        clipscore_model=args.clipscore_model,
     )
     results["model"] = str(args.model)
     results["data"] = str(args.data)
     if args.out:
         write_atomically(Path(args.out), json.dumps(results, indent=2))
     print(json.dumps({**results["metrics"], "out": args.out}, indent=2))
+    for note in results["metrics"]["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     skipped = results["skipped"]
     if skipped["missing"] or skipped["corrupt"]:
         print(

@@ -1,4 +1,4 @@
-"""Caption a held-out set in batches and score it (BLEU-4, CIDEr-D, exact match): `evaluate_captions`.
+"""Caption a held-out set in batches and score it (the COCO metrics, exact match, CLIPScore): `evaluate_captions`.
 
 The command line is `mqwen-eval` (or `python -m mqwen.train.eval`), defined in `cli.py`. Captions come from the
 shared runtime (`mqwen.runtime.caption_images`: batched, left-padded, greedy unless generation settings say
@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from ..evaluation.coco_metrics import require_java
 from ..runtime import caption_images
 from .data import CaptionDataset, ImageLoadError, SkipReport, load_caption_dataset, load_image
 from .metrics import caption_scores
@@ -26,6 +27,8 @@ def evaluate_captions(
     limit: int | None = None,
     progress: bool = True,
     generate_kwargs: dict | None = None,
+    tokenizer: str = "ptb",
+    clipscore_model: Any = None,
     **data_kwargs: Any,
 ) -> dict:
     """Caption every image of `data` and score the captions against its references.
@@ -36,12 +39,19 @@ def evaluate_captions(
         batch_size: images per `generate` call.
         instruction: caption instruction (default: the processor's).
         limit: evaluate only the first `limit` images.
+        tokenizer: "ptb" (the official COCO scores; needs Java) or "simple" (Java-free, not comparable).
+        clipscore_model: an OpenCLIP spec ("ViT-L-14:openai", "ARCH:/path/weights") or a
+            `mqwen.evaluation.clipscore.CLIPScorer`: adds CLIPScore and RefCLIPScore.
         data_kwargs: `image_root`, `image_column`, `caption_column`, `split` for `load_caption_dataset`.
 
     Returns:
-        `{"metrics": {"bleu4", "cider", "exact_match", "images", "skipped_images"}, "per_image": [{"id",
-        "caption", "references", "bleu4", "cider", "exact_match"}, ...], "skipped": {...}}`.
+        `{"metrics": {"bleu1".."bleu4", "meteor", "rouge_l", "cider", "exact_match", "images", "tokenizer",
+        "notes", "skipped_images"[, "clipscore", "refclipscore", "clipscore_model"]}, "per_image": [{"id",
+        "caption", "references", the same scores}, ...], "skipped": {...}}` (see `caption_scores`).
     """
+    if tokenizer == "ptb":
+        require_java()  # before captioning anything
+    scorer = _clip_scorer(clipscore_model)
     if isinstance(data, CaptionDataset):
         dataset = data
     else:
@@ -82,8 +92,15 @@ def evaluate_captions(
             references[key] = list(record.captions)
     finally:
         model.train(was_training)
-    corpus, per_image = caption_scores(predictions, references)
+    corpus, per_image = caption_scores(predictions, references, tokenizer=tokenizer)
     corpus["skipped_images"] = len(skipped)
+    if scorer is not None:
+        keys = list(predictions)
+        images = (load_image(record.image) for record in readable)  # each loaded once already: all readable
+        clip_corpus, clip_scores = scorer.score(images, [predictions[k] for k in keys], [references[k] for k in keys])
+        corpus.update(clip_corpus)
+        for key, score in zip(keys, clip_scores):
+            per_image[key].update(score)
     return {
         "metrics": corpus,
         "per_image": [
@@ -92,6 +109,15 @@ def evaluate_captions(
         ],
         "skipped": skipped.to_dict(),
     }
+
+
+def _clip_scorer(clipscore_model):
+    if clipscore_model is None or not isinstance(clipscore_model, str):
+        return clipscore_model
+    # open_clip is imported here, only when asked for: it adds about 2 s to the import (python -X importtime)
+    from ..evaluation.clipscore import CLIPScorer
+
+    return CLIPScorer.load(clipscore_model)
 
 
 def _unique(key, taken):
