@@ -84,8 +84,10 @@ SPICE_NOTE = (
 def ptb_tokenize(captions: dict) -> dict:
     """`{key: [caption, ...]}` -> `{key: [tokenized, ...]}` by pycocoevalcap's `PTBTokenizer` (Java).
 
-    Every caption is first put on one line (all whitespace, line separators included, becomes one space: the
-    tokenizer reads one caption per line and would otherwise shift every later caption onto the wrong key).
+    Every caption is first put on one line (all whitespace, line separators included, becomes one space). The
+    tokenizer reads one caption per line and Java ends lines at \\r, form feed, U+0085, U+2028 and U+2029 too:
+    pycocoevalcap's `COCOEvalCap` (and so lmms-eval's COCO tasks) then shifts every later caption onto another
+    image, silently. Only for such captions do MQwen's scores differ from theirs, and MQwen's are the right ones.
     """
     require_java()
     folder = Path(ptbtokenizer.__file__).parent
@@ -188,12 +190,9 @@ def caption_scores(predictions: dict, references: dict, *, tokenizer: str = "ptb
             "tokenizer": tokenizer,
             "notes": notes,
         }, {}
-    if official:
-        tokenized = ptb_tokenize(
-            {**{("gts", i): references[i] for i in ids}, **{("res", i): [predictions[i]] for i in ids}}
-        )
-        gts = {i: tokenized[("gts", i)] for i in ids}
-        res = {i: tokenized[("res", i)] for i in ids}
+    if official:  # references, then candidates, in two runs of the tokenizer: as COCOEvalCap.evaluate does
+        gts = ptb_tokenize({i: references[i] for i in ids})
+        res = ptb_tokenize({i: [predictions[i]] for i in ids})
     else:
         gts = {i: [tokenize_caption(r) for r in references[i]] for i in ids}
         res = {i: [tokenize_caption(predictions[i])] for i in ids}

@@ -48,7 +48,7 @@ def test_simple_tokenizer_is_labelled_and_differs_from_the_official_scores(offic
 
 def test_line_breaks_inside_a_caption_do_not_shift_captions_onto_other_images():
     # pycocoevalcap's tokenizer reads one caption per line, and Java breaks lines at \r and U+2028 too.
-    references = {"a": ["a big red\rcircle"], "b": ["two small blue\u2028squares"], "c": ["one green triangle here"]}
+    references = {"a": ["a big red\rcircle"], "b": ["two small blue\u2028squares"], "c": ["one green\x0ctriangle here"]}
     predictions = {"a": "a big red circle", "b": "two small blue squares", "c": "one green\r\ntriangle here"}
     corpus, per_image = caption_scores(predictions, references)
     assert [per_image[k]["cider"] for k in "abc"] == pytest.approx([10.0, 10.0, 10.0])
