@@ -28,6 +28,7 @@ from ..processing_mqwen import DEFAULT_CAPTION_INSTRUCTION
 
 TASK = "mqwen_shapes_cap"
 COCO = "lmms_eval.tasks.coco_cap.utils"
+HERE = "mqwen.evaluation.lmms_shapes_task"  # how lmms-eval imports `doc_to_text` (not __name__: "__main__" under -m)
 METRICS = {"Bleu_4": "bleu4", "Bleu_3": "bleu3", "Bleu_2": "bleu2", "Bleu_1": "bleu1", "METEOR": "meteor"}
 METRICS.update({"ROUGE_L": "rougel", "CIDEr": "cider"})
 
@@ -50,7 +51,7 @@ def task_yaml(data_dir: str | os.PathLike) -> str:
         "test_split: test\n"
         "output_type: generate_until\n"
         f"doc_to_visual: !function {COCO}.coco_doc_to_visual\n"
-        f"doc_to_text: !function {__name__}.doc_to_text\n"
+        f"doc_to_text: !function {HERE}.doc_to_text\n"
         'doc_to_target: "answer"\n'
         "generation_kwargs:\n  max_new_tokens: 64\n  temperature: 0\n  top_p: 1.0\n  num_beams: 1\n  do_sample: false\n"
         f"process_results: !function {COCO}.coco_process_result\n"

@@ -219,6 +219,17 @@ def printable_tiny_dir(tiny_dir, tiny, tmp_path):
     return folder
 
 
+def test_task_writer_command(tmp_path):
+    out = tmp_path / "task"
+    command = [sys.executable, "-m", "mqwen.evaluation.lmms_shapes_task", str(out), "--n", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "doc_to_text: !function mqwen.evaluation.lmms_shapes_task.doc_to_text" in (out / f"{TASK}.yaml").read_text()
+    assert len((out / "images" / "captions.jsonl").read_text().splitlines()) == 2
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "--overwrite" in again.stderr + again.stdout
+
+
 def test_lmms_eval_command_scores_equal_mqwen_eval(printable_tiny_dir, tmp_path):
     """`lmms-eval --model mqwen` on the local shapes task: the same captions and COCO scores as `mqwen-eval`."""
     tiny_dir = printable_tiny_dir
