@@ -90,7 +90,13 @@ class CLIPScorer:
     """CLIP-S and RefCLIP-S of captions with one OpenCLIP model (`CLIPScorer.load("ViT-L-14:openai")`)."""
 
     def __init__(
-        self, model: Any, preprocess: Any, tokenizer: Any, name: str, device: str | torch.device = "cpu", batch_size=32
+        self,
+        model: Any,
+        preprocess: Any,
+        tokenizer: Any,
+        name: str,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
     ) -> None:
         self.model, self.preprocess, self.tokenizer, self.name = model.eval(), preprocess, tokenizer, name
         self.device, self.batch_size = torch.device(device), int(batch_size)

@@ -11,8 +11,8 @@ Programmatic API (stable; the `mqwen-train` and `mqwen-eval` commands wrap it)::
     result.skipped            # SkipReport: missing / corrupt images that were skipped
     model, processor = load_trained(result.model_dir)
     scores = evaluate_captions(model, processor, held_out, batch_size=16)
-    scores["metrics"]         # {"bleu4", "cider", "exact_match", "images", "skipped_images"}
-    scores["per_image"]       # [{"id", "caption", "references", "bleu4", "cider", "exact_match"}, ...]
+    scores["metrics"]         # {"bleu1".."bleu4", "meteor", "rouge_l", "cider", "exact_match", "images", ...}
+    scores["per_image"]       # [{"id", "caption", "references", the same scores}, ...]
 
 Names:
 - `TrainConfig`: every setting (the CLI flags are its fields). `train(config, model=None, processor=None,
@@ -21,7 +21,8 @@ Names:
 - `load_caption_dataset(spec, ...)` -> `CaptionDataset`; `CaptionRecord`; `CaptionCollator`.
 - `load_trained(path)` -> (model, processor) for merged models and `--keep-adapter` folders (the shared
   runtime's `mqwen.runtime.load_for_inference`; captions: `mqwen.runtime.caption_images`).
-- `evaluate_captions` (`mqwen.train.eval`), `caption_scores` (`mqwen.train.metrics`).
+- `evaluate_captions` (`mqwen.train.eval`), `caption_scores` (`mqwen.train.metrics`, defined in
+  `mqwen.evaluation.coco_metrics`: pycocoevalcap with its Java PTB tokenizer).
 
 Modules: config (TrainConfig), data (sources, lazy images, skip counting), collator (chat template, labels),
 stages (freezing, LoRA, optimizer groups), trainer (CaptionTrainer), run (train, saving), distributed (FSDP
