@@ -6,6 +6,7 @@ these hand-made cases is tests/test_fuzz_inputs.py.
 
 import logging
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -276,8 +277,11 @@ def test_valid_inputs_give_the_same_outputs_as_without_the_checks(tiny, captione
     ignored = captioned["input_ids"].masked_fill(captioned["attention_mask"] == 0, -100)
     with torch.no_grad():
         checked = model(**captioned, labels=ignored)
-        monkeypatch.setattr(type(model), "_check_inputs", lambda *args, **kwargs: None)
+        module, skipped = sys.modules[type(model).__module__], []
+        monkeypatch.setattr(module, "_check_inputs", lambda *args, **kwargs: skipped.append("inputs"))
+        monkeypatch.setattr(module, "_check_pixel_values", lambda *args, **kwargs: skipped.append("pixels"))
         unchecked = model(**captioned, labels=ignored)
+    assert skipped == ["inputs", "pixels"], "both checks were skipped in the unchecked run"
     assert torch.equal(checked.logits, unchecked.logits) and torch.equal(checked.loss, unchecked.loss)
 
 

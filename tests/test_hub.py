@@ -1,4 +1,4 @@
-"""Everything a Hub user does: load with trust_remote_code (folder, repo id offline), pipelines, push_to_hub."""
+"""Everything a Hub user does: load with trust_remote_code (folder, repo id offline), pipelines, publishing."""
 
 import json
 
@@ -143,7 +143,9 @@ def test_push_to_hub_publishes_model_and_processor_in_one_commit(
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_used")
-    model.push_to_hub("mqwen-org/published", processor=processor)
+    from mqwen.convert.push import push_to_hub
+
+    push_to_hub(model, processor, "mqwen-org/published")
 
     assert len(commits) == 1
     repo_id, files = commits[0]
