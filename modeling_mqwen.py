@@ -206,11 +206,11 @@ class MQwenPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
-    _supports_flash_attn_2 = True  # compat(transformers<5): the name 4.x first read (5.x still falls back to it)
+    _supports_flash_attn_2 = True  # compat(transformers<4.57): the older name (4.57 and 5.x read the one above)
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _supports_cache_class = True  # compat(transformers<5): 4.x attribute, unread by 5.x
-    _supports_static_cache = True  # compat(transformers<5): 4.x attribute, unread by 5.x
+    _supports_cache_class = True  # compat(transformers<4.57): read by older releases only, not by 4.57 or 5.x
+    _supports_static_cache = True  # compat(transformers<4.57): read by older releases only, not by 4.57 or 5.x
 
     # The only loading code here, and it must be here: a Hub user's `AutoModel*.from_pretrained(repo,
     # trust_remote_code=True)` runs just the three Hub files, and a damaged download must get the same clear error.

@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - PIL comes with transformers' vision ex
 if TYPE_CHECKING:
     import torch
 
+# compat(transformers<5): 4.x's ProcessorMixin needs the sub-processor class attributes (see MQwenProcessor)
 _TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 
 DEFAULT_CAPTION_INSTRUCTION = "Describe this image."
@@ -181,7 +182,7 @@ class MQwenProcessor(ProcessorMixin):
         caption_instruction: the user turn of the default caption prompt.
     """
 
-    if _TRANSFORMERS_4:  # transformers 5 reads the sub-processors from the __init__ signature instead
+    if _TRANSFORMERS_4:  # compat(transformers<5): 5.x reads the sub-processors from the __init__ signature instead
         attributes = ["image_processor", "tokenizer"]
         image_processor_class = "AutoImageProcessor"
         tokenizer_class = "AutoTokenizer"
@@ -300,7 +301,7 @@ class MQwenProcessor(ProcessorMixin):
         The offsets are transformers 5's `text_replacement_offsets` (vLLM asks for them); transformers 4
         has no `get_text_with_replacements`, and there the offsets are empty lists.
         """
-        if not hasattr(self, "get_text_with_replacements"):
+        if not hasattr(self, "get_text_with_replacements"):  # compat(transformers<5.10): no offsets before
             return [t.replace(self.image_token, self.replace_image_token()) for t in texts], [[] for _ in texts]
         replacements = [self.replace_image_token(image_idx=i) for i in range(n_images)]
         return self.get_text_with_replacements(list(texts), images_replacements=replacements)

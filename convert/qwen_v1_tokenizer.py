@@ -51,6 +51,7 @@ def qwen_v1_backend_tokenizer(tiktoken_file: str | os.PathLike) -> Tokenizer:
         raise ConvertError(
             "Converting Qwen v1's qwen.tiktoken needs the `tiktoken` package: pip install tiktoken"
         ) from None
+    # compat(transformers<5): `additional_special_tokens` is 4.x's keyword, `extra_special_tokens` 5.x's
     specials = dict(  # the converter adds them, in order, after the ranks (the keyword is 4.x's or 5.x's)
         additional_special_tokens=QWEN_V1_SPECIAL_TOKENS, extra_special_tokens=QWEN_V1_SPECIAL_TOKENS
     )

@@ -90,6 +90,7 @@ def wrap_as_transformers_tokenizer(tokenizer: Tokenizer, chat_template: str | No
 LOAD_TIME_KWARGS = ("is_local", "local_files_only", "name_or_path", "_commit_hash")
 
 
+# compat(transformers>=5): 5.x records the load location in `init_kwargs`; 4.x does not (nothing to drop there)
 def forget_load_location(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Drop what transformers 5 records about where a tokenizer was loaded from (`is_local`,
     `local_files_only`, the temporary path), so a published tokenizer_config.json does not carry it."""

@@ -36,6 +36,7 @@ def block_classes(model: torch.nn.Module) -> list[str]:
 
     transformers 5 collects the submodels' `_no_split_modules` on the model; 4.57 has a method for it.
     """
+    # compat(transformers<5.5): `_get_no_split_modules` is a method before 5.5
     collect = getattr(model, "_get_no_split_modules", None)
     return sorted(collect("auto") if collect is not None else model._no_split_modules)
 

@@ -98,12 +98,14 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         ddp_find_unused_parameters=False,
     )
     # Non-reentrant checkpointing works with frozen inputs and with DDP. transformers 5 renamed the option.
+    # compat(transformers<5.23): `gradient_checkpointing` is the option's name before 5.23
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in _TA_FIELDS else "gradient_checkpointing"
     args[checkpointing] = config.gradient_checkpointing
     args[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
     if _world_size() > 1 and not torch.cuda.is_available():
         # Without `use_cpu`, accelerate sees no GPU and runs every process undistributed on the whole data.
         args["use_cpu"] = True
+    # compat(transformers<5.16): `warmup_ratio` exists before 5.16; from 5.16 on, warmup_steps takes a ratio below 1
     if "warmup_ratio" in _TA_FIELDS:  # transformers 4.x
         args["warmup_ratio"] = config.warmup_ratio
     else:  # transformers 5: a float below 1 is a ratio

@@ -96,12 +96,14 @@ class CaptionTrainer(Trainer):
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
+        # compat(transformers<5): 4.x has no `TrainingArguments.fsdp_plugin_args` (the plugin reads the environment)
         if enable_fsdp_on_cpu(self.accelerator, getattr(self.args, "fsdp_plugin_args", None)):
             self.is_fsdp_enabled = True
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         # Build the optimizer here; the parent then only applies its wrappers (it skips creation when
         # `self.optimizer` is set). `model` exists as an argument in transformers 5 only.
+        # compat(transformers<5.5): before 5.5 the Trainer calls create_optimizer() without `model`
         opt_model = self.model if model is None else model
         if self.optimizer is None:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
@@ -176,6 +178,7 @@ class CaptionTrainer(Trainer):
     def _rotate_saved_checkpoints(self, run_dir):
         """Apply `save_total_limit` (the stock save rotated inside the staging folder, where there is nothing
         to remove). transformers 5 has a function for it, 4.x a method."""
+        # compat(transformers<5.5): `Trainer._rotate_checkpoints` before 5.5, `trainer_utils.rotate_checkpoints` after
         if hasattr(self, "_rotate_checkpoints"):
             self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
         else:
@@ -234,6 +237,7 @@ class CaptionTrainer(Trainer):
     def _loss_is_scaled_for_accumulation(self, num_items_in_batch) -> bool:
         """Whether `training_step` leaves the loss undivided by the accumulation steps (its own rule, which
         transformers 5 can also set as `loss_is_scaled_for_ga`)."""
+        # compat(transformers<5.19): no `loss_is_scaled_for_ga` before 5.19; the rule below is the Trainer's there
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is not None:
             return scaled
