@@ -34,9 +34,11 @@ import inspect
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import snapshot_download  # a transformers dependency (for the damaged-weights message)
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, Cache, GenerationMixin, PreTrainedModel
@@ -707,13 +709,9 @@ def _require_batch(tensor, name, ndim, layout):
 
 def _damaged_weights_message(source, kwargs, error):
     """Which `*.safetensors` files of a local folder (or of a Hub repo's cached snapshot) fail to open, and why."""
-    from pathlib import Path
-
     folder = Path(source)
     if not folder.is_dir():
-        try:
-            from huggingface_hub import snapshot_download  # a transformers dependency; reads the local cache only
-
+        try:  # the local cache only: no download
             folder = Path(
                 snapshot_download(
                     str(source),
