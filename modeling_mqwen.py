@@ -380,8 +380,8 @@ class MQwenModel(MQwenPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         """Runs the language model's decoder on the spliced embeddings; `return_dict=False` gives a tuple.
 
-        `cache` is the generation cache, `past_key_values` its transformers 4.x name: either works (generate
-        passes only keywords a signature names). `kwargs` (`use_cache`, `output_hidden_states`, ...) go
+        `cache` is the generation cache, `past_key_values` its name before transformers 5.24: either works
+        (generate passes only keywords a signature names). `kwargs` (`use_cache`, `output_hidden_states`, ...) go
         straight to the language model.
         """
         inputs = self._language_model_inputs(
