@@ -263,7 +263,7 @@ def _load_text_side(source):
 
 def _processor(tokenizer, config, vision_weights):
     """MQwen's processor with the vision source's normalisation, resampling filter and resize mode."""
-    processor = build_processor(tokenizer, config.vision_config, config.image_seq_length)
+    processor = MQwenProcessor.from_model_config(config, tokenizer)
     processor.chat_template = tokenizer.chat_template  # the LLM's own, image-aware (`_adopt_chat_template`)
     image_processor = processor.image_processor
     image_processor.resample = vision_weights.resample
@@ -318,38 +318,3 @@ def public_argument(arg: str) -> str:
     """A command-line argument fit for a public model card: absolute local paths shortened to their name."""
     path = Path(str(arg))
     return path.name if path.is_absolute() and path.exists() else str(arg)
-
-
-def build_processor(
-    tokenizer: Any, vision_config: Any, image_seq_length: int, caption_instruction: str | None = None
-) -> Any:
-    """MQwen's processor: a CLIP image processor at the vision tower's size and normalisation, `tokenizer`
-    (given MQwen's ChatML template if it has none) and the caption instruction."""
-    from transformers import CLIPImageProcessor
-
-    from mqwen.processing_mqwen import CHAT_TEMPLATE, DEFAULT_CAPTION_INSTRUCTION, MQwenProcessor
-
-    size = vision_config.image_size
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=list(vision_config.image_mean),
-        image_std=list(vision_config.image_std),
-    )
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return MQwenProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-        image_seq_length=image_seq_length,
-        caption_instruction=caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
-    )
-
-
-def generation_defaults(tokenizer: Any) -> Any:
-    """Qwen2.5-Instruct's stopping behaviour: stop on <|im_end|> or <|endoftext|>, pad with <|endoftext|>."""
-    from transformers import GenerationConfig
-
-    stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    return GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, do_sample=False)

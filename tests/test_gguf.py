@@ -202,7 +202,7 @@ def test_export_streams_into_place_and_cli(trained, tmp_path):
 
 
 def _save_tiny(folder, **config_kwargs):
-    from mqwen.convert.tiny import build_tiny
+    from mqwen.common.tiny_model import build_tiny
 
     model, processor = build_tiny(seed=0, **config_kwargs)
     model.save_pretrained(folder)

@@ -29,7 +29,8 @@ def export_gguf(
     """Write the LM and mmproj GGUF files of the MQwen model in `model_dir` to `out_dir`; returns both paths."""
     import gguf
 
-    from ..staging import check_destination, staged_folder
+    from ...common.atomic_files import staged_folder
+    from ..errors import check_destination
     from .source import MQwenFolder
     from .text import add_text_metadata, add_tokenizer, arch_of, check_text, plan_text_tensors
     from .vision import add_vision_metadata, check_vision, plan_vision_tensors

@@ -22,14 +22,6 @@ if TYPE_CHECKING:
     from .shapes import Shapes
 
 
-def random_photos(n: int, size: tuple[int, int], seed: int = 0) -> list[Image.Image]:
-    """`n` deterministic random RGB photos of (height, width) `size`, as PIL images."""
-    from PIL import Image
-
-    rng = np.random.RandomState(seed)
-    return [Image.fromarray(rng.randint(0, 256, (*size, 3), dtype=np.uint8)) for _ in range(n)]
-
-
 def _to(batch, device, dtype):
     """Move a processor's output to the model: floats to the model's dtype, ids stay integers."""
     return {
