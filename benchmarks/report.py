@@ -1,15 +1,9 @@
 """The results table and the description of the machine it came from."""
 
 import datetime
-import os
-import platform
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import torch
-import transformers
 
 from .timing import Stats
 

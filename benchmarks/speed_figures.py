@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
+from ..common.photos import random_photos
+from ..modeling_mqwen import scored_positions
 from .contenders import greedy_config
 from .report import Row
 from .timing import Stats, StepClock, interleave, now, synchronize, unit
@@ -279,8 +280,6 @@ def train_figure(
     MQwen runs twice: as train/'s CaptionTrainer calls it (`logits_to_keep=scored_positions(labels)`, the LM
     head only where a caption token is scored; same loss, checked here) and as a plain `model(**batch)`.
     """
-    from mqwen.modeling_mqwen import scored_positions
-
     batch = training_batch(c, shapes, device, dtype)
     scored = dict(batch, logits_to_keep=scored_positions(batch["labels"]))
     c.mqwen.train()

@@ -96,3 +96,12 @@ def forget_load_location(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeni
     for key in LOAD_TIME_KWARGS:
         tokenizer.init_kwargs.pop(key, None)
     return tokenizer
+
+
+def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Add `<image>` as a special token (once) and return its id."""
+    from transformers import AddedToken
+
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

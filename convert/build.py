@@ -22,12 +22,22 @@ from typing import Any
 
 import torch
 
+from ..common.atomic_files import check_destination, staged_folder
+from ..common.small_tokenizer import add_image_token, forget_load_location
+from ..configuration_mqwen import MQwenConfig, MQwenVisionConfig
+from ..modeling_mqwen import MQwenForCausalLM
+from ..processing_mqwen import CHAT_TEMPLATE, MQwenProcessor
+from .card import write_model_card
+from .chat_template import image_aware_chat_template
 from .errors import ConvertError
+from .licenses import read_card_license
 from .llm import Vocabulary, meta_state, plan_language_model, resolve_llm  # noqa: F401  (resolve_llm: API)
+from .projector import PROJECTOR_PREFIX, check_projector, fresh_projector, projector_type_of, read_projector
+from .push import push
 from .qwen_v1 import QwenV1
 from .shards import TensorPlan, open_weights, parse_size, write_sharded
-from .tokenizer import add_image_token, ensure_pad_token, forget_load_location
-from .vision import VISION_PREFIX
+from .tokenizer import ensure_pad_token, stop_token_ids
+from .vision import VISION_PREFIX, load_vision
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +65,6 @@ def build(
     The steps of the module docstring, one function each: `_open_sources` (1), `load_vision` (2),
     `_text_side` (3), `_meta_model` (4), `_tensor_plan` (5), `_write` (6), then an optional push.
     """
-    from .staging import check_destination
-    from .vision import load_vision
-
     # 1. cheap checks first
     check_destination(out_dir, overwrite)
     if dtype is not None and dtype not in DTYPES:
@@ -99,8 +106,6 @@ def build(
     _write(out_dir, overwrite, plan, max_bytes, sources, model, config, processor, generation_config, card)
     print(f"Built {out_dir}")
     if push_to_hub:
-        from .push import push
-
         print(push(out_dir, push_to_hub, private=private))
     return Path(out_dir)
 
@@ -120,8 +125,6 @@ class _Sources:
 def _open_sources(llm, projector, projector_type, allow_pickle) -> _Sources:
     """Find the LLM's weights and open them (a Qwen v1 checkpoint through its converter); read --projector and
     check it is of --projector-type."""
-    from .projector import projector_type_of, read_projector
-
     source = resolve_llm(llm, allow_pickle)
     qwen_v1 = QwenV1.detect(source.folder)  # the original Qwen: converted to Qwen2 (qwen_v1.py); else None
     projector_state = read_projector(projector, allow_pickle) if projector else None
@@ -152,8 +155,6 @@ def _text_side(sources: _Sources, target_dtype):
 
 def _meta_model(text_config, vision_weights, vocabulary, image_token_pooling, projector_type, target_dtype):
     """(config, MQwenForCausalLM on the meta device, its expected tensors): what the checkpoint must hold."""
-    from mqwen import MQwenConfig, MQwenForCausalLM, MQwenVisionConfig
-
     try:
         config = MQwenConfig(
             text_config=text_config,
@@ -173,8 +174,6 @@ def _meta_model(text_config, vision_weights, vocabulary, image_token_pooling, pr
 
 def _projector_weights(sources: _Sources, model, config, expected, seed) -> dict:
     """--projector's weights, checked against the model's projector shapes, or a fresh init from `seed`."""
-    from .projector import PROJECTOR_PREFIX, check_projector, fresh_projector
-
     if sources.projector_state is None:
         return fresh_projector(model, seed)
     needed = {n[len(PROJECTOR_PREFIX) :]: s for n, s in expected.items() if n.startswith(PROJECTOR_PREFIX)}
@@ -186,8 +185,6 @@ def _projector_weights(sources: _Sources, model, config, expected, seed) -> dict
 
 def _tensor_plan(vision_weights, projector_state, readers, model, vocabulary, target_dtype, expected) -> list:
     """Every output tensor in writing order (vision, projector, LLM), checked against the meta model's names."""
-    from .projector import PROJECTOR_PREFIX
-
     vision_state = vision_weights.state_dict
     plan = [
         TensorPlan(VISION_PREFIX + name, target_dtype, tuple(t.shape), lambda name=name: vision_state.pop(name))
@@ -207,9 +204,6 @@ def _tensor_plan(vision_weights, projector_state, readers, model, vocabulary, ta
 def _write(out_dir, overwrite, plan, max_bytes, sources, model, config, processor, generation_config, card):
     """Stream the planned tensors into shards, then the metadata and the model card, into a staged folder."""
     from tqdm.auto import tqdm
-
-    from .card import read_card_license, write_model_card
-    from .staging import staged_folder
 
     total = sum(entry.nbytes for entry in plan)
     print(f"Writing {len(plan)} tensors ({total / 1e9:.2f} GB, {card['dtype']}) to {out_dir}")
@@ -282,8 +276,6 @@ def _generation_config(source, tokenizer):
     """
     from transformers import GenerationConfig
 
-    from .tokenizer import stop_token_ids
-
     try:
         return GenerationConfig.from_pretrained(source.folder)
     except OSError:
@@ -297,10 +289,6 @@ def _adopt_chat_template(tokenizer):
     without images render byte-identically to the LLM's own template; where that template is missing or cannot
     take an image part, MQwen's ChatML is used with a warning that says what changes.
     """
-    from mqwen.processing_mqwen import CHAT_TEMPLATE
-
-    from .chat_template import image_aware_chat_template
-
     tokenizer.chat_template = image_aware_chat_template(tokenizer, fallback=CHAT_TEMPLATE)
 
 

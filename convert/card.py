@@ -13,12 +13,10 @@ from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .licenses import LICENSE_FIELDS
-
 if TYPE_CHECKING:
-    from mqwen import MQwenConfig
-
+    from ..configuration_mqwen import MQwenConfig
     from .vision import VisionWeights
+
 
 def _license_label(fields):
     if not fields:

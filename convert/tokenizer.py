@@ -1,23 +1,14 @@
-"""What `convert build` does to an LLM's own tokenizer: add `<image>`, find its stop tokens, give it a pad token."""
+"""What `convert build` reads from or gives an LLM's own tokenizer: its stop tokens and a pad token (`<image>` is
+`common.small_tokenizer.add_image_token`)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..common.small_tokenizer import IMAGE_TOKEN
 from .errors import ConvertError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-
-def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Add `<image>` as a special token (once) and return its id."""
-    from transformers import AddedToken
-
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
-    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
 # End-of-turn / end-of-text tokens of the common instruct formats (ChatML, Llama 3). An instruct model may emit

@@ -4,8 +4,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from mqwen.train.config import VISION_WARMUP_TARGETS
-
+from ..train.config import VISION_WARMUP_TARGETS
 from .run import QUICK, DemoSettings, run
 
 EXAMPLES = """examples:

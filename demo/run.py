@@ -22,8 +22,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..common.atomic_files import write_atomically
+from ..common.machine import machine_description
+from ..train import TrainConfig, build_trainer, evaluate_captions, save_final_model
+from ..train.curriculum import ShortCaptionsFirstSampler
+from ..train.metrics import caption_scores
 from .model import PRESETS, build_shapes_model
 from .other_renderer import draw_set
+from .plots import caption_grid, loss_curve
 from .shapes import HELD_OUT_ONE_IN, lazy_split, make_split, write_split
 
 
@@ -107,8 +113,6 @@ def plateau_exit_step(log_history: Sequence[dict], threshold: float = PLATEAU_LO
 
 
 def _atomic_write_json(path: Path, data):
-    from ..convert.staging import write_atomically
-
     write_atomically(path, json.dumps(data, indent=2))
 
 
@@ -171,8 +175,6 @@ def schedule_small_shapes(trainer: Any, examples: Sequence, settings: DemoSettin
     ends worse (demo/EXPERIMENTS.md). Which examples those steps draw is known before training: train/'s
     curriculum sampler fixes its order from the seed, and the trainer builds the same one for its data loader.
     """
-    from mqwen.train.curriculum import ShortCaptionsFirstSampler
-
     if not settings.small_shapes_from_step or settings.small_shapes_from_step >= settings.max_steps:
         return 0
     if not 0 < settings.small_shapes_scale <= 1:
@@ -203,8 +205,6 @@ def train_model(
     """Train with train/'s API; returns (trainer, model_dir, timings): `train_seconds` and each phase's mean step
     time (`_phase_clock`)."""
     from transformers.trainer_callback import ProgressCallback
-
-    from mqwen.train import TrainConfig, build_trainer, save_final_model
 
     config = TrainConfig(
         model=model,
@@ -292,8 +292,6 @@ def parameter_counts(model: Any) -> dict:
 
 def evaluate_in_process(settings: DemoSettings, model: Any, processor: Any, splits: dict) -> dict:
     """Step 4: exact match, BLEU-4 and CIDEr-D of the trained model on each held-out set."""
-    from mqwen.train import evaluate_captions
-
     return {
         name: evaluate_captions(
             model,
@@ -309,8 +307,6 @@ def evaluate_in_process(settings: DemoSettings, model: Any, processor: Any, spli
 
 def score_reloaded(settings: DemoSettings, model_dir: str | os.PathLike, out_dir: Path, test_split: Sequence) -> dict:
     """Step 5: caption the saved test PNGs with the saved model in a fresh process, and score those captions."""
-    from mqwen.train.metrics import caption_scores
-
     reloaded = reload_in_fresh_process(
         model_dir,
         out_dir / "data" / "test",
@@ -363,8 +359,6 @@ def results_record(
     test caption."""
     import torch
 
-    from ..benchmarks.report import machine_description
-
     history = trainer.state.log_history
     return {
         "settings": asdict(settings),
@@ -409,8 +403,6 @@ def results_record(
 def run(settings: DemoSettings, log: Callable[[str], object] = print) -> dict:
     """Run the main job; returns the results dict (also written to OUT_DIR/results.json)."""
     import torch
-
-    from .figures import caption_grid, loss_curve
 
     if settings.threads:
         torch.set_num_threads(settings.threads)

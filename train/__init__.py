@@ -2,8 +2,8 @@
 
 Programmatic API (stable; the `mqwen-train` and `mqwen-eval` commands wrap it)::
 
-    from mqwen.train import TrainConfig, train, load_caption_dataset
-    from mqwen.train.eval import evaluate_captions
+    from ..train import TrainConfig, train, load_caption_dataset
+    from ..train.eval import evaluate_captions
 
     data = load_caption_dataset([(pil_image_or_path, "a red circle"), ...])    # or a path / datasets object
     result = train(TrainConfig(model="tiny-dir", data=data, output_dir="runs/x", stage="align", max_steps=50))

@@ -10,7 +10,6 @@ import json
 import logging
 import sys
 import typing
-from pathlib import Path
 
 from .config import VISION_WARMUP_TARGETS, TrainConfig
 

@@ -1,9 +1,9 @@
 """Caption a held-out set in batches and score it (BLEU-4, CIDEr-D, exact match): `evaluate_captions`.
 
-The command line is `mqwen-eval` (or `python -m mqwen.train.eval`), `eval_main` at the end of this file.
-Captions come from the shared runtime (`mqwen.runtime.caption_images`: batched, left-padded, greedy unless generation settings say
-otherwise); each image is captioned once and scored against all of its reference captions. Unreadable images
-are skipped, counted and listed in the results.
+The command line is `mqwen-eval` (or `python -m mqwen.train.eval`), `eval_main` at the end of this file. Captions
+come from the shared runtime (`mqwen.runtime.caption_images`: batched, left-padded, greedy unless generation
+settings say otherwise); each image is captioned once and scored against all of its reference captions. Unreadable
+images are skipped, counted and listed in the results.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ from typing import Any, Optional
 import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
-from ..convert.staging import replace_folder, write_atomically
+from ..common.atomic_files import replace_folder, write_atomically
+from ..modeling_mqwen import MQwenForCausalLM
+from ..processing_mqwen import MQwenProcessor
 from ..runtime import load_for_inference
 from .collator import CaptionCollator
 from .config import TrainConfig
@@ -49,8 +51,6 @@ def load_model_and_processor(model: Any, processor: Any = None, dtype: torch.dty
 
     Weights load in float32 by default: mixed precision (`bf16`/`fp16`) keeps float32 master weights.
     """
-    from mqwen import MQwenForCausalLM, MQwenProcessor
-
     if isinstance(model, (str, os.PathLike)):
         if processor is None:
             processor = MQwenProcessor.from_pretrained(str(model))
@@ -338,8 +338,6 @@ def save_final_model(trainer: CaptionTrainer, config: TrainConfig, out_dir: str 
 
 def _merge_saved_adapter(config, adapter_dir, out_dir, save_kwargs):
     from peft import PeftModel
-
-    from mqwen import MQwenForCausalLM
 
     if not isinstance(config.model, (str, os.PathLike)):
         raise ValueError("Merging LoRA under ZeRO-3/FSDP reloads the base model: pass --model as a path or repo.")

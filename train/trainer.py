@@ -14,8 +14,8 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from mqwen.modeling_mqwen import scored_positions
-
+from ..common.atomic_files import replace_folder
+from ..modeling_mqwen import scored_positions
 from .curriculum import ShortCaptionsFirstSampler
 from .data import SkipReport
 from .distributed import enable_fsdp_on_cpu
@@ -161,8 +161,6 @@ class CaptionTrainer(Trainer):
             self._checkpoint_staging = None
         self.accelerator.wait_for_everyone()  # every process has written its part (optimizer shards, RNG state)
         if self.args.should_save:
-            from ..convert.staging import replace_folder
-
             final = os.path.join(run_dir, name)
             replace_folder(Path(staging) / name, Path(final))
             if self.state.best_model_checkpoint == os.path.join(staging, name):
