@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+from transformers.dynamic_module_utils import custom_object_save
 
 from ..common.atomic_files import check_destination, staged_folder
-from ..common.small_tokenizer import add_image_token, forget_load_location
+from ..common.small_tokenizer import add_image_token
 from ..configuration_mqwen import MQwenConfig, MQwenVisionConfig
 from ..modeling_mqwen import MQwenForCausalLM
 from ..processing_mqwen import CHAT_TEMPLATE, MQwenProcessor
@@ -32,11 +34,11 @@ from .chat_template import image_aware_chat_template
 from .errors import ConvertError
 from .licenses import read_card_license
 from .llm import Vocabulary, meta_state, plan_language_model, resolve_llm  # noqa: F401  (resolve_llm: API)
+from .llm_kind import llm_kind
 from .projector import PROJECTOR_PREFIX, check_projector, fresh_projector, projector_type_of, read_projector
 from .push import push
-from .qwen_v1 import QwenV1
 from .shards import TensorPlan, open_weights, parse_size, write_sharded
-from .tokenizer import ensure_pad_token, stop_token_ids
+from .tokenizer import ensure_pad_token
 from .vision import VISION_PREFIX, load_vision
 
 logger = logging.getLogger(__name__)
@@ -91,19 +93,22 @@ def build(
     plan = _tensor_plan(vision_weights, projector_state, sources.readers, model, vocabulary, target_dtype, expected)
 
     # 6. write, into a temporary folder renamed to OUT_DIR at the end
-    processor = _processor(tokenizer, config, vision_weights)
-    qwen_v1 = sources.qwen_v1
-    generation_config = qwen_v1.generation_config(tokenizer) if qwen_v1 else _generation_config(sources.llm, tokenizer)
-    card = dict(
-        llm_name=sources.llm.name,
-        llm_id=sources.llm.hub_id,
-        vision=vision_weights,
-        dtype=_dtype_name(target_dtype),
-        projector_source=Path(projector).name if projector else None,
-        command=command or "mqwen.convert.build.build(...)",
-        repo_id=push_to_hub,
+    checkpoint = _Checkpoint(
+        model=model,
+        config=config,
+        processor=_processor(tokenizer, config, vision_weights),
+        generation_config=sources.kind.generation_config(tokenizer),
+        card=dict(
+            llm_name=sources.llm.name,
+            llm_id=sources.llm.hub_id,
+            vision=vision_weights,
+            dtype=_dtype_name(target_dtype),
+            projector_source=Path(projector).name if projector else None,
+            command=command or "mqwen.convert.build.build(...)",
+            repo_id=push_to_hub,
+        ),
     )
-    _write(out_dir, overwrite, plan, max_bytes, sources, model, config, processor, generation_config, card)
+    _write(out_dir, plan, sources, checkpoint, overwrite=overwrite, max_bytes=max_bytes)
     print(f"Built {out_dir}")
     if push_to_hub:
         print(push(out_dir, push_to_hub, private=private))
@@ -112,10 +117,10 @@ def build(
 
 @dataclass
 class _Sources:
-    """The opened inputs of a build: the LLM (and its weight readers), Qwen v1 handling, the projector."""
+    """The opened inputs of a build: the LLM, its kind (`llm_kind.py`) and weight readers, the projector."""
 
     llm: Any
-    qwen_v1: Any
+    kind: Any
     readers: list
     projector: str | None
     projector_state: dict | None
@@ -126,24 +131,23 @@ def _open_sources(llm, projector, projector_type, allow_pickle) -> _Sources:
     """Find the LLM's weights and open them (a Qwen v1 checkpoint through its converter); read --projector and
     check it is of --projector-type."""
     source = resolve_llm(llm, allow_pickle)
-    qwen_v1 = QwenV1.detect(source.folder)  # the original Qwen: converted to Qwen2 (qwen_v1.py); else None
+    kind = llm_kind(source.folder)  # a transformers LLM, or the original Qwen converted to Qwen2 (qwen_v1.py)
     projector_state = read_projector(projector, allow_pickle) if projector else None
     if projector_state is not None:
         found_type = projector_type_of(projector_state)
         if projector_type and projector_type != found_type:
             raise ConvertError(f"--projector {projector} is a {found_type} projector, not {projector_type}.")
         projector_type = found_type
-    readers = [open_weights(file) for file in source.files]
-    if qwen_v1:
-        print(qwen_v1.notice())
-        readers = qwen_v1.wrap_readers(readers)
-    return _Sources(source, qwen_v1, readers, projector, projector_state, projector_type)
+    if kind.notice():
+        print(kind.notice())
+    readers = kind.wrap_readers([open_weights(file) for file in source.files])
+    return _Sources(source, kind, readers, projector, projector_state, projector_type)
 
 
 def _text_side(sources: _Sources, target_dtype):
     """(text config, tokenizer with `<image>` and a pad token, vocabulary): the LLM's own, made ready for MQwen."""
     source = sources.llm
-    text_config, tokenizer = sources.qwen_v1.text_side() if sources.qwen_v1 else _load_text_side(source)
+    text_config, tokenizer = sources.kind.text_side()
     vocabulary = Vocabulary(len(tokenizer), text_config.vocab_size, add_image_token(tokenizer))
     text_config.vocab_size = vocabulary.rows
     text_config._name_or_path = source.hub_id or ""
@@ -201,27 +205,36 @@ def _tensor_plan(vision_weights, projector_state, readers, model, vocabulary, ta
     return plan
 
 
-def _write(out_dir, overwrite, plan, max_bytes, sources, model, config, processor, generation_config, card):
-    """Stream the planned tensors into shards, then the metadata and the model card, into a staged folder."""
-    from tqdm.auto import tqdm
+@dataclass
+class _Checkpoint:
+    """Everything of the output besides the weights: the meta model (for its code files), its config, processor,
+    generation config, and the model card's fields (`card.write_model_card`)."""
 
+    model: Any
+    config: Any
+    processor: Any
+    generation_config: Any
+    card: dict
+
+
+def _write(out_dir, plan, sources: _Sources, checkpoint: _Checkpoint, overwrite: bool, max_bytes: int):
+    """Stream the planned tensors into shards, then the metadata and the model card, into a staged folder."""
     total = sum(entry.nbytes for entry in plan)
-    print(f"Writing {len(plan)} tensors ({total / 1e9:.2f} GB, {card['dtype']}) to {out_dir}")
+    print(f"Writing {len(plan)} tensors ({total / 1e9:.2f} GB, {checkpoint.card['dtype']}) to {out_dir}")
     with staged_folder(out_dir, overwrite) as staging:
         with tqdm(total=total, unit="B", unit_scale=True, desc="Writing weights") as progress:
             write_sharded(staging, plan, max_bytes, progress)
         for reader in sources.readers:
             reader.close()
         plan.clear()  # every vision tensor was popped as it was written
-        _save_metadata(staging, model, config, processor, generation_config)
+        _save_metadata(staging, checkpoint)
         write_model_card(
             staging / "README.md",
             llm_license=read_card_license(sources.llm.folder / "README.md"),
-            config=config,
-            **card,
+            config=checkpoint.config,
+            **checkpoint.card,
         )
-        if sources.qwen_v1:
-            sources.qwen_v1.add_card_section(staging / "README.md")
+        sources.kind.add_card_section(staging / "README.md")
 
 
 def _dtype_name(dtype):
@@ -242,19 +255,6 @@ def _source_dtype(readers):
     return torch.bfloat16
 
 
-def _load_text_side(source):
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        return AutoConfig.from_pretrained(source.folder), forget_load_location(
-            AutoTokenizer.from_pretrained(source.folder)
-        )
-    except Exception as error:
-        raise ConvertError(
-            f"transformers could not load the LLM's config or tokenizer from {source.folder}: {error}"
-        ) from error
-
-
 def _processor(tokenizer, config, vision_weights):
     """MQwen's processor with the vision source's normalisation, resampling filter and resize mode."""
     processor = MQwenProcessor.from_model_config(config, tokenizer)
@@ -268,20 +268,6 @@ def _processor(tokenizer, config, vision_weights):
     return processor
 
 
-def _generation_config(source, tokenizer):
-    """The LLM's own generation config (an instruct model's stop tokens and sampling defaults), kept as is.
-
-    An LLM that ships none stops on its tokenizer's end-of-sequence token and on every end-of-turn / end-of-text
-    token its tokenizer has (`stop_token_ids`), and pads with its pad token.
-    """
-    from transformers import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(source.folder)
-    except OSError:
-        return GenerationConfig(eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-
-
 def _adopt_chat_template(tokenizer):
     """Give the tokenizer the LLM's own chat template, made to render image parts (`chat_template.py`).
 
@@ -292,14 +278,14 @@ def _adopt_chat_template(tokenizer):
     tokenizer.chat_template = image_aware_chat_template(tokenizer, fallback=CHAT_TEMPLATE)
 
 
-def _save_metadata(folder, model, config, processor, generation_config):
-    from transformers.dynamic_module_utils import custom_object_save
+def _save_metadata(folder, checkpoint: _Checkpoint):
+    model, config = checkpoint.model, checkpoint.config
 
     custom_object_save(model, folder, config=config)  # modeling_mqwen.py + configuration_mqwen.py, auto_map
     config.architectures = [type(model).__name__]
     config.save_pretrained(folder)
-    generation_config.save_pretrained(folder)
-    processor.save_pretrained(folder)  # tokenizer, chat template, image processor, processing_mqwen.py
+    checkpoint.generation_config.save_pretrained(folder)
+    checkpoint.processor.save_pretrained(folder)  # tokenizer, chat template, image processor, processing_mqwen.py
 
 
 def public_argument(arg: str) -> str:

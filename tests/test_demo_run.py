@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mqwen.demo.run import QUICK, DemoSettings, run
+from mqwen.demo.run import run
+from mqwen.demo.settings import QUICK, DemoSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

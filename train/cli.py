@@ -11,7 +11,8 @@ import logging
 import sys
 import typing
 
-from .config import VISION_WARMUP_TARGETS, TrainConfig
+from .config import TrainConfig
+from .recipe import VISION_WARMUP_TARGETS
 
 EXAMPLES = """examples:
   # stage 1: align the projector on COCO captions (vision tower and language model frozen)

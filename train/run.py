@@ -170,17 +170,8 @@ def build_trainer(
         eval_dataset=eval_dataset,
         processing_class=processor,
         callbacks=callbacks,
-        projector_lr=config.projector_lr,
-        vision_lr=config.vision_lr,
-        curriculum_steps=config.curriculum_steps,
-        curriculum_fraction=config.curriculum_fraction,
-        curriculum_grow=config.curriculum_grow,
-        vision_warmup_steps=config.vision_warmup_steps,
-        vision_warmup_target=config.vision_warmup_target,
-        vision_aux_weight=config.vision_aux_weight,
+        recipe=config.recipe(),
     )
-    trainer.mqwen_config = config
-    trainer.mqwen_processor = processor
     return trainer
 
 
@@ -330,7 +321,7 @@ def save_final_model(trainer: CaptionTrainer, config: TrainConfig, out_dir: str 
             model.save_pretrained(adapter_tmp, state_dict=state_dict, safe_serialization=True)
             _merge_saved_adapter(config, adapter_tmp, tmp, save)
             shutil.rmtree(adapter_tmp)
-        trainer.mqwen_processor.save_pretrained(tmp)
+        trainer.processing_class.save_pretrained(tmp)
         replace_folder(tmp, out_dir)
     accelerator.wait_for_everyone()
     return out_dir
