@@ -11,6 +11,9 @@ compiled once, in the untimed warm-up round.
 import argparse
 import sys
 
+import torch
+from transformers import CompileConfig
+
 from .contenders import add_cpu_decode_arguments, cpu_decode_setup, greedy_config
 from .speed_figures import _generate
 from .timing import interleave
@@ -38,8 +41,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    import torch
-    from transformers import CompileConfig
 
     setup = cpu_decode_setup(args.quick, args.threads, args.clock)
     shapes, tokenizer, model = setup.shapes, setup.tokenizer, setup.model

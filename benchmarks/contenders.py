@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import GenerationConfig
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    GenerationConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from ..common.photos import random_photos
 from ..common.small_tokenizer import train_qwen_style_tokenizer, wrap_as_transformers_tokenizer
@@ -125,8 +133,6 @@ def build_pooled(mqwen: MQwenForCausalLM, shapes: "Shapes", tokenizer: "PreTrain
 
 def clip_vision_config(vision: MQwenVisionConfig) -> "CLIPVisionConfig":
     """transformers' CLIPVisionConfig with exactly the shapes of an MQwen (OpenCLIP) vision config."""
-    from transformers import CLIPVisionConfig
-
     return CLIPVisionConfig(
         hidden_size=vision.width,
         intermediate_size=int(vision.width * vision.mlp_ratio),
@@ -177,9 +183,6 @@ def build_llava(
     Built on the meta device, then given real parts: a CLIP ViT holding MQwen's vision weights, a LLaVA
     projector holding MQwen's projector weights, and MQwen's own language model and LM head.
     """
-    from transformers import CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
     device = mqwen.device
     dtype = mqwen.vision_tower.conv1.weight.dtype
     vision = mqwen.config.vision_config
@@ -215,8 +218,6 @@ def build_llava(
 
 def build_llava_processor(mqwen_processor: "MQwenProcessor") -> "LlavaProcessor":
     """LLaVA's processor over the same image processor and tokenizer (256 tokens per `<image>`)."""
-    from transformers import LlavaProcessor
-
     image_processor = mqwen_processor.image_processor
     patch = image_processor.crop_size["height"] // int(mqwen_processor.image_seq_length**0.5)
     return LlavaProcessor(

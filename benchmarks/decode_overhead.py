@@ -17,6 +17,9 @@ import collections
 import sys
 from typing import Any
 
+import torch
+from transformers.generation.streamers import BaseStreamer
+
 from .contenders import add_cpu_decode_arguments, cpu_decode_setup, greedy_config
 from .timing import StepClock, interleave
 
@@ -45,8 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def bytecodes_per_step(model: Any, inputs: dict, config: Any) -> dict:
     """{function: bytecodes per decode step} of one `generate` (after an untimed one), counted with settrace."""
-    import torch
-    from transformers.generation.streamers import BaseStreamer
 
     class Window(BaseStreamer):
         """On from the first generated token (the end of the prefill) to the last."""
@@ -83,7 +84,6 @@ def bytecodes_per_step(model: Any, inputs: dict, config: Any) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
 
     setup = cpu_decode_setup(args.quick, args.threads, args.clock)
     shapes, tokenizer, model = setup.shapes, setup.tokenizer, setup.model

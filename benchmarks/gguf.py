@@ -21,6 +21,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+from PIL import Image
+from safetensors import safe_open
+
 from ..convert.gguf import export_gguf
 from ..runtime import caption_images, load_for_inference
 
@@ -53,9 +57,6 @@ def llama_cpp_command(
 def mqwen_latencies(
     model_dir: str | os.PathLike, images: Iterable[str | os.PathLike], threads: int, max_new_tokens: int
 ) -> tuple[dict, str]:
-    import torch
-    from PIL import Image
-
     torch.set_num_threads(threads)
     model, processor = load_for_inference(model_dir, device="cpu", dtype="float32")
     captions, seconds = {}, []
@@ -147,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
             *rows,
         ]
     )
-    from safetensors import safe_open
 
     parameters = 0
     for file in Path(args.model_dir).glob("*.safetensors"):

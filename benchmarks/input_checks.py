@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from transformers import DynamicCache
 
 from ..common.tiny_model import build_tiny
 
@@ -44,8 +45,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8, help="samples per forward (default 8)")
     parser.add_argument("--repeats", type=int, default=300, help="timed calls per case (default 300)")
     args = parser.parse_args(argv)
-
-    from transformers import DynamicCache
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -31,7 +31,7 @@ def machine_description(device: str | torch.device) -> dict:
         "transformers": transformers.__version__,
     }
     try:
-        import psutil
+        import psutil  # optional: the dev extra
 
         info["memory"] = f"{psutil.virtual_memory().total / 2**30:.0f} GiB"
     except ImportError:

@@ -7,11 +7,15 @@ from the text it is given. Nothing is downloaded.
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
 from tokenizers.models import BPE
+from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerFast
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -61,12 +65,6 @@ def wrap_as_transformers_tokenizer(tokenizer: Tokenizer, chat_template: str | No
 
     Saved once and reloaded so that the object, and every folder it is saved to, is the real Qwen2 class.
     """
-    import json
-    import tempfile
-    from pathlib import Path
-
-    from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerFast
-
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",
@@ -100,8 +98,6 @@ def forget_load_location(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeni
 
 def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """Add `<image>` as a special token (once) and return its id."""
-    from transformers import AddedToken
-
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,8 +30,6 @@ _LLAVA_INDEX = {"0": "linear_1", "2": "linear_2"}
 
 def read_projector(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The projector tensors of `path`, named `linear_1.weight`, `linear_1.bias`, `linear_2.weight`, ..."""
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"--projector file {path} does not exist.")

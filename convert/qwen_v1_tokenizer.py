@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from transformers.convert_slow_tokenizer import TikTokenConverter
+
 from ..common.small_tokenizer import QWEN_PRETOKENIZE_REGEX, forget_load_location, wrap_as_transformers_tokenizer
 from ..processing_mqwen import CHAT_TEMPLATE
 from .errors import ConvertError
@@ -43,8 +45,7 @@ def _no_tiktoken_cache():
 
 def qwen_v1_backend_tokenizer(tiktoken_file: str | os.PathLike) -> Tokenizer:
     """A `tokenizers.Tokenizer` that encodes exactly as v1's tiktoken encoding over `tiktoken_file`."""
-    from tokenizers import normalizers
-    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from tokenizers import normalizers  # optional: the convert extra
 
     try:
         import tiktoken  # noqa: F401  (TikTokenConverter reads the ranks with it)

@@ -17,10 +17,10 @@ if TYPE_CHECKING:
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # optional: the train extra
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: the train extra
 
     return plt
 

@@ -22,6 +22,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
 from ..common.atomic_files import write_atomically
 from ..common.machine import machine_description
 from ..train import TrainConfig, build_trainer, evaluate_captions, save_final_model
@@ -60,8 +64,6 @@ def _atomic_write_json(path: Path, data):
 
 def _progress_callbacks(max_minutes):
     """A progress bar that shows the loss instead of printing every log line, and an optional time limit."""
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import ProgressCallback
 
     class LossInBarProgress(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -83,7 +85,6 @@ def _phase_clock(warmup_steps: int):
     """A callback that times the vision warm-up's steps and the caption steps apart: they differ in cost about
     twofold, so their mean step times say how fast this machine ran the job (results.json, `timings`), which
     the total time alone does not when machines of one kind differ in speed from day to day."""
-    from transformers import TrainerCallback
 
     class PhaseClock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -146,8 +147,6 @@ def train_model(
 ) -> tuple[Any, Path, dict[str, float | None]]:
     """Train with train/'s API; returns (trainer, model_dir, timings): `train_seconds` and each phase's mean step
     time (`_phase_clock`)."""
-    from transformers.trainer_callback import ProgressCallback
-
     config = TrainConfig(
         model=model,
         data=train_pairs,
@@ -294,8 +293,6 @@ def results_record(
 ) -> dict:
     """What results.json holds: settings, model size, timings and the machine, every score, the loss log, every
     test caption."""
-    import torch
-
     history = trainer.state.log_history
     return {
         "settings": asdict(settings),
@@ -339,8 +336,6 @@ def results_record(
 
 def run(settings: DemoSettings, log: Callable[[str], object] = print) -> dict:
     """Run the main job; returns the results dict (also written to OUT_DIR/results.json)."""
-    import torch
-
     if settings.threads:
         torch.set_num_threads(settings.threads)
     out_dir = Path(settings.out_dir)

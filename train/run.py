@@ -296,7 +296,7 @@ def save_final_model(trainer: CaptionTrainer, config: TrainConfig, out_dir: str 
     Files go to a temporary folder first and are renamed into place, so `out_dir` is never half-written.
     Call on every process.
     """
-    from peft import PeftModel
+    from peft import PeftModel  # optional: the train extra
 
     out_dir = Path(out_dir or Path(config.output_dir) / FINAL_DIR)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -328,7 +328,7 @@ def save_final_model(trainer: CaptionTrainer, config: TrainConfig, out_dir: str 
 
 
 def _merge_saved_adapter(config, adapter_dir, out_dir, save_kwargs):
-    from peft import PeftModel
+    from peft import PeftModel  # optional: the train extra
 
     if not isinstance(config.model, (str, os.PathLike)):
         raise ValueError("Merging LoRA under ZeRO-3/FSDP reloads the base model: pass --model as a path or repo.")

@@ -31,7 +31,7 @@ def export_gguf(
     progress: bool = True,
 ) -> tuple[Path, Path]:
     """Write the LM and mmproj GGUF files of the MQwen model in `model_dir` to `out_dir`; returns both paths."""
-    import gguf
+    import gguf  # optional: the gguf extra
 
     if outtype not in OUTTYPES:
         raise ConvertError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")

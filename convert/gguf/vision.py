@@ -65,7 +65,7 @@ def feature_blocks(config: MQwenConfig) -> int:
 
 
 def add_vision_metadata(writer: gguf.GGUFWriter, config: MQwenConfig, name: str, file_type: int) -> None:
-    import gguf
+    import gguf  # optional: the gguf extra
 
     vision = config.vision_config
     blocks = feature_blocks(config)
