@@ -482,7 +482,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def default_model_dirs() -> list[Path]:
     """Where the main demo job leaves its model: OUT/model, under the working folder or this repository."""
     try:  # the demo's own setting, when this checkout has it (a Space does not)
-        from mqwen.demo.run import DemoSettings
+        from .demo.settings import DemoSettings
 
         out = Path(DemoSettings().out_dir)
     except Exception:

@@ -19,10 +19,13 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import GenerationConfig
 
-from mqwen import MQwenConfig, MQwenForCausalLM, MQwenVisionConfig
-from mqwen.convert.build import build_processor
-from mqwen.convert.tokenizer import train_qwen_style_tokenizer, wrap_as_transformers_tokenizer
-from mqwen.processing_mqwen import CHAT_TEMPLATE
+from ..common.photos import random_photos
+from ..common.small_tokenizer import train_qwen_style_tokenizer, wrap_as_transformers_tokenizer
+from ..configuration_mqwen import MQwenConfig, MQwenVisionConfig
+from ..modeling_mqwen import MQwenForCausalLM
+from ..processing_mqwen import CHAT_TEMPLATE, MQwenProcessor
+from .shapes import pick
+from .timing import use_clock
 
 if TYPE_CHECKING:
     import argparse
@@ -36,8 +39,7 @@ if TYPE_CHECKING:
         PreTrainedTokenizerFast,
     )
 
-    from mqwen import MQwenProcessor
-
+    from ..processing_mqwen import MQwenProcessor
     from .shapes import Shapes
 
 
@@ -239,9 +241,9 @@ def build_all(
 ) -> Contenders:
     tokenizer = make_tokenizer()
     mqwen = build_mqwen(shapes, tokenizer, device=device, dtype=dtype, seed=seed)
-    processor = build_processor(tokenizer, mqwen.config.vision_config, mqwen.config.image_seq_length)
+    processor = MQwenProcessor.from_model_config(mqwen.config, tokenizer)
     pooled = build_pooled(mqwen, shapes, tokenizer)
-    pooled_processor = build_processor(tokenizer, pooled.config.vision_config, pooled.config.image_seq_length)
+    pooled_processor = MQwenProcessor.from_model_config(pooled.config, tokenizer)
     llava = build_llava(mqwen, shapes, tokenizer)
     return Contenders(
         mqwen=mqwen,
@@ -312,17 +314,13 @@ def cpu_decode_setup(quick: bool, threads: int | None, clock: str) -> CpuDecodeS
 
     Also sets torch's CPU threads (when `threads` is given) and the timing clock (`timing.use_clock`).
     """
-    from .figures import random_photos
-    from .shapes import pick
-    from .timing import use_clock
-
     if threads:
         torch.set_num_threads(threads)
     use_clock(clock)
     shapes = pick("cpu", quick)
     tokenizer = make_tokenizer()
     model = build_mqwen(shapes, tokenizer, device="cpu", dtype=torch.float32)
-    processor = build_processor(tokenizer, model.config.vision_config, model.config.image_seq_length)
+    processor = MQwenProcessor.from_model_config(model.config, tokenizer)
     inputs = processor(images=random_photos(1, shapes.image_size_in, seed=1), text=[processor.caption_prompt()])
     text_only = {key: inputs[key] for key in ("input_ids", "attention_mask")}
     return CpuDecodeSetup(shapes, tokenizer, model, processor, inputs, text_only)

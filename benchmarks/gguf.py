@@ -21,6 +21,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..convert.gguf import export_gguf
+from ..runtime import caption_images, load_for_inference
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -52,8 +55,6 @@ def mqwen_latencies(
 ) -> tuple[dict, str]:
     import torch
     from PIL import Image
-
-    from ..runtime import caption_images, load_for_inference
 
     torch.set_num_threads(threads)
     model, processor = load_for_inference(model_dir, device="cpu", dtype="float32")
@@ -87,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=50)
     parser.add_argument("--out", default=str(HERE / "RESULTS-gguf.md"))
     args = parser.parse_args(argv)
-
-    from mqwen.convert.gguf import export_gguf
 
     images = sorted(p for p in Path(args.images_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     images = images[: args.limit]

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..common.tiny_model import build_tiny
+
 EXAMPLES = """examples:
   python -m mqwen.benchmarks.input_checks                 # batch 8, 2 images of 224 px for the prefill
   python -m mqwen.benchmarks.input_checks --repeats 2000 --batch 1
@@ -44,8 +46,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from transformers import DynamicCache
-
-    from mqwen.convert.tiny import build_tiny
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

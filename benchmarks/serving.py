@@ -19,6 +19,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..common.atomic_files import write_atomically
+from ..common.machine import cpu_model, load_average
+from ..common.photos import random_photos
+from ..processing_mqwen import MQwenProcessor
+from .contenders import build_mqwen, greedy_config, make_tokenizer
+from .shapes import MID, QUICK
+
 if TYPE_CHECKING:
     from .shapes import Shapes
 
@@ -59,13 +66,9 @@ def build_model(shapes: "Shapes", folder: str | os.PathLike, dtype: str) -> tupl
     """The benchmark's MQwen at `shapes`, saved to `folder` with its processor; returns (model, processor)."""
     import torch
 
-    from mqwen.convert.build import build_processor
-
-    from .contenders import build_mqwen, make_tokenizer
-
     tokenizer = make_tokenizer()
     model = build_mqwen(shapes, tokenizer).to(getattr(torch, dtype))
-    processor = build_processor(tokenizer, model.config.vision_config, model.config.image_seq_length)
+    processor = MQwenProcessor.from_model_config(model.config, tokenizer)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return model, processor
@@ -101,8 +104,6 @@ def run_generate(
 ) -> tuple[list[list[int]], CpuClock]:
     """MQwen's batched greedy `generate` over all photos: (token lists, clock)."""
     import torch
-
-    from .contenders import greedy_config
 
     config = greedy_config(processor.tokenizer, new_tokens)
     tokens = []
@@ -160,11 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
     import vllm
-
-    from ..convert.staging import write_atomically
-    from .figures import random_photos
-    from .report import cpu_model, load_average
-    from .shapes import MID, QUICK
 
     # vLLM-CPU's attention takes head sizes 32, 64, 80, ...: QUICK's 64-wide LM gets 2 heads of 32.
     shapes = QUICK.with_(text=dict(QUICK.text, num_attention_heads=2, num_key_value_heads=1)) if args.quick else MID

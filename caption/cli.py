@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    from mqwen.processing_mqwen import to_rgb_image
+    from ..processing_mqwen import to_rgb_image
 
     skipped = len(missing)
     with tqdm(total=len(paths), desc="captioning", unit="img", file=err, disable=args.no_progress) as bar:

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..modeling_mqwen import MQwenMultiModalProjector
 from .errors import ConvertError
 from .hub import is_pickle, pickle_refused
 from .shards import open_weights
 
 if TYPE_CHECKING:
-    from mqwen.modeling_mqwen import MQwenPreTrainedModel
+    from ..modeling_mqwen import MQwenPreTrainedModel
 
 PROJECTOR_PREFIX = "multi_modal_projector."
 _PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.", "model.mm_projector.", "mm_projector.")
@@ -82,8 +83,6 @@ def check_projector(
 
 def fresh_projector(model: MQwenPreTrainedModel, seed: int) -> dict[str, torch.Tensor]:
     """A newly initialised projector, with the model's own `_init_weights` (what from_pretrained would do)."""
-    from mqwen.modeling_mqwen import MQwenMultiModalProjector
-
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConvertError
+from .qwen_v1_tokenizer import convert_qwen_v1_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -178,8 +179,6 @@ class QwenV1:
 
     def text_side(self) -> tuple[Qwen2Config, PreTrainedTokenizerBase]:
         """(Qwen2Config, tokenizer): the build's `_load_text_side` for a v1 folder."""
-        from .qwen_v1_tokenizer import convert_qwen_v1_tokenizer
-
         print("Tokenizer: converting qwen.tiktoken (151,643 BPE ranks; this takes up to a minute)")
         tokenizer = convert_qwen_v1_tokenizer(self.folder)
         text_config = self.text_config()

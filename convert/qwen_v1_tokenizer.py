@@ -14,8 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..common.small_tokenizer import QWEN_PRETOKENIZE_REGEX, forget_load_location, wrap_as_transformers_tokenizer
+from ..processing_mqwen import CHAT_TEMPLATE
 from .errors import ConvertError
-from .tokenizer import QWEN_PRETOKENIZE_REGEX
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -73,9 +74,6 @@ def qwen_v1_backend_tokenizer(tiktoken_file: str | os.PathLike) -> Tokenizer:
 
 def convert_qwen_v1_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerFast:
     """The transformers tokenizer (Qwen2's class, MQwen's chat template, `<image>` added) of a v1 folder."""
-    from mqwen.processing_mqwen import CHAT_TEMPLATE
-
-    from .tokenizer import forget_load_location, wrap_as_transformers_tokenizer
 
     tiktoken_file = Path(folder) / TIKTOKEN_FILE
     if not tiktoken_file.is_file():

@@ -32,8 +32,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..configuration_mqwen import MQwenVisionConfig
+from ..modeling_mqwen import MQwenVisionTransformer
 from .errors import ConvertError
 from .hub import HUB_ID, PICKLE_SUFFIXES, fetch_repo, find_local_weights, is_pickle, pickle_refused
+from .licenses import fetch_hub_license, read_card_license
 from .shards import open_weights
 
 logger = logging.getLogger(__name__)
@@ -155,9 +158,6 @@ def load_vision(spec: str | os.PathLike, allow_pickle: bool = False) -> VisionWe
 
 def check_vision_weights(weights: VisionWeights) -> None:
     """The state dict must be exactly what MQwen's vision tower, built from the derived config, holds."""
-    from mqwen import MQwenVisionConfig
-    from mqwen.modeling_mqwen import MQwenVisionTransformer
-
     try:
         config = MQwenVisionConfig(**weights.config)
     except (TypeError, ValueError) as error:
@@ -231,8 +231,6 @@ def _openclip_named(name, tag, allow_pickle):
     weights = _openclip_weights(create, checkpoint, source)
     weights.name, weights.base_model = short, base_model
     if base_model:
-        from .card import fetch_hub_license
-
         weights.license = fetch_hub_license(base_model)
     if not weights.license and tag.lower() == "openai":
         weights.license = {"license": "mit"}  # OpenAI CLIP's weights and code are MIT-licensed
@@ -242,8 +240,6 @@ def _openclip_named(name, tag, allow_pickle):
 def _openclip_hub(repo_id, allow_pickle):
     import open_clip
     from open_clip.pretrained import download_pretrained_from_hf
-
-    from .card import fetch_hub_license
 
     try:
         checkpoint = Path(download_pretrained_from_hf(repo_id))
@@ -267,8 +263,6 @@ def _openclip_hub(repo_id, allow_pickle):
 def _openclip_folder(folder, checkpoint, allow_pickle):
     """An OpenCLIP model saved by open_clip (`open_clip_config.json` + weights), or one file next to that config."""
     import open_clip
-
-    from .card import read_card_license
 
     config_file = folder / OPENCLIP_CONFIG
     if not config_file.is_file():
@@ -407,8 +401,6 @@ def _mlp_ratio(hidden, width):
 
 
 def _hf_clip_folder(folder, allow_pickle, hub_id=None):
-    from .card import read_card_license
-
     config = json.loads((folder / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type == "clip":

@@ -16,6 +16,9 @@ Why these choices, and what else was tried, with the measurements: `EXPERIMENTS.
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..common.small_tokenizer import train_qwen_style_tokenizer, wrap_as_transformers_tokenizer
+from ..common.tiny_model import build_tiny
+from ..processing_mqwen import CHAT_TEMPLATE, DEFAULT_CAPTION_INSTRUCTION, DEFAULT_SYSTEM_PROMPT
 from .shapes import COLOURS, SHAPES, caption_for
 
 if TYPE_CHECKING:
@@ -89,10 +92,6 @@ def sincos_2d(grid: int, width: int) -> "torch.Tensor":
 
 def build_shapes_model(size: ModelSize = PRESETS["full"], seed: int = 0) -> tuple[Any, Any]:
     """(MQwenForCausalLM, MQwenProcessor), randomly initialised, with a tokenizer trained on the task."""
-    from mqwen.convert.tiny import build_tiny
-    from mqwen.convert.tokenizer import train_qwen_style_tokenizer, wrap_as_transformers_tokenizer
-    from mqwen.processing_mqwen import CHAT_TEMPLATE, DEFAULT_CAPTION_INSTRUCTION, DEFAULT_SYSTEM_PROMPT
-
     corpus = tokenizer_corpus(DEFAULT_CAPTION_INSTRUCTION, DEFAULT_SYSTEM_PROMPT)
     tokenizer = wrap_as_transformers_tokenizer(
         train_qwen_style_tokenizer(corpus, vocab_size=400), chat_template=CHAT_TEMPLATE

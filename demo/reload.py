@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..convert.staging import write_atomically
+from ..common.atomic_files import write_atomically
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from torch.utils.data import Dataset
 
+from ..processing_mqwen import to_rgb_image
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -66,8 +68,6 @@ class ImageLoadError(Exception):
 
 def load_image(source: Any) -> "Image.Image":
     """Any image source of a `CaptionRecord` as an RGB PIL image, or `ImageLoadError`."""
-    from mqwen.processing_mqwen import to_rgb_image
-
     try:
         if callable(source) and not hasattr(source, "convert"):
             source = source()

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ...configuration_mqwen import MQwenConfig
+from ...processing_mqwen import CHAT_TEMPLATE, DEFAULT_CAPTION_INSTRUCTION
 from ..errors import ConvertError
 
 if TYPE_CHECKING:
@@ -22,8 +24,6 @@ class MQwenFolder:
     """
 
     def __init__(self, path: str | os.PathLike):
-        from mqwen.configuration_mqwen import MQwenConfig
-
         self.path = Path(path)
         config_file = self.path / "config.json"
         if not config_file.is_file():
@@ -87,8 +87,6 @@ class MQwenFolder:
 
     def processor_settings(self) -> tuple[str, str, str]:
         """(chat template, image token string, caption instruction) as the processor saved them."""
-        from mqwen.processing_mqwen import CHAT_TEMPLATE, DEFAULT_CAPTION_INSTRUCTION
-
         template, settings = None, {}
         if (self.path / "chat_template.jinja").is_file():
             template = (self.path / "chat_template.jinja").read_text()

@@ -18,8 +18,7 @@ if TYPE_CHECKING:
     import gguf
     from transformers import PretrainedConfig
 
-    from mqwen.configuration_mqwen import MQwenConfig
-
+    from ...configuration_mqwen import MQwenConfig
     from .source import MQwenFolder
 
 MTMD_MEDIA_MARKER = "<__media__>"  # tools/mtmd/mtmd.cpp mtmd_default_marker()

@@ -26,8 +26,7 @@ from .writer import PlannedTensor
 if TYPE_CHECKING:
     import gguf
 
-    from mqwen.configuration_mqwen import MQwenConfig
-
+    from ...configuration_mqwen import MQwenConfig
     from .source import MQwenFolder
 
 # tools/mtmd/clip-impl.h KEY_FEATURE_LAYERS; the gguf package has no constant for it.

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..convert.staging import staged_file
+from ..common.atomic_files import staged_file
 
 if TYPE_CHECKING:
     from PIL import Image
