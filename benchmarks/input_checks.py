@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from transformers import DynamicCache
 
+from ..common.tiny_model import build_tiny
 from ..modeling_mqwen import _check_inputs, _check_pixel_values
 
 EXAMPLES = """examples:
@@ -52,10 +54,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8, help="samples per forward (default 8)")
     parser.add_argument("--repeats", type=int, default=300, help="timed calls per case (default 300)")
     args = parser.parse_args(argv)
-
-    from transformers import DynamicCache
-
-    from mqwen.convert.tiny import build_tiny
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -141,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_tiny(args: argparse.Namespace) -> int:
-    from .tiny import write_tiny
+    from ..common.tiny_model import write_tiny
 
     out = write_tiny(args.out_dir, seed=args.seed)
     files = sorted(p.name for p in Path(out).iterdir())

@@ -18,7 +18,9 @@ from typing import Any, Optional
 import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
-from ..convert.staging import replace_folder, write_atomically
+from ..common.atomic_files import replace_folder, write_atomically
+from ..modeling_mqwen import MQwenForCausalLM
+from ..processing_mqwen import MQwenProcessor
 from ..runtime import load_for_inference
 from .collator import CaptionCollator
 from .config import TrainConfig
@@ -49,8 +51,6 @@ def load_model_and_processor(model: Any, processor: Any = None, dtype: torch.dty
 
     Weights load in float32 by default: mixed precision (`bf16`/`fp16`) keeps float32 master weights.
     """
-    from mqwen import MQwenForCausalLM, MQwenProcessor
-
     if isinstance(model, (str, os.PathLike)):
         if processor is None:
             processor = MQwenProcessor.from_pretrained(str(model))
@@ -172,17 +172,8 @@ def build_trainer(
         eval_dataset=eval_dataset,
         processing_class=processor,
         callbacks=callbacks,
-        projector_lr=config.projector_lr,
-        vision_lr=config.vision_lr,
-        curriculum_steps=config.curriculum_steps,
-        curriculum_fraction=config.curriculum_fraction,
-        curriculum_grow=config.curriculum_grow,
-        vision_warmup_steps=config.vision_warmup_steps,
-        vision_warmup_target=config.vision_warmup_target,
-        vision_aux_weight=config.vision_aux_weight,
+        recipe=config.recipe(),
     )
-    trainer.mqwen_config = config
-    trainer.mqwen_processor = processor
     return trainer
 
 
@@ -307,7 +298,7 @@ def save_final_model(trainer: CaptionTrainer, config: TrainConfig, out_dir: str 
     Files go to a temporary folder first and are renamed into place, so `out_dir` is never half-written.
     Call on every process.
     """
-    from peft import PeftModel
+    from peft import PeftModel  # optional: the train extra
 
     out_dir = Path(out_dir or Path(config.output_dir) / FINAL_DIR)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -332,16 +323,14 @@ def save_final_model(trainer: CaptionTrainer, config: TrainConfig, out_dir: str 
             model.save_pretrained(adapter_tmp, state_dict=state_dict, safe_serialization=True)
             _merge_saved_adapter(config, adapter_tmp, tmp, save)
             shutil.rmtree(adapter_tmp)
-        trainer.mqwen_processor.save_pretrained(tmp)
+        trainer.processing_class.save_pretrained(tmp)
         replace_folder(tmp, out_dir)
     accelerator.wait_for_everyone()
     return out_dir
 
 
 def _merge_saved_adapter(config, adapter_dir, out_dir, save_kwargs):
-    from peft import PeftModel
-
-    from mqwen import MQwenForCausalLM
+    from peft import PeftModel  # optional: the train extra
 
     if not isinstance(config.model, (str, os.PathLike)):
         raise ValueError("Merging LoRA under ZeRO-3/FSDP reloads the base model: pass --model as a path or repo.")
