@@ -208,6 +208,17 @@ def test_raw_or_non_finite_pixels_are_errors(tiny, captioned):
         model(input_ids=ids, pixel_values=raw)
 
 
+def test_image_features_without_a_forward_check_the_pixels_too(tiny, captioned):
+    """The one pixel check is the vision tower's, so callers of `get_image_features` alone (vLLM's Transformers
+    backend) get the same clear errors as a forward."""
+    model, _ = tiny
+    pixels = captioned["pixel_values"]
+    with pytest.raises(ValueError, match=r"range over 200..200, but normalised images lie within about \+-2.15"):
+        model.get_image_features(torch.full_like(pixels, 200.0))
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \(num_images, 3, 56, 56\)"):
+        model.get_image_features(pixels[:0])
+
+
 @pytest.mark.parametrize("bad_id", [448, 10**6, -1])
 def test_token_ids_outside_the_vocabulary_are_named(tiny, bad_id):
     model, _ = tiny
