@@ -24,14 +24,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers.dynamic_module_utils import custom_object_save
 
-from ..common.atomic_files import check_destination, staged_folder
+from ..common.atomic_files import staged_folder
 from ..common.small_tokenizer import add_image_token
 from ..configuration_mqwen import MQwenConfig, MQwenVisionConfig
 from ..modeling_mqwen import MQwenForCausalLM
 from ..processing_mqwen import CHAT_TEMPLATE, MQwenProcessor
 from .card import write_model_card
 from .chat_template import image_aware_chat_template
-from .errors import ConvertError
+from .errors import ConvertError, check_destination
 from .licenses import read_card_license
 from .llm import Vocabulary, meta_state, plan_language_model, resolve_llm  # noqa: F401  (resolve_llm: API)
 from .llm_kind import llm_kind

@@ -203,11 +203,12 @@ RUNNERS = {"tiny": run_tiny, "build": run_build, "push": run_push, "gguf": run_g
 def main(argv: list[str] | None = None) -> int:
     """`mqwen-convert`: parse `argv` (default: the command line) and run the sub-command; a ConvertError is
     printed without a traceback (exit status 2)."""
+    from ..common.atomic_files import DestinationError
     from .errors import ConvertError
 
     args = parse_args(argv)
     try:
         return RUNNERS[args.command](args)
-    except ConvertError as error:
+    except (ConvertError, DestinationError) as error:  # DestinationError: OUT_DIR filled while a build ran
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -152,7 +152,7 @@ class CaptionTrainer(Trainer):
         if hasattr(self, "_rotate_checkpoints"):
             self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
         else:
-            from transformers.trainer_utils import rotate_checkpoints  # compat(transformers<5): a 5.x-only function
+            from transformers.trainer_utils import rotate_checkpoints  # local: absent before 5.5 (tag above)
 
             rotate_checkpoints(
                 output_dir=run_dir,

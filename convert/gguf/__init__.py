@@ -12,8 +12,8 @@ Both are checked for what llama.cpp can express before anything is written, then
 import os
 from pathlib import Path
 
-from ...common.atomic_files import check_destination, staged_folder
-from ..errors import ConvertError
+from ...common.atomic_files import staged_folder
+from ..errors import ConvertError, check_destination
 from .source import MQwenFolder
 from .text import add_text_metadata, add_tokenizer, arch_of, check_text, plan_text_tensors
 from .vision import add_vision_metadata, check_vision, plan_vision_tensors
