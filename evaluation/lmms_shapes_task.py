@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..convert.staging import staged_folder
+from ..common.atomic_files import staged_folder
 from ..demo.shapes import make_split, write_split
 from ..processing_mqwen import DEFAULT_CAPTION_INSTRUCTION
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = write_shapes_task(args.out_dir, args.n, args.seed, args.image_size, args.instruction, args.overwrite)
-    except Exception as error:  # ConvertError (OUT_DIR exists), ValueError
+    except ValueError as error:  # DestinationError (OUT_DIR exists and is not empty), a bad --n
         raise SystemExit(f"error: {error}") from None
     print(f"wrote {out}: lmms-eval --model mqwen --model_args pretrained=MODEL --tasks {TASK} --include_path {out}")
     return 0

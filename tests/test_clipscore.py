@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mqwen.evaluation.clipscore import PREFIX, CLIPScorer, clip_scores_from_embeddings, parse_clip_model
-from mqwen.train.cli import eval_main
+from mqwen.train.eval import eval_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

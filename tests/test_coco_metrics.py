@@ -11,7 +11,7 @@ import pytest
 
 from mqwen.evaluation import coco_metrics
 from mqwen.evaluation.coco_metrics import JavaNotFoundError, caption_scores
-from mqwen.train.cli import eval_main
+from mqwen.train.eval import eval_main
 
 KNOWN = json.loads((Path(__file__).parent / "data" / "coco_reference_scores.json").read_text())
 OFFICIAL = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")

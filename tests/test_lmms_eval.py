@@ -23,7 +23,7 @@ from lmms_eval.api.instance import Instance  # noqa: E402
 from mqwen.evaluation.lmms_model import MQwenLMMS  # noqa: E402
 from mqwen.evaluation.lmms_shapes_task import TASK, task_yaml, write_shapes_task  # noqa: E402
 from mqwen.runtime import caption_images  # noqa: E402
-from mqwen.train.cli import eval_main  # noqa: E402
+from mqwen.train.eval import eval_main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["Describe this image.", "Describe this image in a few words, please."]  # different lengths: padding
