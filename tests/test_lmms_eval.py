@@ -35,6 +35,12 @@ def lmm(tiny_dir):
     return model
 
 
+def _prompt(i):
+    """Request i's prompt: pairs of requests alternate, so that requests with even and odd indices (two groups of
+    generation settings below) each mix both prompt lengths within one batch."""
+    return PROMPTS[(i // 2) % 2]
+
+
 def _docs(make_image, n):
     return {"t": {"test": [{"image": make_image(seed, size=(56, 60))} for seed in range(n)]}}
 
@@ -44,7 +50,7 @@ def _requests(n, gen_kwargs, kind="generate_until"):
         Instance(
             request_type=kind,
             arguments=(
-                PROMPTS[i % 2],
+                _prompt(i),
                 dict(gen_kwargs[i % len(gen_kwargs)]),
                 lambda doc: [doc["image"]],
                 i,
@@ -60,7 +66,7 @@ def _requests(n, gen_kwargs, kind="generate_until"):
 
 def _single(lmm, docs, i, max_new_tokens):
     image = docs["t"]["test"][i]["image"]
-    prompt = PROMPTS[i % 2]
+    prompt = _prompt(i)
     return next(caption_images(lmm.model, lmm.processor, [image], prompt=prompt, max_new_tokens=max_new_tokens))
 
 
