@@ -1,0 +1,193 @@
+"""`caption_dataset(...)`: caption a whole dataset into an output folder, resumably, in one process or on Ray.
+
+    from mqwen.caption.dataset import caption_dataset
+    report = caption_dataset(["shards/{00000..00009}.tar"], model="user/mqwen-7b", output="captions/")
+    report = caption_dataset(["images.parquet"], model="./mqwen", output="captions/", engine="ray", actors=4,
+                             gpus_per_actor=1, ray_address="auto")
+
+The inputs are planned first (`inputs.plan_units`: every key listed, every input checked), keys already in a
+completed shard of `output` are left out (`shards.OutputFolder`), then the remaining units are captioned, each
+written as one shard when all its rows are done. Rerun the same call after a crash and it finishes the job:
+every key ends up in `output` exactly once. Read the result with `shards.read_output(output)` or any Parquet
+reader (`pandas.read_parquet(output)` reads the folder's shards together).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..runtime import caption_images, load_for_inference
+from .inputs import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image, plan_units, read_unit
+from .shards import OutputFolder, job_settings
+
+ENGINES = ("transformers", "ray")
+
+
+@dataclass
+class CaptionReport:
+    """What a `caption_dataset` call did."""
+
+    output: str
+    inputs: int = 0  # keys in the inputs
+    already_done: int = 0  # keys found in completed shards and not captioned again
+    captioned: int = 0  # rows written by this call (errors included)
+    errors: int = 0  # of those, rows whose image could not be read
+    shards: list = field(default_factory=list)  # shards written by this call
+
+
+@dataclass
+class WorkItem:
+    """One unit still to caption: `expected` keys will be written (those in `skip` are already done)."""
+
+    index: int
+    unit: dict
+    expected: int
+    skip: list
+
+
+def plan_work(planned: list, done: set) -> tuple[list[WorkItem], int]:
+    """(units with keys still to caption, how many keys are already done)."""
+    work, already = [], 0
+    for index, (unit, keys) in enumerate(planned):
+        skip = [key for key in keys if key in done] if done else []
+        already += len(skip)
+        if len(skip) < len(keys):
+            work.append(WorkItem(index, unit, len(keys) - len(skip), skip))
+    return work, already
+
+
+def caption_dataset(
+    inputs: list[str] | str,
+    model: str,
+    output: str,
+    *,
+    format: str = "parquet",
+    engine: str = "transformers",
+    prompt: str | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    shard_size: int = 1000,
+    device: str = "auto",
+    dtype: str = "auto",
+    overwrite: bool = False,
+    recursive: bool = False,
+    image_column: str | None = None,
+    key_column: str | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    progress: bool = True,
+    ray_address: str | None = None,
+    actors: int = 1,
+    gpus_per_actor: float = 0,
+    cpus_per_actor: float = 1,
+) -> CaptionReport:
+    """Caption every image of `inputs` with `model` into the folder `output` (see the module docstring).
+
+    `inputs`: image files, folders, globs, WebDataset `.tar` shards (brace ranges allowed), `.parquet` files,
+    `datasets` folders. `engine`: "transformers" (this process, `model.generate`) or "ray" (Ray Data: CPU tasks
+    decode and preprocess, `actors` captioner actors each load the model once; `ray_address` None starts a
+    local Ray). Raises `inputs.InputError` / `shards.OutputError` before any work when an input or the output
+    folder cannot be used; an image that cannot be read is an error row, never an exception.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    settings = job_settings(model, prompt, max_new_tokens, format)
+    planned = plan_units(inputs, shard_size, recursive, image_column, key_column)
+    report = CaptionReport(output=str(output), inputs=sum(len(keys) for _, keys in planned))
+    with OutputFolder(output, settings, overwrite) as folder:
+        work, report.already_done = plan_work(planned, folder.done_keys())
+        del planned
+        if report.already_done:
+            print(
+                f"mqwen-caption: {report.already_done} of {report.inputs} keys already captioned in {output}; "
+                "captioning the rest",
+                file=sys.stderr,
+            )
+        options = dict(
+            prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size, max_image_pixels=max_image_pixels
+        )
+        with tqdm(
+            total=sum(item.expected for item in work), desc="captioning", unit="img", disable=not progress
+        ) as bar:
+
+            def write(rows):
+                report.shards.append(folder.write_shard(rows))
+                report.captioned += len(rows)
+                report.errors += sum(row["error"] is not None for row in rows)
+                bar.update(len(rows))
+
+            if not work:
+                pass
+            elif engine == "ray":
+                from .ray_engine import caption_on_ray  # imports ray (seconds): only for --engine ray
+
+                caption_on_ray(
+                    work,
+                    write,
+                    model,
+                    device=device,
+                    dtype=dtype,
+                    ray_address=ray_address,
+                    actors=actors,
+                    gpus_per_actor=gpus_per_actor,
+                    cpus_per_actor=cpus_per_actor,
+                    progress=progress,
+                    **options,
+                )
+            else:
+                caption_locally(work, write, *load_for_inference(model, device, dtype), **options)
+    return report
+
+
+def error_row(key: str, error: Exception) -> dict:
+    return {"key": key, "caption": None, "error": str(error)}
+
+
+def caption_locally(
+    work: list[WorkItem],
+    write,
+    model: Any,
+    processor: Any,
+    prompt: str | None,
+    max_new_tokens: int,
+    batch_size: int,
+    max_image_pixels: int,
+) -> None:
+    """The single-process engine: each unit read, decoded and captioned `batch_size` images at a time
+    (`runtime.caption_images`), then written as one shard by `write(rows)`."""
+    for item in work:
+        rows = []
+
+        def images():  # lazily, so that one batch of decoded images is in memory at a time
+            for key, payload in read_unit(item.unit, frozenset(item.skip)):
+                try:
+                    image = decode_image(payload, max_image_pixels)
+                except ImageError as error:
+                    rows.append(error_row(key, error))
+                    continue
+                rows.append({"key": key, "caption": None, "error": None})
+                yield image
+
+        captions = list(
+            caption_images(
+                model,
+                processor,
+                images(),
+                batch_size,
+                prompt=prompt,
+                max_new_tokens=max_new_tokens,
+                progress=False,
+                do_sample=False,
+            )
+        )
+        pending = iter(captions)
+        for row in rows:
+            if row["error"] is None:
+                row["caption"] = next(pending)
+        write(rows)
