@@ -163,31 +163,22 @@ def caption_locally(
     (`runtime.caption_images`), then written as one shard by `write(rows)`."""
     for item in work:
         rows = []
-
-        def images():  # lazily, so that one batch of decoded images is in memory at a time
-            for key, payload in read_unit(item.unit, frozenset(item.skip)):
-                try:
-                    image = decode_image(payload, max_image_pixels)
-                except ImageError as error:
-                    rows.append(error_row(key, error))
-                    continue
-                rows.append({"key": key, "caption": None, "error": None})
-                yield image
-
-        captions = list(
-            caption_images(
-                model,
-                processor,
-                images(),
-                batch_size,
-                prompt=prompt,
-                max_new_tokens=max_new_tokens,
-                progress=False,
-                do_sample=False,
-            )
-        )
-        pending = iter(captions)
+        images = _decoded(item, rows, max_image_pixels)  # lazily: one batch of decoded images in memory at a time
+        generate = dict(prompt=prompt, max_new_tokens=max_new_tokens, progress=False, do_sample=False)
+        captions = iter(list(caption_images(model, processor, images, batch_size, **generate)))
         for row in rows:
             if row["error"] is None:
-                row["caption"] = next(pending)
+                row["caption"] = next(captions)
         write(rows)
+
+
+def _decoded(item: WorkItem, rows: list, max_image_pixels: int):
+    """Yield the unit's decodable images; append one row per key to `rows` (errors filled in, captions not)."""
+    for key, payload in read_unit(item.unit, frozenset(item.skip)):
+        try:
+            image = decode_image(payload, max_image_pixels)
+        except ImageError as error:
+            rows.append(error_row(key, error))
+            continue
+        rows.append({"key": key, "caption": None, "error": None})
+        yield image

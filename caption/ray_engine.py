@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any
 
 # ray is imported here, at module top: this module is only imported for `engine="ray"` (dataset.py imports it
 # lazily), so the seconds `import ray` costs are paid only by Ray jobs.

@@ -87,7 +87,9 @@ class OutputFolder:
         except BlockingIOError:
             self._lock.close()
             self._lock = None
-            raise OutputError(f"another mqwen-caption job is writing {self.path}; wait for it or use another folder")
+            raise OutputError(
+                f"another mqwen-caption job is writing {self.path}; wait for it or use another folder"
+            ) from None
         for stale in self.path.glob(".part-*.tmp*"):  # a killed job's unfinished shard (we hold the lock)
             stale.unlink(missing_ok=True)
         self._check_or_write_manifest()
