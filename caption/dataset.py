@@ -15,16 +15,33 @@ reader (`pandas.read_parquet(output)` reads the folder's shards together).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
 from ..runtime import caption_images, load_for_inference
 from .inputs import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image, plan_units, read_unit
 from .shards import OutputFolder, job_settings
 
 ENGINES = ("transformers", "ray")
+
+
+class ModelError(ValueError):
+    """The model cannot be loaded from what `model` names."""
+
+
+def check_model(model: str, load: Callable[[], Any]) -> Any:
+    """`load()`, its failure turned into a ModelError that says what `model` must be."""
+    try:
+        return load()
+    except Exception as error:  # from_pretrained raises OSError, ValueError, EnvironmentError, ... for a bad model
+        raise ModelError(
+            f"could not load the model from {model!r}: {error}\nPass --model a folder written by save_pretrained "
+            "(config.json, model.safetensors, processor files) or a Hub repo id you can reach."
+        ) from error
 
 
 @dataclass
@@ -127,6 +144,7 @@ def caption_dataset(
             elif engine == "ray":
                 from .ray_engine import caption_on_ray  # imports ray (seconds): only for --engine ray
 
+                check_model(model, lambda: AutoConfig.from_pretrained(model, trust_remote_code=True))
                 caption_on_ray(
                     work,
                     write,
@@ -141,7 +159,8 @@ def caption_dataset(
                     **options,
                 )
             else:
-                caption_locally(work, write, *load_for_inference(model, device, dtype), **options)
+                loaded = check_model(model, lambda: load_for_inference(model, device, dtype))
+                caption_locally(work, write, *loaded, **options)
     return report
 
 

@@ -28,8 +28,6 @@ from braceexpand import braceexpand
 from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import group_by_keys
 
-from ..processing_mqwen import to_rgb_image
-
 # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS): larger images become error rows.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -372,6 +370,10 @@ def read_unit(unit: dict, skip: set | frozenset = frozenset()) -> Iterator[tuple
 
 def decode_image(payload: bytes | ImageError, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Any:
     """An RGB PIL image from image bytes; an ImageError with the reason for anything else."""
+    # Imported here: processing_mqwen pulls in transformers' image processing and torchvision, 3.7 s of the
+    # 10 s `mqwen-caption --help` took on this 2-core VM when imported at the top; only decoding needs it.
+    from ..processing_mqwen import to_rgb_image
+
     if isinstance(payload, ImageError):
         raise payload
     if not payload:
