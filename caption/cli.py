@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime import add_device_arguments, caption_images, load_for_inference, resolve_dtype
-from .dataset import ModelError, caption_dataset
-from .inputs import DEFAULT_MAX_IMAGE_PIXELS, InputError, input_kind
-from .shards import FORMATS, OutputError
+from .kinds import DEFAULT_MAX_IMAGE_PIXELS, input_kind
+from .shards import FORMATS
 
 EXAMPLES = """examples:
   mqwen-caption photo.jpg --model ./mqwen-shapes
@@ -146,6 +145,13 @@ def caption_to_folder(args: argparse.Namespace) -> int:
     """`--output DIR`: the dataset job (`dataset.caption_dataset`); clear errors before any work."""
     if args.engine == "vllm":
         print("mqwen-caption: error: --output runs on --engine transformers or ray, not vllm (yet)", file=sys.stderr)
+        return EXIT_USAGE
+    try:  # imported here: the readers need the optional `caption` extra, which stdout captioning does not
+        from .dataset import ModelError, caption_dataset
+        from .inputs import InputError
+        from .shards import OutputError
+    except ImportError as error:
+        print(f"mqwen-caption: error: --output needs `pip install 'mqwen[caption]'` ({error})", file=sys.stderr)
         return EXIT_USAGE
     try:
         report = caption_dataset(

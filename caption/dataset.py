@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from ..runtime import caption_images, load_for_inference
-from .inputs import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image, plan_units, read_unit
+from .inputs import ImageError, decode_image, plan_units, read_unit
+from .kinds import DEFAULT_MAX_IMAGE_PIXELS
 from .shards import OutputFolder, job_settings
 
 ENGINES = ("transformers", "ray")

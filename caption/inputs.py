@@ -28,9 +28,8 @@ from braceexpand import braceexpand
 from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import group_by_keys
 
-# PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS): larger images become error rows.
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+from .kinds import DEFAULT_MAX_IMAGE_PIXELS, input_kind
+
 # A WebDataset sample's image member: the first of these suffixes it has, then any other suffix PIL reads.
 PREFERRED_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img")
@@ -70,20 +69,6 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     if missing:
         raise InputError("input not found: " + ", ".join(missing) + ". Check the paths (globs are expanded here).")
     return paths
-
-
-def input_kind(path: Path) -> str:
-    """ "tar", "parquet", "datasets" (a `save_to_disk` folder), "folder" (of image files) or "image"."""
-    name = path.name.lower()
-    if path.is_dir():
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            return "datasets"
-        return "folder"
-    if name.endswith(TAR_SUFFIXES):
-        return "tar"
-    if name.endswith(".parquet"):
-        return "parquet"
-    return "image"
 
 
 def plan_units(

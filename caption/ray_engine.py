@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 from ..runtime import generate_captions, load_for_inference, on_model, processor_inputs
-from .inputs import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image, read_unit
+from .inputs import ImageError, decode_image, read_unit
+from .kinds import DEFAULT_MAX_IMAGE_PIXELS
 
 MODEL_COLUMNS = ("input_ids", "attention_mask", "pixel_values")
 # Between the stages a row without error has error "" (Ray turns None in a numpy object column into NaN); the
