@@ -11,8 +11,9 @@ batches (Ray Data sets `max_restarts=-1`, `max_task_retries=-1` on its actors); 
 over twice, so exactly-once comes from here: rows are kept per unit by key, the first of each wins, and a unit is
 written once, when it holds every key it should.
 
-`Captioner` and `preprocess` also serve an existing Ray pipeline whose rows have `key`, `payload` (image bytes)
-and `error` (None) columns: `ds.map_batches(preprocess, fn_kwargs=...).map_batches(Captioner, ...)`.
+`add_captions(rows, model, ...)` also serves an existing Ray pipeline: give it a dataset with columns `unit` (any
+int), `key`, `payload` (image bytes) and `error` ("" for a row with an image), get back `unit`, `key`, `caption`,
+`error`.
 """
 
 from __future__ import annotations
@@ -152,20 +153,14 @@ def caption_on_ray(
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
     try:
-        _run(
-            work,
-            write,
-            model,
-            prompt,
-            max_new_tokens,
-            batch_size,
-            max_image_pixels,
-            device,
-            dtype,
-            actors,
-            gpus_per_actor,
-            cpus_per_actor,
-        )
+        items = [{"item": json.dumps({"index": w.index, "unit": w.unit, "skip": w.skip})} for w in work]
+        rows = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_rows)
+        captioned = add_captions(
+            rows, model, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            max_image_pixels=max_image_pixels, device=device, dtype=dtype, actors=actors,
+            gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+        )  # fmt: skip
+        write_units(captioned, {w.index: w.expected for w in work}, write)
     finally:
         if started:
             ray.shutdown()
@@ -176,31 +171,29 @@ def _local_cpus(actors, cpus_per_actor):
     return max(os.cpu_count() or 1, int(np.ceil(actors * cpus_per_actor)) + 1)
 
 
-def _run(
-    work,
-    write,
-    model,
-    prompt,
-    max_new_tokens,
-    batch_size,
-    max_image_pixels,
-    device,
-    dtype,
-    actors,
-    gpus_per_actor,
-    cpus_per_actor,
-):
-    items = [{"item": json.dumps({"index": w.index, "unit": w.unit, "skip": w.skip})} for w in work]
-    expected = {w.index: w.expected for w in work}
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.flat_map(read_rows)
-    ds = ds.map_batches(
+def add_captions(
+    rows: ray.data.Dataset,
+    model: str,
+    *,
+    prompt: str | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    device: str = "auto",
+    dtype: str = "auto",
+    actors: int = 1,
+    gpus_per_actor: float = 0,
+    cpus_per_actor: float = 1,
+) -> ray.data.Dataset:
+    """`rows` (columns `unit`, `key`, `payload`: image bytes, `error`: NO_ERROR or why there is no image) with
+    `caption` and `error` (null when captioned): `preprocess` in CPU tasks, then `actors` `Captioner`s."""
+    ds = rows.map_batches(
         preprocess,
         batch_size=batch_size,
         batch_format="numpy",
         fn_kwargs={"model": model, "prompt": prompt, "max_image_pixels": max_image_pixels},
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         Captioner,
         batch_size=batch_size,
         batch_format="numpy",
@@ -220,9 +213,14 @@ def _run(
         max_restarts=-1,
         max_task_retries=-1,
     )
+
+
+def write_units(captioned: ray.data.Dataset, expected: dict[int, int], write) -> None:
+    """Collect `captioned` rows per unit, the first row of each key kept; `write(rows)` each unit once, when
+    it holds its `expected` number of keys. A unit still short at the end is a RuntimeError."""
     pending: dict[int, dict[str, dict]] = {}
     written = set()
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for batch in captioned.iter_batches(batch_size=None, batch_format="pyarrow"):
         for unit, key, caption, error in zip(
             *(batch.column(c).to_pylist() for c in ("unit", "key", "caption", "error"))
         ):
