@@ -97,6 +97,7 @@ def caption_dataset(
     key_column: str | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     progress: bool = True,
+    on_rows: Callable[[int], None] | None = None,
     ray_address: str | None = None,
     actors: int = 1,
     gpus_per_actor: float = 0,
@@ -108,7 +109,8 @@ def caption_dataset(
     `datasets` folders. `engine`: "transformers" (this process, `model.generate`) or "ray" (Ray Data: CPU tasks
     decode and preprocess, `actors` captioner actors each load the model once; `ray_address` None starts a
     local Ray). Raises `inputs.InputError` / `shards.OutputError` before any work when an input or the output
-    folder cannot be used; an image that cannot be read is an error row, never an exception.
+    folder cannot be used; an image that cannot be read is an error row, never an exception. `progress` shows a
+    tqdm bar; `on_rows(n)`, if given, is called each time n more rows are done (for a notebook's own display).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
@@ -138,7 +140,11 @@ def caption_dataset(
                 report.shards.append(folder.write_shard(rows))
                 report.captioned += len(rows)
                 report.errors += sum(row["error"] is not None for row in rows)
-                bar.update(len(rows))
+
+            def tick(n):
+                bar.update(n)
+                if on_rows is not None:
+                    on_rows(n)
 
             if not work:
                 pass
@@ -157,11 +163,12 @@ def caption_dataset(
                     gpus_per_actor=gpus_per_actor,
                     cpus_per_actor=cpus_per_actor,
                     progress=progress,
+                    tick=tick,
                     **options,
                 )
             else:
                 loaded = check_model(model, lambda: load_for_inference(model, device, dtype))
-                caption_locally(work, write, *loaded, **options)
+                caption_locally(work, write, *loaded, tick=tick, **options)
     return report
 
 
@@ -178,27 +185,33 @@ def caption_locally(
     max_new_tokens: int,
     batch_size: int,
     max_image_pixels: int,
+    tick: Callable[[int], None] = lambda n: None,
 ) -> None:
     """The single-process engine: each unit read, decoded and captioned `batch_size` images at a time
-    (`runtime.caption_images`), then written as one shard by `write(rows)`."""
+    (`runtime.caption_images`), then written as one shard by `write(rows)`; `tick(n)` as rows get done."""
     for item in work:
         rows = []
-        images = _decoded(item, rows, max_image_pixels)  # lazily: one batch of decoded images in memory at a time
+        images = _decoded(item, rows, max_image_pixels, tick)  # lazily: one batch of decoded images at a time
         generate = dict(prompt=prompt, max_new_tokens=max_new_tokens, progress=False, do_sample=False)
-        captions = iter(list(caption_images(model, processor, images, batch_size, **generate)))
+        captions = []
+        for caption in caption_images(model, processor, images, batch_size, **generate):
+            captions.append(caption)
+            tick(1)
+        captions = iter(captions)
         for row in rows:
             if row["error"] is None:
                 row["caption"] = next(captions)
         write(rows)
 
 
-def _decoded(item: WorkItem, rows: list, max_image_pixels: int):
+def _decoded(item: WorkItem, rows: list, max_image_pixels: int, tick: Callable[[int], None]):
     """Yield the unit's decodable images; append one row per key to `rows` (errors filled in, captions not)."""
     for key, payload in read_unit(item.unit, frozenset(item.skip)):
         try:
             image = decode_image(payload, max_image_pixels)
         except ImageError as error:
             rows.append(error_row(key, error))
+            tick(1)
             continue
         rows.append({"key": key, "caption": None, "error": None})
         yield image

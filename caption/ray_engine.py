@@ -138,8 +138,10 @@ def caption_on_ray(
     gpus_per_actor: float = 0,
     cpus_per_actor: float = 1,
     progress: bool = True,
+    tick=lambda n: None,
 ) -> None:
-    """Run `work` (dataset.WorkItem list) on Ray Data; `write(rows)` gets each unit's rows once, complete."""
+    """Run `work` (dataset.WorkItem list) on Ray Data; `write(rows)` gets each unit's rows once, complete;
+    `tick(n)` is called as n more rows arrive."""
     if actors < 1:
         raise ValueError(f"actors must be at least 1, got {actors}")
     if os.path.isdir(model):
@@ -160,7 +162,7 @@ def caption_on_ray(
             max_image_pixels=max_image_pixels, device=device, dtype=dtype, actors=actors,
             gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
         )  # fmt: skip
-        write_units(captioned, {w.index: w.expected for w in work}, write)
+        write_units(captioned, {w.index: w.expected for w in work}, write, tick)
     finally:
         if started:
             ray.shutdown()
@@ -215,7 +217,7 @@ def add_captions(
     )
 
 
-def write_units(captioned: ray.data.Dataset, expected: dict[int, int], write) -> None:
+def write_units(captioned: ray.data.Dataset, expected: dict[int, int], write, tick=lambda n: None) -> None:
     """Collect `captioned` rows per unit, the first row of each key kept; `write(rows)` each unit once, when
     it holds its `expected` number of keys. A unit still short at the end is a RuntimeError."""
     pending: dict[int, dict[str, dict]] = {}
@@ -227,7 +229,9 @@ def write_units(captioned: ray.data.Dataset, expected: dict[int, int], write) ->
             if unit in written:
                 continue  # a retried task's repeat of a unit already written
             rows = pending.setdefault(unit, {})
-            rows.setdefault(key, {"key": key, "caption": caption, "error": error})
+            if key not in rows:
+                rows[key] = {"key": key, "caption": caption, "error": error}
+                tick(1)
             if len(rows) == expected[unit]:
                 write(list(rows.values()))
                 written.add(unit)
