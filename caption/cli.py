@@ -52,7 +52,7 @@ with --output DIR:
   ranges), Parquet files with an image column (bytes or path) and a key column, and datasets folders
   (save_to_disk). DIR gets shards part-rRRR-NNNNN.parquet (or .jsonl) with columns key, caption, error (error
   null when captioned, else why the image could not be read: such rows are kept, never dropped), each renamed
-  into place when complete, and mqwen-caption.json (model, prompt, settings). Rerunning skips every key already
+  into place when complete, and _mqwen_caption.json (model, prompt, settings). Rerunning skips every key already
   in a shard; a DIR written with another model or prompt is refused (--overwrite starts over).
   --engine ray decodes and preprocesses in Ray CPU tasks and captions in --actors actors (each loads the model
   once); without --ray-address it starts a local Ray.

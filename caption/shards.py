@@ -1,11 +1,14 @@
 """The output folder of a dataset captioning job: shards renamed into place, a manifest, and resume.
 
-DIR holds `mqwen-caption.json` (the model, prompt and generation settings the captions came from) and shards
+DIR holds `_mqwen_caption.json` (the model, prompt and generation settings the captions came from) and shards
 `part-rRRR-NNNNN.parquet` (or `.jsonl`), one per unit of input (`inputs.py`), each row `key`, `caption`, `error`
 (`caption` null and `error` the reason when the image could not be read). A shard is written under a temporary
 name (`convert/staging.py`'s `staged_file`) and renamed when complete, so a file named like a shard is always
 complete: resume is "every key in a shard is done", with no bookkeeping that a kill could leave half-updated.
 `RRR` is the run that wrote it (one more than the highest in DIR), so a rerun never overwrites a shard.
+
+The manifest's leading underscore and the lock's and temporaries' leading dot make Parquet readers skip them:
+`pandas.read_parquet(DIR)` / `pyarrow.dataset.dataset(DIR)` read the shards as one table.
 
 One job writes a DIR at a time (an exclusive `flock` on DIR/.lock, released by the kernel when the job dies).
 """
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from ..convert.staging import staged_file, write_atomically
 
-MANIFEST = "mqwen-caption.json"
+MANIFEST = "_mqwen_caption.json"
 LOCK = ".lock"
 SHARD_NAME = re.compile(r"^part-r(\d{3,})-(\d{5,})\.(parquet|jsonl)$")
 FORMATS = ("parquet", "jsonl")
