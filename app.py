@@ -300,7 +300,7 @@ def caption_handler(
     One image: the caption box holds its caption. Several: one caption per line, in upload order, and the
     table pairs each thumbnail with its caption.
     """
-    import gradio as gr
+    import gradio as gr  # optional: the app extra
 
     def caption(files, instruction, max_new_tokens, do_sample, temperature, top_p):
         start = time.perf_counter()
@@ -347,7 +347,7 @@ def build_demo(
     model_name: str = "",
 ) -> Any:
     """The Gradio Blocks page around a loaded `Captioner` (call `.queue()` on it before launching)."""
-    import gradio as gr
+    import gradio as gr  # optional: the app extra
 
     default_instruction = captioner.default_instruction
     caption = caption_handler(captioner, max_pixels, max_images)
@@ -416,7 +416,7 @@ def build_demo(
 
 
 def launch_kwargs(args: argparse.Namespace) -> dict:
-    import gradio as gr
+    import gradio as gr  # optional: the app extra
 
     theme = gr.themes.Default(  # system fonts: the default theme would fetch Google Fonts
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
@@ -482,7 +482,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def default_model_dirs() -> list[Path]:
     """Where the main demo job leaves its model: OUT/model, under the working folder or this repository."""
     try:  # the demo's own setting, when this checkout has it (a Space does not)
-        from mqwen.demo.run import DemoSettings
+        from .demo.settings import DemoSettings
 
         out = Path(DemoSettings().out_dir)
     except Exception:

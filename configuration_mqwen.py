@@ -23,7 +23,7 @@ CUSTOM_PIPELINES = {
     "image-to-text": {
         "impl": "processing_mqwen.MQwenImageToTextPipeline",
         "pt": ["AutoModelForCausalLM"],
-        "tf": [],
+        "tf": [],  # compat(transformers<5): the TensorFlow slot of 4.x's custom-pipeline format (5.x has none)
         "type": "multimodal",
     }
 }
@@ -139,7 +139,7 @@ def _build_text_config(text_config):
             raise ValueError(f"text_config.model_type {model_type!r} is not a model type transformers knows")
         try:
             text_config = transformers.CONFIG_MAPPING[model_type](**text_config)
-        except Exception as error:  # transformers 5 validates fields with huggingface_hub's StrictDataclassError
+        except Exception as error:  # compat(transformers>=5.5): field errors come wrapped in StrictDataclassError
             cause = error.__cause__
             if not type(error).__name__.startswith("StrictDataclass") or not isinstance(cause, (TypeError, ValueError)):
                 raise

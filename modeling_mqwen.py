@@ -22,82 +22,33 @@ them from the generation state, so decode steps neither scan for placeholders no
 The ViT is written here rather than taken from transformers so that its parameter names are exactly
 OpenCLIP's (`conv1`, `transformer.resblocks.N.attn.in_proj_weight`, ...): the checkpoint layout must not
 depend on the installed transformers version, and OpenCLIP weights load with `strict=True`.
+
+The file reads top-down as the model: vision tower, projector, `MQwenPreTrainedModel`, `MQwenModel` (image
+features, placeholder mask, splice, forward), `MQwenForCausalLM`. The fenced sections at the end hold what
+guards it: the input checks, the damaged-checkpoint message, the transformers-version shims (each tagged
+`compat(transformers<...)`, so `grep -rn "compat(transformers"` lists every one) and the speed shim. Publishing
+to the Hub is not here (a published checkpoint carries this file): it is `mqwen.convert.push.push_to_hub`.
 """
 
 import inspect
 import math
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import snapshot_download  # a transformers dependency (for the damaged-weights message)
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM, Cache, GenerationMixin, PreTrainedModel, ProcessorMixin
+from transformers import AutoModelForCausalLM, Cache, GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
-try:  # transformers >= 5: init helpers that skip tensors already loaded from a checkpoint
-    from transformers import initialization as init
-except ImportError:  # transformers 4.x tracks that per module and calls _init_weights only where needed
-    from torch.nn import init
-
 from .configuration_mqwen import MQwenConfig, MQwenVisionConfig
 
-if TYPE_CHECKING:
-    from huggingface_hub import CommitInfo, HfApi
-
 logger = logging.get_logger(__name__)
-
-# What the installed transformers calls the generation cache: `cache` (5.x) or `past_key_values` (4.x). forward
-# names `cache` (generate only forwards keywords a signature names) and hands it on under this name.
-_GENERATION_KEYWORDS = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
-CACHE_KWARG = "cache" if "cache" in _GENERATION_KEYWORDS else "past_key_values"
-
-
-class _MethodSignature(inspect.Signature):
-    """A method's signature that also holds, made once, the one its bound methods report (without `self`).
-
-    For a bound method, `inspect.signature` takes the function's signature and calls
-    `.replace(parameters=<all but the first>)`, which builds and re-validates a new Signature on every call (most
-    of what a decode step spends in inspect). Asked for exactly that, `replace` returns the copy made here; any
-    other `replace` is inspect's own.
-    """
-
-    __slots__ = ("_bound_parameters", "_bound")
-
-    @classmethod
-    def of(cls, function: Callable) -> "_MethodSignature":
-        signature = inspect.signature(function)
-        stored = cls(signature.parameters.values(), return_annotation=signature.return_annotation)
-        stored._bound_parameters = tuple(stored.parameters.values())[1:]
-        stored._bound = inspect.Signature(stored._bound_parameters, return_annotation=signature.return_annotation)
-        return stored
-
-    def replace(self, **changes) -> inspect.Signature:
-        if changes.keys() == {"parameters"} and changes["parameters"] == getattr(self, "_bound_parameters", None):
-            return self._bound
-        return super().replace(**changes)
-
-
-def signature_computed_once(method: Callable) -> Callable:
-    """Store the signature of the function under `method`'s decorators on that function, computed once.
-
-    Registered for an auto class, MQwen is remote code to transformers, and transformers 5 then rebuilds
-    `inspect.signature(model.forward)` on every decode step (it looks for the retired `cache_position`; 4.57 does
-    it for every model, looking for `position_ids`): a few percent of a small model's step. `inspect.signature`
-    follows `__wrapped__` down to the innermost function and computes the signature from it, so storing exactly
-    that result there changes no answer, only the cost; it is a `_MethodSignature`, so the bound method's
-    signature (without `self`) is not rebuilt either. Only under a decorator, never on the outer function: a
-    hook that wraps the bound method (accelerate's `add_hook_to_module`) copies the outer function's attributes
-    and would then report the signature with `self`.
-    """
-    function = inspect.unwrap(method)
-    if function is not method:
-        function.__signature__ = _MethodSignature.of(function)
-    return method
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,14 +135,12 @@ class MQwenVisionTransformer(nn.Module):
         self.proj = nn.Parameter(torch.empty(width, config.output_dim))
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patchify, prepend the class token, add positions, `ln_pre`: (n, 1 + grid**2, width)."""
-        expected = (3, self.config.image_size, self.config.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), got "
-                f"{tuple(pixel_values.shape)}. Prepare images with MQwenProcessor, which resizes them to "
-                f"{self.config.image_size} px."
-            )
+        """Patchify, prepend the class token, add positions, `ln_pre`: (n, 1 + grid**2, width).
+
+        Every image path (the model's forward, `get_image_features`, the tower on its own) starts here, so this
+        is where the pixels are checked, once (`_check_pixel_values`, in the input checks at the end of the file).
+        """
+        _check_pixel_values(pixel_values, self.config)
         x = self.conv1(pixel_values.to(self.conv1.weight.dtype))
         x = x.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -246,130 +195,38 @@ class MQwenMultiModalProjector(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _damaged_weights_message(source, kwargs, error):
-    """Which `*.safetensors` files of a local folder (or of a Hub repo's cached snapshot) fail to open, and why."""
-    from pathlib import Path
-
-    folder = Path(source)
-    if not folder.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(
-                snapshot_download(
-                    str(source),
-                    revision=kwargs.get("revision"),
-                    local_files_only=True,
-                    allow_patterns=["*.safetensors"],
-                )
-            )
-        except Exception:  # not cached, or no Hub access: say what we know
-            return f"Could not load the weights of {source!r}: a safetensors file is damaged ({error})."
-    folder = folder / (kwargs.get("subfolder") or "")
-    damaged = []
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except Exception as reason:
-            damaged.append(f"{os.path.realpath(path)} ({path.stat().st_size} bytes: {reason})")
-    what = "; ".join(damaged) or f"a safetensors file in {folder} ({error})"
-    return (
-        f"Could not load the weights of {str(source)!r}: {what}. The file is empty or truncated (an interrupted "
-        "download, copy or save?): download or convert it again."
-    )
-
-
-def publish_folder(
-    folder: str | os.PathLike,
-    repo_id: str,
-    token: str | None = None,
-    private: bool | None = None,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    create_pr: bool = False,
-    api: "HfApi | None" = None,
-) -> "CommitInfo":
-    """Upload every file of `folder` (`.git` aside) to the Hub repo `repo_id` in one commit; returns its CommitInfo.
-
-    The one publishing path: `push_to_hub(processor=)` and `mqwen-convert push` both end here. The repo (and
-    the `revision` branch) is created if missing; one `create_commit` with a `CommitOperationAdd` per file,
-    because `upload_folder` may split a large folder into several commits. The folder is only read.
-    """
-    from pathlib import Path
-
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    folder = Path(folder)
-    files = sorted(
-        path.relative_to(folder).as_posix()
-        for path in folder.rglob("*")
-        if path.is_file() and ".git" not in path.relative_to(folder).parts
-    )
-    api = api or HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    return api.create_commit(
-        repo_id=repo_id,
-        operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files],
-        revision=revision,
-        commit_message=commit_message or f"Upload MQwen checkpoint ({len(files)} files)",
-        create_pr=create_pr,
-    )
-
-
 class MQwenPreTrainedModel(PreTrainedModel):
+    """What both MQwen classes tell transformers (config class, attention and cache support), and their init."""
+
     config_class = MQwenConfig
     base_model_prefix = "mqwen"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["MQwenVisionBlock"]
+    # compat(transformers<5.24): the generation cache is `past_key_values` before 5.24, `cache` from it on
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
-    _supports_flash_attn_2 = True
+    _supports_flash_attn_2 = True  # compat(transformers<4.57): the older name (4.57 and 5.x read the one above)
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _supports_cache_class = True
-    _supports_static_cache = True
+    _supports_cache_class = True  # compat(transformers<4.57): read by older releases only, not by 4.57 or 5.x
+    _supports_static_cache = True  # compat(transformers<4.57): read by older releases only, not by 4.57 or 5.x
 
+    # The only loading code here, and it must be here: a Hub user's `AutoModel*.from_pretrained(repo,
+    # trust_remote_code=True)` runs just the three Hub files, and a damaged download must get the same clear error.
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> PreTrainedModel:
         """transformers' `from_pretrained`; a damaged weight file gets an error that names it (safetensors' own
-        "Error while deserializing header" names no file)."""
+        "Error while deserializing header" names no file): `_damaged_weights_message`, at the end of the file."""
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:
             raise ValueError(_damaged_weights_message(pretrained_model_name_or_path, kwargs, error)) from error
 
-    def push_to_hub(self, repo_id: str, *args, processor: ProcessorMixin | None = None, **kwargs) -> "CommitInfo":
-        """Publish the model; with `processor=`, model and processor go to the repo in one commit.
-
-        transformers' own `push_to_hub` uploads only the model, so a repo published that way cannot be used
-        with AutoProcessor or the pipelines. Keyword arguments `token`, `private`, `revision`,
-        `commit_message` and `create_pr` are honoured. Returns the commit info.
-        """
-        if processor is None:
-            return super().push_to_hub(repo_id, *args, **kwargs)
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder)
-            processor.save_pretrained(folder)
-            return publish_folder(
-                folder,
-                repo_id,
-                token=kwargs.get("token"),
-                private=kwargs.get("private"),
-                revision=kwargs.get("revision"),
-                commit_message=kwargs.get("commit_message") or "Upload MQwen model and processor",
-                create_pr=kwargs.get("create_pr", False),
-            )
-
     def _init_weights(self, module):
-        """Initialise what MQwen owns; the language model initialises its own modules."""
+        """Initialise what MQwen owns; the language model initialises its own modules. (`init`: a version shim.)"""
         std = getattr(self.config.text_config, "initializer_range", 0.02)
         if isinstance(module, MQwenVisionTransformer):
             width = module.config.width
@@ -388,24 +245,6 @@ class MQwenPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, std=std)
-
-
-def _require_tensor(value, name, expected):
-    if not isinstance(value, torch.Tensor):
-        hint = ""
-        if hasattr(value, "__len__"):  # an array or a list
-            hint = " (torch.from_numpy(...), or the processor with return_tensors='pt')"
-        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}{hint}.")
-
-
-def _require_batch(tensor, name, ndim, layout):
-    """`tensor.shape[:2]` after checking it has `ndim` dimensions and at least one sample and one position."""
-    if tensor.dim() != ndim or 0 in tensor.shape[:2]:
-        raise ValueError(
-            f"{name} must have shape {layout} with at least one sample and one position, got {tuple(tensor.shape)}"
-            + (f"; add the batch dimension: {name}[None]." if tensor.dim() == ndim - 1 else ".")
-        )
-    return tuple(tensor.shape[:2])
 
 
 class MQwenModel(MQwenPreTrainedModel):
@@ -440,104 +279,6 @@ class MQwenModel(MQwenPreTrainedModel):
     def get_decoder(self) -> nn.Module:
         return self.language_model.get_decoder()
 
-    # -- input checks: clear errors for what the language model would fail on deep inside, or misread -------
-    def _check_inputs(self, input_ids, pixel_values, attention_mask, inputs_embeds, labels=None, kwargs=None):
-        """Check types, dtypes and shapes of `forward`'s inputs (free per step). Token ids and labels are
-        range-checked on the CPU only, where that needs no device synchronisation, and not on one-token decode
-        steps (they feed back generated ids); elsewhere an id outside the vocabulary still fails inside the
-        embedding. Pixels get `_check_pixel_values`; `<image>` tokens in a prompt without pixels, a warning."""
-        tokens = None
-        if input_ids is not None:
-            _require_tensor(input_ids, "input_ids", "a LongTensor of token ids of shape (batch, sequence)")
-            if input_ids.dtype not in (torch.int64, torch.int32):
-                raise TypeError(f"input_ids must hold int64 (or int32) token ids, got {input_ids.dtype}.")
-            tokens = _require_batch(input_ids, "input_ids", 2, "(batch, sequence)")
-            if tokens[1] > 1:  # a one-token decode step feeds back a generated id: no value check, no sync
-                self._check_token_ids(input_ids, "input_ids", self.get_input_embeddings())
-        if inputs_embeds is not None:
-            _require_tensor(inputs_embeds, "inputs_embeds", "a float tensor of shape (batch, sequence, hidden)")
-            hidden = self.config.text_config.hidden_size
-            if not inputs_embeds.is_floating_point() or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden:
-                raise ValueError(
-                    f"inputs_embeds must be a float tensor of shape (batch, sequence, {hidden}), got a "
-                    f"{inputs_embeds.dtype} tensor of shape {tuple(inputs_embeds.shape)}."
-                )
-            tokens = tokens or _require_batch(inputs_embeds, "inputs_embeds", 3, f"(batch, sequence, {hidden})")
-        if pixel_values is not None:
-            self._check_pixel_values(pixel_values)
-        # transformers 5 hands a static-cache or compiled generate's masks over ready-made, one per layer type
-        if attention_mask is not None and tokens is not None and not isinstance(attention_mask, dict):
-            _require_tensor(attention_mask, "attention_mask", f"a tensor of shape {tokens}")
-            has_cache = (kwargs or {}).get("cache", (kwargs or {}).get("past_key_values")) is not None
-            shape = tuple(attention_mask.shape)
-            if attention_mask.dim() == 2:  # with a cache it also covers the cached positions
-                fits = shape[0] == tokens[0] and (shape[1] >= tokens[1] if has_cache else shape[1] == tokens[1])
-            else:  # a 4D mask (batch, heads, query, key) made by the caller
-                fits = attention_mask.dim() == 4 and shape[0] == tokens[0] and shape[2] == tokens[1]
-            if not fits:
-                raise ValueError(
-                    f"attention_mask must have the shape of the input tokens, {tokens} (batch, sequence"
-                    f"{' + cached tokens' if has_cache else ''}), got {shape}."
-                )
-        if labels is not None and tokens is not None:
-            _require_tensor(labels, "labels", f"a LongTensor of shape {tokens}")
-            if labels.dtype != torch.int64:
-                raise TypeError(f"labels must hold int64 token ids (-100 = not scored), got {labels.dtype}.")
-            if tuple(labels.shape) != tokens:
-                raise ValueError(
-                    f"labels must have the shape of the input tokens, {tokens}, got {tuple(labels.shape)} "
-                    "(a mismatched shape would be broadcast into a wrong loss)."
-                )
-            self._check_token_ids(labels, "labels", self.get_output_embeddings(), ignore=-100)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if pixel_values is None and input_ids is not None and tokens[1] > 1:
-            self._warn_if_placeholders_without_pixels(input_ids)
-
-    @staticmethod
-    def _check_token_ids(ids, name, embedding, ignore=None):
-        size = getattr(embedding, "num_embeddings", getattr(embedding, "out_features", None))
-        if ids.device.type != "cpu" or size is None:
-            return
-        valid = ids if ignore is None else ids[ids != ignore]
-        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= size):
-            bad = valid[(valid < 0) | (valid >= size)]
-            raise ValueError(
-                f"{name} holds id(s) {sorted(set(bad.tolist()))[:5]} outside the vocabulary (0..{size - 1}"
-                f"{f', or {ignore} for not scored' if ignore is not None else ''}). Were they made with another "
-                "tokenizer? Use this model's processor."
-            )
-
-    def _check_pixel_values(self, pixel_values):
-        """pixel_values as MQwenProcessor makes them: float (num_images, 3, size, size), finite, normalised.
-
-        The value check is one pass over the pixels (the vision tower makes thousands), once per forward with
-        images; it catches NaN/inf and raw 0-255 pixels, which would otherwise give NaN or meaningless logits.
-        """
-        size = self.config.vision_config.image_size
-        expected = f"(num_images, 3, {size}, {size})"
-        _require_tensor(pixel_values, "pixel_values", f"a float tensor of shape {expected} from MQwenProcessor")
-        if not pixel_values.is_floating_point():
-            raise TypeError(
-                f"pixel_values must be a float tensor of normalised pixels, got {pixel_values.dtype}. Raw images "
-                "go through MQwenProcessor(images=...), which resizes and normalises them."
-            )
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size) or not len(pixel_values):
-            raise ValueError(
-                f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}. Prepare images with "
-                f"MQwenProcessor, which resizes them to {size} px."
-            )
-        low, high = torch.stack(torch.aminmax(pixel_values.detach())).float().tolist()
-        vision = self.config.vision_config
-        reach = max(max(m, 1 - m) / s for m, s in zip(vision.image_mean, vision.image_std))
-        if not math.isfinite(low) or not math.isfinite(high):
-            raise ValueError("pixel_values hold NaN or infinite values; the image they came from must be finite.")
-        if max(-low, high) > 10 * reach:
-            raise ValueError(
-                f"pixel_values range over {low:g}..{high:g}, but normalised images lie within about "
-                f"+-{reach:.2f} (image_mean/image_std). Were raw 0-255 pixels passed? Use MQwenProcessor."
-            )
-
     # -- images --------------------------------------------------------------------------------------------
     def get_image_features(
         self, pixel_values: torch.Tensor, return_dict: bool = False
@@ -570,9 +311,13 @@ class MQwenModel(MQwenPreTrainedModel):
         return (inputs_embeds == self.get_input_embeddings()(token).to(inputs_embeds.dtype)).all(-1)
 
     def _splice_image_features(self, input_ids, inputs_embeds, pixel_values):
-        """Write projected image features over the `<image>` placeholder embeddings, in reading order."""
+        """Write projected image features over the `<image>` placeholder embeddings, in reading order.
+
+        The vision tower checks the pixels before the counts are compared, so pixels of the wrong shape (or none)
+        are named as such, not as a placeholder mismatch."""
         image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
         n_tokens = int(image_mask.sum())
+        features = self.get_image_features(pixel_values)
         per_image = self.config.image_seq_length
         n_images = pixel_values.shape[0]
         if n_tokens != n_images * per_image:
@@ -583,33 +328,44 @@ class MQwenModel(MQwenPreTrainedModel):
                 "truncate prompts with images, or raise max_length); a prompt with a missing or extra `<image>`; "
                 "or input_ids not built by MQwenProcessor, which expands each `<image>` to image_seq_length tokens."
             )
-        features = self.get_image_features(pixel_values)
         features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1).to(inputs_embeds.device), features)
 
-    def _warn_if_placeholders_without_pixels(self, input_ids):
-        """Placeholders without pixels are embedded as ordinary tokens (see the module docstring); say so once.
+    # -- forward -------------------------------------------------------------------------------------------
+    def _language_model_inputs(
+        self,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        position_ids,
+        inputs_embeds,
+        cache,
+        past_key_values,
+        kwargs,
+        labels=None,
+    ) -> dict:
+        """What both forwards do first: check the inputs, hand the cache on under the name the installed
+        transformers uses (`CACHE_KWARG`), splice the images in. Returns the language model's keyword arguments.
 
-        `_check_inputs` asks for prompt-length calls only (a decode step feeds one generated token); never
-        under torch.compile.
+        Only a call with pixels builds the embeddings here; otherwise the language model embeds `input_ids`
+        itself, exactly as it would alone, and a decode step does no image work at all.
         """
-        if torch.compiler.is_compiling():
-            return
-        if bool((input_ids == self.config.image_token_id).any()):
-            logger.warning_once(
-                "The input holds `<image>` placeholder tokens but no pixel_values, so they are embedded as ordinary "
-                "tokens and the model sees no image. If you meant to caption or ask about an image, pass the "
-                "processor's pixel_values too: model(**processor(images=..., text=...))."
-            )
+        kwargs[CACHE_KWARG] = cache if cache is not None else past_key_values
+        _check_inputs(self, input_ids, pixel_values, attention_mask, inputs_embeds, labels, kwargs)
+        if pixel_values is not None:
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            input_ids, inputs_embeds = None, self._splice_image_features(input_ids, inputs_embeds, pixel_values)
+        return dict(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **kwargs,
+        )
 
-    def _embed_with_images(self, input_ids, inputs_embeds, pixel_values):
-        """The language model's input embeddings with the images spliced in. `forward` calls it only with pixels:
-        otherwise the language model embeds `input_ids` itself, exactly as it would alone, and a decode step
-        does no image work at all."""
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        return self._splice_image_features(input_ids, inputs_embeds, pixel_values)
-
+    # Both forwards name every input they take: generate passes on only keywords a signature names, and the
+    # Trainer and generate look for `labels` and `logits_to_keep` there. What they share is `_language_model_inputs`.
     @can_return_tuple
     def forward(
         self,
@@ -619,26 +375,19 @@ class MQwenModel(MQwenPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        past_key_values: Cache | None = None,
+        past_key_values: Cache | None = None,  # compat(transformers<5.24): the cache's name before 5.24
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Runs the language model's decoder on the spliced embeddings; `return_dict=False` gives a tuple.
 
-        `cache` is the generation cache, `past_key_values` its transformers 4.x name: either works (generate
-        passes only keywords a signature names). `kwargs` (`use_cache`, `output_hidden_states`, ...) go
+        `cache` is the generation cache, `past_key_values` its name before transformers 5.24: either works
+        (generate passes only keywords a signature names). `kwargs` (`use_cache`, `output_hidden_states`, ...) go
         straight to the language model.
         """
-        kwargs[CACHE_KWARG] = cache if cache is not None else past_key_values
-        self._check_inputs(input_ids, pixel_values, attention_mask, inputs_embeds, kwargs=kwargs)
-        if pixel_values is not None:
-            input_ids, inputs_embeds = None, self._embed_with_images(input_ids, inputs_embeds, pixel_values)
-        outputs = self.get_decoder()(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **kwargs,
+        inputs = self._language_model_inputs(
+            input_ids, pixel_values, attention_mask, position_ids, inputs_embeds, cache, past_key_values, kwargs
         )
+        outputs = self.get_decoder()(**inputs)
         return BaseModelOutputWithPast(**outputs) if not isinstance(outputs, BaseModelOutputWithPast) else outputs
 
 
@@ -662,7 +411,7 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
     # (checkpoints published with older code lack it, and train/ then computes every position's logits).
     loss_from_kept_logits = True
 
-    @signature_computed_once
+    # Its signature is computed once (`signature_computed_once`, applied in the speed shim at the end of the file).
     @can_return_tuple
     def forward(
         self,
@@ -674,13 +423,13 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
+        past_key_values: Cache | None = None,  # compat(transformers<5.24): the cache's name before 5.24
         **kwargs,
     ) -> ModelOutput:
         """Returns the language model's own output (loss, logits, cache); `return_dict=False` gives it as a tuple.
 
-        With `labels`, the loss is the language model's causal-LM loss; positions labelled -100 and every
-        `<image>` position are ignored, so `labels=input_ids` is safe.
+        Inputs as `MQwenModel.forward`. With `labels`, the loss is the language model's causal-LM loss; positions
+        labelled -100 and every `<image>` position are ignored, so `labels=input_ids` is safe.
 
         `logits_to_keep` is the language model's: an int keeps the last that many positions (0: all), a 1D
         tensor keeps those positions. With labels and a tensor, the loss is computed from the kept logits
@@ -688,21 +437,14 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
         copy of the logits) at the image and prompt positions, which are most of a caption sample.
         The loss is the same; `outputs.logits` then holds the kept positions only.
         """
-        kwargs[CACHE_KWARG] = cache if cache is not None else past_key_values
-        self._check_inputs(input_ids, pixel_values, attention_mask, inputs_embeds, labels, kwargs)
+        inputs = self._language_model_inputs(
+            input_ids, pixel_values, attention_mask, position_ids, inputs_embeds, cache, past_key_values, kwargs, labels
+        )
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
-        if pixel_values is not None:
-            input_ids, inputs_embeds = None, self._embed_with_images(input_ids, inputs_embeds, pixel_values)
         loss_from_kept = labels is not None and torch.is_tensor(logits_to_keep) and logits_to_keep.dim() == 1
         outputs = self.language_model(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            labels=None if loss_from_kept else labels,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
+            **inputs, labels=None if loss_from_kept else labels, logits_to_keep=logits_to_keep
         )
         if loss_from_kept:
             loss = self._loss_at_kept_positions(outputs.logits, labels, logits_to_keep, kwargs)
@@ -802,21 +544,272 @@ class MQwenForCausalLM(MQwenModel, GenerationMixin):
         return input_ids, model_kwargs
 
 
-_AUTO_MAP = {
+# ----------------------------------------------------------------------------------------------------------
+# Auto classes: what `trust_remote_code=True` loads from a saved folder's config.json
+# ----------------------------------------------------------------------------------------------------------
+
+_AUTO_MAP = {  # written into every saved config (one class registers for one auto class; the rest by hand)
     "AutoConfig": "configuration_mqwen.MQwenConfig",
     "AutoModel": "modeling_mqwen.MQwenModel",
     "AutoModelForCausalLM": "modeling_mqwen.MQwenForCausalLM",
     "AutoModelForImageTextToText": "modeling_mqwen.MQwenForCausalLM",
 }
-try:
-    from transformers import AutoModelForVision2Seq  # noqa: F401  (gone in transformers 5)
-
-    _AUTO_MAP["AutoModelForVision2Seq"] = "modeling_mqwen.MQwenForCausalLM"
-except ImportError:
-    pass
 
 MQwenConfig.register_for_auto_class()
 MQwenModel.register_for_auto_class("AutoModel")
 MQwenForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = ["MQwenModel", "MQwenForCausalLM", "MQwenPreTrainedModel", "MQwenVisionTransformer"]
+
+
+# ==========================================================================================================
+# Input checks: a clear error for what the language model or the vision tower would fail on deep inside, or
+# misread. Every forward starts with `_check_inputs`; every image path with `_check_pixel_values` (in
+# `MQwenVisionTransformer.embed`).
+# ==========================================================================================================
+
+
+def _check_inputs(model, input_ids, pixel_values, attention_mask, inputs_embeds, labels=None, kwargs=None):
+    """Check types, dtypes and shapes of `model.forward`'s inputs (free per step). Token ids and labels are
+    range-checked on the CPU only, where that needs no device synchronisation, and not on one-token decode
+    steps (they feed back generated ids); elsewhere an id outside the vocabulary still fails inside the
+    embedding. Pixels are checked by the vision tower before any image work; `<image>` tokens in a prompt
+    without pixels get a warning."""
+    tokens = None
+    if input_ids is not None:
+        _require_tensor(input_ids, "input_ids", "a LongTensor of token ids of shape (batch, sequence)")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must hold int64 (or int32) token ids, got {input_ids.dtype}.")
+        tokens = _require_batch(input_ids, "input_ids", 2, "(batch, sequence)")
+        if tokens[1] > 1:  # a one-token decode step feeds back a generated id: no value check, no sync
+            _check_token_ids(input_ids, "input_ids", model.get_input_embeddings())
+    if inputs_embeds is not None:
+        _require_tensor(inputs_embeds, "inputs_embeds", "a float tensor of shape (batch, sequence, hidden)")
+        hidden = model.config.text_config.hidden_size
+        if not inputs_embeds.is_floating_point() or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden:
+            raise ValueError(
+                f"inputs_embeds must be a float tensor of shape (batch, sequence, {hidden}), got a "
+                f"{inputs_embeds.dtype} tensor of shape {tuple(inputs_embeds.shape)}."
+            )
+        tokens = tokens or _require_batch(inputs_embeds, "inputs_embeds", 3, f"(batch, sequence, {hidden})")
+    # transformers 5 hands a static-cache or compiled generate's masks over ready-made, one per layer type
+    if attention_mask is not None and tokens is not None and not isinstance(attention_mask, dict):
+        _require_tensor(attention_mask, "attention_mask", f"a tensor of shape {tokens}")
+        # compat(transformers<5.24): the cache arrives as `past_key_values` before 5.24
+        has_cache = (kwargs or {}).get("cache", (kwargs or {}).get("past_key_values")) is not None
+        shape = tuple(attention_mask.shape)
+        if attention_mask.dim() == 2:  # with a cache it also covers the cached positions
+            fits = shape[0] == tokens[0] and (shape[1] >= tokens[1] if has_cache else shape[1] == tokens[1])
+        else:  # a 4D mask (batch, heads, query, key) made by the caller
+            fits = attention_mask.dim() == 4 and shape[0] == tokens[0] and shape[2] == tokens[1]
+        if not fits:
+            raise ValueError(
+                f"attention_mask must have the shape of the input tokens, {tokens} (batch, sequence"
+                f"{' + cached tokens' if has_cache else ''}), got {shape}."
+            )
+    if labels is not None and tokens is not None:
+        _require_tensor(labels, "labels", f"a LongTensor of shape {tokens}")
+        if labels.dtype != torch.int64:
+            raise TypeError(f"labels must hold int64 token ids (-100 = not scored), got {labels.dtype}.")
+        if tuple(labels.shape) != tokens:
+            raise ValueError(
+                f"labels must have the shape of the input tokens, {tokens}, got {tuple(labels.shape)} "
+                "(a mismatched shape would be broadcast into a wrong loss)."
+            )
+        _check_token_ids(labels, "labels", model.get_output_embeddings(), ignore=-100)
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+    if pixel_values is None and input_ids is not None and tokens[1] > 1:
+        _warn_if_placeholders_without_pixels(model.config, input_ids)
+
+
+def _check_token_ids(ids, name, embedding, ignore=None):
+    size = getattr(embedding, "num_embeddings", getattr(embedding, "out_features", None))
+    if ids.device.type != "cpu" or size is None:
+        return
+    valid = ids if ignore is None else ids[ids != ignore]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= size):
+        bad = valid[(valid < 0) | (valid >= size)]
+        raise ValueError(
+            f"{name} holds id(s) {sorted(set(bad.tolist()))[:5]} outside the vocabulary (0..{size - 1}"
+            f"{f', or {ignore} for not scored' if ignore is not None else ''}). Were they made with another "
+            "tokenizer? Use this model's processor."
+        )
+
+
+def _check_pixel_values(pixel_values, config: MQwenVisionConfig):
+    """pixel_values as MQwenProcessor makes them: float (num_images, 3, size, size), finite, normalised.
+
+    The value check is one pass over the pixels (the vision tower makes thousands), once per image batch;
+    it catches NaN/inf and raw 0-255 pixels, which would otherwise give NaN or meaningless logits.
+    """
+    size = config.image_size
+    expected = f"(num_images, 3, {size}, {size})"
+    _require_tensor(pixel_values, "pixel_values", f"a float tensor of shape {expected} from MQwenProcessor")
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values must be a float tensor of normalised pixels, got {pixel_values.dtype}. Raw images "
+            "go through MQwenProcessor(images=...), which resizes and normalises them."
+        )
+    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size) or not len(pixel_values):
+        raise ValueError(
+            f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}. Prepare images with "
+            f"MQwenProcessor, which resizes them to {size} px."
+        )
+    low, high = torch.stack(torch.aminmax(pixel_values.detach())).float().tolist()
+    reach = max(max(m, 1 - m) / s for m, s in zip(config.image_mean, config.image_std))
+    if not math.isfinite(low) or not math.isfinite(high):
+        raise ValueError("pixel_values hold NaN or infinite values; the image they came from must be finite.")
+    if max(-low, high) > 10 * reach:
+        raise ValueError(
+            f"pixel_values range over {low:g}..{high:g}, but normalised images lie within about "
+            f"+-{reach:.2f} (image_mean/image_std). Were raw 0-255 pixels passed? Use MQwenProcessor."
+        )
+
+
+def _warn_if_placeholders_without_pixels(config, input_ids):
+    """Placeholders without pixels are embedded as ordinary tokens (see the module docstring); say so once.
+
+    `_check_inputs` asks for prompt-length calls only (a decode step feeds one generated token); never
+    under torch.compile.
+    """
+    if torch.compiler.is_compiling():
+        return
+    if bool((input_ids == config.image_token_id).any()):
+        logger.warning_once(
+            "The input holds `<image>` placeholder tokens but no pixel_values, so they are embedded as ordinary "
+            "tokens and the model sees no image. If you meant to caption or ask about an image, pass the "
+            "processor's pixel_values too: model(**processor(images=..., text=...))."
+        )
+
+
+def _require_tensor(value, name, expected):
+    if not isinstance(value, torch.Tensor):
+        hint = ""
+        if hasattr(value, "__len__"):  # an array or a list
+            hint = " (torch.from_numpy(...), or the processor with return_tensors='pt')"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}{hint}.")
+
+
+def _require_batch(tensor, name, ndim, layout):
+    """`tensor.shape[:2]` after checking it has `ndim` dimensions and at least one sample and one position."""
+    if tensor.dim() != ndim or 0 in tensor.shape[:2]:
+        raise ValueError(
+            f"{name} must have shape {layout} with at least one sample and one position, got {tuple(tensor.shape)}"
+            + (f"; add the batch dimension: {name}[None]." if tensor.dim() == ndim - 1 else ".")
+        )
+    return tuple(tensor.shape[:2])
+
+
+# ==========================================================================================================
+# Damaged checkpoints: the error `MQwenPreTrainedModel.from_pretrained` raises for a weight file that does not
+# open. Here, not in runtime.py, because remote code loads through this file alone (see `from_pretrained`).
+# ==========================================================================================================
+
+
+def _damaged_weights_message(source, kwargs, error):
+    """Which `*.safetensors` files of a local folder (or of a Hub repo's cached snapshot) fail to open, and why."""
+    folder = Path(source)
+    if not folder.is_dir():
+        try:  # the local cache only: no download
+            folder = Path(
+                snapshot_download(
+                    str(source),
+                    revision=kwargs.get("revision"),
+                    local_files_only=True,
+                    allow_patterns=["*.safetensors"],
+                )
+            )
+        except Exception:  # not cached, or no Hub access: say what we know
+            return f"Could not load the weights of {source!r}: a safetensors file is damaged ({error})."
+    folder = folder / (kwargs.get("subfolder") or "")
+    damaged = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as reason:
+            damaged.append(f"{os.path.realpath(path)} ({path.stat().st_size} bytes: {reason})")
+    what = "; ".join(damaged) or f"a safetensors file in {folder} ({error})"
+    return (
+        f"Could not load the weights of {str(source)!r}: {what}. The file is empty or truncated (an interrupted "
+        "download, copy or save?): download or convert it again."
+    )
+
+
+# ==========================================================================================================
+# transformers-version shims, each tagged `compat(transformers<...)`: dropping a version is one grep. Module
+# names that the methods above read when they run, so defining them here, after the classes, is enough.
+# ==========================================================================================================
+
+# compat(transformers<5): 5.x has init helpers that skip tensors already loaded from a checkpoint; 4.x tracks
+# that per module and calls `_init_weights` only where needed, so torch's own init functions serve.
+try:
+    from transformers import initialization as init
+except ImportError:
+    from torch.nn import init
+
+# compat(transformers<5.24): what the installed transformers calls the generation cache, `cache` (5.24 on) or
+# `past_key_values` (before). forward names `cache` (generate only forwards keywords a signature names) and
+# hands it on to the language model under this name.
+_GENERATION_KEYWORDS = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+CACHE_KWARG = "cache" if "cache" in _GENERATION_KEYWORDS else "past_key_values"
+
+# compat(transformers<5): 4.x still has AutoModelForVision2Seq (gone in 5), and its pipelines load through it.
+try:
+    from transformers import AutoModelForVision2Seq  # noqa: F401
+
+    _AUTO_MAP["AutoModelForVision2Seq"] = "modeling_mqwen.MQwenForCausalLM"
+except ImportError:
+    pass
+
+
+# ==========================================================================================================
+# Speed shim: `MQwenForCausalLM.forward`'s signature, computed once instead of on every decode step.
+# ==========================================================================================================
+
+
+class _MethodSignature(inspect.Signature):
+    """A method's signature that also holds, made once, the one its bound methods report (without `self`).
+
+    For a bound method, `inspect.signature` takes the function's signature and calls
+    `.replace(parameters=<all but the first>)`, which builds and re-validates a new Signature on every call (most
+    of what a decode step spends in inspect). Asked for exactly that, `replace` returns the copy made here; any
+    other `replace` is inspect's own.
+    """
+
+    __slots__ = ("_bound_parameters", "_bound")
+
+    @classmethod
+    def of(cls, function: Callable) -> "_MethodSignature":
+        signature = inspect.signature(function)
+        stored = cls(signature.parameters.values(), return_annotation=signature.return_annotation)
+        stored._bound_parameters = tuple(stored.parameters.values())[1:]
+        stored._bound = inspect.Signature(stored._bound_parameters, return_annotation=signature.return_annotation)
+        return stored
+
+    def replace(self, **changes) -> inspect.Signature:
+        if changes.keys() == {"parameters"} and changes["parameters"] == getattr(self, "_bound_parameters", None):
+            return self._bound
+        return super().replace(**changes)
+
+
+def signature_computed_once(method: Callable) -> Callable:
+    """Store the signature of the function under `method`'s decorators on that function, computed once.
+
+    Registered for an auto class, MQwen is remote code to transformers, and transformers 5 then rebuilds
+    `inspect.signature(model.forward)` on every decode step (it looks for the retired `cache_position`; 4.57 does
+    it for every model, looking for `position_ids`): a few percent of a small model's step. `inspect.signature`
+    follows `__wrapped__` down to the innermost function and computes the signature from it, so storing exactly
+    that result there changes no answer, only the cost; it is a `_MethodSignature`, so the bound method's
+    signature (without `self`) is not rebuilt either. Only under a decorator, never on the outer function: a
+    hook that wraps the bound method (accelerate's `add_hook_to_module`) copies the outer function's attributes
+    and would then report the signature with `self`.
+    """
+    function = inspect.unwrap(method)
+    if function is not method:
+        function.__signature__ = _MethodSignature.of(function)
+    return method
+
+
+signature_computed_once(MQwenForCausalLM.forward)

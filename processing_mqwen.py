@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - PIL comes with transformers' vision ex
 if TYPE_CHECKING:
     import torch
 
+# compat(transformers<5): 4.x's ProcessorMixin needs the sub-processor class attributes (see MQwenProcessor)
 _TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 
 DEFAULT_CAPTION_INSTRUCTION = "Describe this image."
@@ -177,11 +178,13 @@ class MQwenProcessor(ProcessorMixin):
         chat_template: a template that renders image parts; `convert build` saves the LLM's own behind a
             preamble that flattens them (`convert/chat_template.py`). Defaults to MQwen's ChatML, `CHAT_TEMPLATE`.
         image_token: the placeholder string in prompts.
-        image_seq_length: image tokens per `<image>`; must equal the model config's `image_seq_length`.
+        image_seq_length: image tokens per `<image>`: the model config's `image_seq_length`, its one source.
+            `MQwenProcessor.from_model_config(config, tokenizer)` takes it from there; a saved processor
+            carries the value it was built with.
         caption_instruction: the user turn of the default caption prompt.
     """
 
-    if _TRANSFORMERS_4:  # transformers 5 reads the sub-processors from the __init__ signature instead
+    if _TRANSFORMERS_4:  # compat(transformers<5): 5.x reads the sub-processors from the __init__ signature instead
         attributes = ["image_processor", "tokenizer"]
         image_processor_class = "AutoImageProcessor"
         tokenizer_class = "AutoTokenizer"
@@ -192,7 +195,7 @@ class MQwenProcessor(ProcessorMixin):
         tokenizer: Any = None,
         chat_template: str | None = None,
         image_token: str = "<image>",
-        image_seq_length: int = 256,
+        image_seq_length: int | None = None,
         caption_instruction: str = DEFAULT_CAPTION_INSTRUCTION,
         **kwargs,
     ):
@@ -205,7 +208,36 @@ class MQwenProcessor(ProcessorMixin):
                 f"The tokenizer has no {image_token!r} token. Add it first: "
                 f"tokenizer.add_special_tokens({{'additional_special_tokens': [{image_token!r}]}})"
             )
+        if not isinstance(image_seq_length, int) or isinstance(image_seq_length, bool) or image_seq_length < 1:
+            raise ValueError(
+                f"image_seq_length={image_seq_length!r}: it must be the model config's image_seq_length (a positive "
+                "int). Build the processor with MQwenProcessor.from_model_config(config, tokenizer)."
+            )
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
+
+    @classmethod
+    def from_model_config(cls, config: Any, tokenizer: Any, caption_instruction: str | None = None) -> "MQwenProcessor":
+        """The processor of a model with `config` (an `MQwenConfig`): a CLIP image processor at the vision tower's
+        size and normalisation, `tokenizer` (given MQwen's ChatML template if it has none), the config's
+        `image_seq_length`, and the caption instruction. Every MQwen processor is built here."""
+        from transformers import CLIPImageProcessor
+
+        vision = config.vision_config
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": vision.image_size},
+            crop_size={"height": vision.image_size, "width": vision.image_size},
+            image_mean=list(vision.image_mean),
+            image_std=list(vision.image_std),
+        )
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = CHAT_TEMPLATE
+        return cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=CHAT_TEMPLATE,
+            image_seq_length=config.image_seq_length,
+            caption_instruction=caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
+        )
 
     @property
     def model_input_names(self) -> list[str]:
@@ -300,7 +332,7 @@ class MQwenProcessor(ProcessorMixin):
         The offsets are transformers 5's `text_replacement_offsets` (vLLM asks for them); transformers 4
         has no `get_text_with_replacements`, and there the offsets are empty lists.
         """
-        if not hasattr(self, "get_text_with_replacements"):
+        if not hasattr(self, "get_text_with_replacements"):  # compat(transformers<5.10): no offsets before
             return [t.replace(self.image_token, self.replace_image_token()) for t in texts], [[] for _ in texts]
         replacements = [self.replace_image_token(image_idx=i) for i in range(n_images)]
         return self.get_text_with_replacements(list(texts), images_replacements=replacements)

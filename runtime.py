@@ -114,7 +114,7 @@ def load_for_inference(
         base_path = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
         if not base_path:
             raise ValueError(f"{adapter_config} does not name its base model (base_model_name_or_path).")
-        from peft import PeftModel
+        from peft import PeftModel  # optional: the train extra
 
         base = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=True, dtype=torch_dtype)
         model = PeftModel.from_pretrained(base, source)

@@ -142,8 +142,8 @@ def build_contenders(plan: Plan) -> Any:
     """MQwen, the bare LM and LLaVA-HF at the plan's shapes, checked to compute the same logits (a note says so)."""
     import torch
 
+    from ..common.photos import random_photos
     from .contenders import build_all, check_same_logits
-    from .figures import random_photos
 
     print(f"building contenders at {plan.shapes.name} shapes on {plan.device} ({plan.dtype})...", file=sys.stderr)
     contenders = build_all(plan.shapes, device=plan.device, dtype=plan.dtype)
@@ -163,8 +163,8 @@ def build_contenders(plan: Plan) -> Any:
 
 def run_figures(plan: Plan, contenders: Any) -> list:
     """Every figure of the plan, timed; returns the table rows (notes and wall times go to `plan.notes`)."""
-    from .figures import bandwidth_figure, caption_figure, decode_figure, train_figure
     from .memory import memory_figures
+    from .speed_figures import bandwidth_figure, caption_figure, decode_figure, train_figure
 
     rows, durations = [], {}
     common = (contenders, plan.shapes, plan.device, plan.dtype)
@@ -195,8 +195,9 @@ def run_figures(plan: Plan, contenders: Any) -> list:
 
 def write_report(plan: Plan, rows: list, output: Path, load_before: str, started: float) -> None:
     """The markdown report at `output` and every sample beside it as .json, each written atomically."""
-    from ..convert.staging import write_atomically
-    from .report import load_average, machine_description, render
+    from ..common.atomic_files import write_atomically
+    from ..common.machine import load_average, machine_description
+    from .report import render
 
     settings = {
         "shapes": plan.shapes.name,
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.clock == "cpu":
         # Must be set before OpenMP starts (the first parallel region), so before torch runs anything.
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    from .report import load_average, markdown_table
+    from ..common.machine import load_average
+    from .report import markdown_table
 
     plan = make_plan(args)
     started, load_before = time.perf_counter(), load_average()

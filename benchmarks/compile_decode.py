@@ -11,6 +11,13 @@ compiled once, in the untimed warm-up round.
 import argparse
 import sys
 
+import torch
+from transformers import CompileConfig
+
+from .contenders import add_cpu_decode_arguments, cpu_decode_setup, greedy_config
+from .speed_figures import _generate
+from .timing import interleave
+
 EXAMPLES = """examples:
   python -m mqwen.benchmarks.compile_decode --quick                  # tiny shapes (figure 1's --quick model)
   python -m mqwen.benchmarks.compile_decode --reps 20 --clock cpu    # mid-size shapes on a shared machine
@@ -18,8 +25,6 @@ EXAMPLES = """examples:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from .contenders import add_cpu_decode_arguments
-
     parser = argparse.ArgumentParser(
         prog="python -m mqwen.benchmarks.compile_decode",
         description="Decode tokens/s of MQwen: dynamic cache, static cache, static cache + torch.compile.",
@@ -36,12 +41,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    import torch
-    from transformers import CompileConfig
-
-    from .contenders import cpu_decode_setup, greedy_config
-    from .figures import _generate
-    from .timing import interleave
 
     setup = cpu_decode_setup(args.quick, args.threads, args.clock)
     shapes, tokenizer, model = setup.shapes, setup.tokenizer, setup.model

@@ -17,12 +17,23 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import GenerationConfig
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    GenerationConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from mqwen import MQwenConfig, MQwenForCausalLM, MQwenVisionConfig
-from mqwen.convert.build import build_processor
-from mqwen.convert.tokenizer import train_qwen_style_tokenizer, wrap_as_transformers_tokenizer
-from mqwen.processing_mqwen import CHAT_TEMPLATE
+from ..common.photos import random_photos
+from ..common.small_tokenizer import train_qwen_style_tokenizer, wrap_as_transformers_tokenizer
+from ..configuration_mqwen import MQwenConfig, MQwenVisionConfig
+from ..modeling_mqwen import MQwenForCausalLM
+from ..processing_mqwen import CHAT_TEMPLATE, MQwenProcessor
+from .shapes import pick
+from .timing import use_clock
 
 if TYPE_CHECKING:
     import argparse
@@ -36,8 +47,7 @@ if TYPE_CHECKING:
         PreTrainedTokenizerFast,
     )
 
-    from mqwen import MQwenProcessor
-
+    from ..processing_mqwen import MQwenProcessor
     from .shapes import Shapes
 
 
@@ -123,8 +133,6 @@ def build_pooled(mqwen: MQwenForCausalLM, shapes: "Shapes", tokenizer: "PreTrain
 
 def clip_vision_config(vision: MQwenVisionConfig) -> "CLIPVisionConfig":
     """transformers' CLIPVisionConfig with exactly the shapes of an MQwen (OpenCLIP) vision config."""
-    from transformers import CLIPVisionConfig
-
     return CLIPVisionConfig(
         hidden_size=vision.width,
         intermediate_size=int(vision.width * vision.mlp_ratio),
@@ -175,9 +183,6 @@ def build_llava(
     Built on the meta device, then given real parts: a CLIP ViT holding MQwen's vision weights, a LLaVA
     projector holding MQwen's projector weights, and MQwen's own language model and LM head.
     """
-    from transformers import CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
     device = mqwen.device
     dtype = mqwen.vision_tower.conv1.weight.dtype
     vision = mqwen.config.vision_config
@@ -213,8 +218,6 @@ def build_llava(
 
 def build_llava_processor(mqwen_processor: "MQwenProcessor") -> "LlavaProcessor":
     """LLaVA's processor over the same image processor and tokenizer (256 tokens per `<image>`)."""
-    from transformers import LlavaProcessor
-
     image_processor = mqwen_processor.image_processor
     patch = image_processor.crop_size["height"] // int(mqwen_processor.image_seq_length**0.5)
     return LlavaProcessor(
@@ -239,9 +242,9 @@ def build_all(
 ) -> Contenders:
     tokenizer = make_tokenizer()
     mqwen = build_mqwen(shapes, tokenizer, device=device, dtype=dtype, seed=seed)
-    processor = build_processor(tokenizer, mqwen.config.vision_config, mqwen.config.image_seq_length)
+    processor = MQwenProcessor.from_model_config(mqwen.config, tokenizer)
     pooled = build_pooled(mqwen, shapes, tokenizer)
-    pooled_processor = build_processor(tokenizer, pooled.config.vision_config, pooled.config.image_seq_length)
+    pooled_processor = MQwenProcessor.from_model_config(pooled.config, tokenizer)
     llava = build_llava(mqwen, shapes, tokenizer)
     return Contenders(
         mqwen=mqwen,
@@ -312,17 +315,13 @@ def cpu_decode_setup(quick: bool, threads: int | None, clock: str) -> CpuDecodeS
 
     Also sets torch's CPU threads (when `threads` is given) and the timing clock (`timing.use_clock`).
     """
-    from .figures import random_photos
-    from .shapes import pick
-    from .timing import use_clock
-
     if threads:
         torch.set_num_threads(threads)
     use_clock(clock)
     shapes = pick("cpu", quick)
     tokenizer = make_tokenizer()
     model = build_mqwen(shapes, tokenizer, device="cpu", dtype=torch.float32)
-    processor = build_processor(tokenizer, model.config.vision_config, model.config.image_seq_length)
+    processor = MQwenProcessor.from_model_config(model.config, tokenizer)
     inputs = processor(images=random_photos(1, shapes.image_size_in, seed=1), text=[processor.caption_prompt()])
     text_only = {key: inputs[key] for key in ("input_ids", "attention_mask")}
     return CpuDecodeSetup(shapes, tokenizer, model, processor, inputs, text_only)

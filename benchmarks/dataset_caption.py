@@ -23,8 +23,6 @@ import argparse
 import io
 import json
 import os
-import platform
-import subprocess
 import tarfile
 import tempfile
 import time
@@ -32,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..convert.staging import write_atomically
-from ..convert.tiny import build_tiny, save_checkpoint
+from ..common.atomic_files import write_atomically
+from ..common.machine import load_average, machine_description
+from ..common.photos import random_photos
+from ..common.tiny_model import build_tiny, save_checkpoint
 from .shapes import MID
 
 ENGINES = ("single process", "ray 1 actor", "ray 2 actors")
@@ -51,18 +51,15 @@ def build_model(name: str, folder: Path) -> Path:
 
 
 def write_shards(folder: Path, n_images: int, n_shards: int = 4, size=(480, 640)) -> list[str]:
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    photos = random_photos(n_images, size)
     paths = []
     for shard in range(n_shards):
         path = folder / f"{shard:05d}.tar"
         with tarfile.open(path, "w") as tar:
             for i in range(shard, n_images, n_shards):
                 buffer = io.BytesIO()
-                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+                photos[i].save(buffer, format="JPEG", quality=90)
                 info = tarfile.TarInfo(f"{i:09d}.jpg")
                 info.size = buffer.tell()
                 buffer.seek(0)
@@ -99,15 +96,6 @@ def one_run(engine, shards, model, out, tokens, batch_size, shard_size) -> dict:
     }
 
 
-def machine() -> dict:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor()
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "load_average_at_start": os.getloadavg()}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=("demo", "mid"), default=["demo", "mid"])
@@ -123,7 +111,8 @@ def main(argv=None) -> int:
     import ray
 
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "settings": vars(args), "runs": []}
+    machine = dict(machine_description("cpu"), cores_usable=len(os.sched_getaffinity(0)), load_at_start=load_average())
+    results = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "settings": vars(args), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in args.models:

@@ -17,6 +17,12 @@ import collections
 import sys
 from typing import Any
 
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from .contenders import add_cpu_decode_arguments, cpu_decode_setup, greedy_config
+from .timing import StepClock, interleave
+
 EXAMPLES = """examples:
   python -m mqwen.benchmarks.decode_overhead --quick --reps 300 --clock cpu --threads 1   # figure 1's --quick shapes
   python -m mqwen.benchmarks.decode_overhead --quick --new-tokens 48 --reps 100          # longer decodes
@@ -25,8 +31,6 @@ EXAMPLES = """examples:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from .contenders import add_cpu_decode_arguments
-
     parser = argparse.ArgumentParser(
         prog="python -m mqwen.benchmarks.decode_overhead",
         description="Bytecodes per decode step (per function) and decode tokens/s: MQwen against the bare LM.",
@@ -44,8 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def bytecodes_per_step(model: Any, inputs: dict, config: Any) -> dict:
     """{function: bytecodes per decode step} of one `generate` (after an untimed one), counted with settrace."""
-    import torch
-    from transformers.generation.streamers import BaseStreamer
 
     class Window(BaseStreamer):
         """On from the first generated token (the end of the prefill) to the last."""
@@ -82,10 +84,6 @@ def bytecodes_per_step(model: Any, inputs: dict, config: Any) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    from .contenders import cpu_decode_setup, greedy_config
-    from .timing import StepClock, interleave
 
     setup = cpu_decode_setup(args.quick, args.threads, args.clock)
     shapes, tokenizer, model = setup.shapes, setup.tokenizer, setup.model

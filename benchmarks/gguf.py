@@ -21,6 +21,13 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from ..convert.gguf import export_gguf
+from ..runtime import caption_images, load_for_inference
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -50,11 +57,6 @@ def llama_cpp_command(
 def mqwen_latencies(
     model_dir: str | os.PathLike, images: Iterable[str | os.PathLike], threads: int, max_new_tokens: int
 ) -> tuple[dict, str]:
-    import torch
-    from PIL import Image
-
-    from ..runtime import caption_images, load_for_inference
-
     torch.set_num_threads(threads)
     model, processor = load_for_inference(model_dir, device="cpu", dtype="float32")
     captions, seconds = {}, []
@@ -87,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=50)
     parser.add_argument("--out", default=str(HERE / "RESULTS-gguf.md"))
     args = parser.parse_args(argv)
-
-    from mqwen.convert.gguf import export_gguf
 
     images = sorted(p for p in Path(args.images_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     images = images[: args.limit]
@@ -148,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
             *rows,
         ]
     )
-    from safetensors import safe_open
 
     parameters = 0
     for file in Path(args.model_dir).glob("*.safetensors"):

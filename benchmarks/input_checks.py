@@ -1,9 +1,10 @@
 """`python -m mqwen.benchmarks.input_checks`: what MQwen's input checks cost next to the forward they guard.
 
-`MQwenModel._check_inputs` runs at the top of every forward: types, dtypes and shapes always; token-id ranges
-on the CPU; one min/max pass over the pixels when images are given. This times the checks alone and the whole
-forward on the tiny random model (the worst case: the smaller the model, the larger the checks' share), for a
-decode step, an image prefill and a training step with labels.
+`modeling_mqwen._check_inputs` runs at the top of every forward: types, dtypes and shapes always; token-id
+ranges on the CPU; and the vision tower's `_check_pixel_values` makes one min/max pass over the pixels when
+images are given. This times the checks alone and the whole forward on the tiny random model (the worst case:
+the smaller the model, the larger the checks' share), for a decode step, an image prefill and a training step
+with labels.
 """
 
 import argparse
@@ -12,6 +13,10 @@ import time
 from collections.abc import Callable
 
 import torch
+from transformers import DynamicCache
+
+from ..common.tiny_model import build_tiny
+from ..modeling_mqwen import _check_inputs, _check_pixel_values
 
 EXAMPLES = """examples:
   python -m mqwen.benchmarks.input_checks                 # batch 8, 2 images of 224 px for the prefill
@@ -32,6 +37,13 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(samples)
 
 
+def run_checks(model: torch.nn.Module, check_args: tuple) -> None:
+    """What a forward checks: its inputs, and the pixels (which the vision tower checks) when there are any."""
+    _check_inputs(model, *check_args)
+    if check_args[1] is not None:
+        _check_pixel_values(check_args[1], model.config.vision_config)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m mqwen.benchmarks.input_checks",
@@ -42,10 +54,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8, help="samples per forward (default 8)")
     parser.add_argument("--repeats", type=int, default=300, help="timed calls per case (default 300)")
     args = parser.parse_args(argv)
-
-    from transformers import DynamicCache
-
-    from mqwen.convert.tiny import build_tiny
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             inputs.get("labels"),
             extra,
         )
-        checks = timed(lambda check_args=check_args: model._check_inputs(*check_args), args.repeats)
+        checks = timed(lambda check_args=check_args: run_checks(model, check_args), args.repeats)
 
         def forward(inputs=inputs, extra=extra):
             with torch.no_grad():

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 def caption_images(
     model: str | os.PathLike,
@@ -29,9 +31,8 @@ def caption_images(
     threads: int = 1,
     repack: bool = True,
 ) -> dict:
-    import llama_cpp
-    import llama_cpp.mtmd_cpp as mtmd
-    import numpy as np
+    import llama_cpp  # optional: built by scripts/build_llama_cpp.sh
+    import llama_cpp.mtmd_cpp as mtmd  # optional: built by scripts/build_llama_cpp.sh
 
     if not repack:
         _load_without_repacking(llama_cpp)
@@ -104,7 +105,7 @@ def _load_without_repacking(llama_cpp) -> None:
 
 def chat_template_of(model: str | os.PathLike) -> str | None:
     """The GGUF's tokenizer.chat_template, read with the bindings' own metadata reader."""
-    import llama_cpp
+    import llama_cpp  # optional: built by scripts/build_llama_cpp.sh
 
     llm = llama_cpp.Llama(model_path=str(model), n_ctx=64, vocab_only=True, verbose=False)
     return llm.metadata.get("tokenizer.chat_template")

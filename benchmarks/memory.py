@@ -15,6 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from .report import Row
 from .rss import measure
 from .timing import Stats
@@ -73,9 +76,6 @@ def write_sharded_lm(shapes: Shapes, folder: str | os.PathLike, seed: int = 0) -
     The layer count is raised until the fp32 weights reach the size asked for; the other shapes are the
     benchmark's.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     text = dict(shapes.build_text or shapes.text)
     hidden, inter, vocab = text["hidden_size"], text["intermediate_size"], text["vocab_size"]
     kv = text["num_key_value_heads"] * (hidden // text["num_attention_heads"])

@@ -1,15 +1,9 @@
 """The results table and the description of the machine it came from."""
 
 import datetime
-import os
-import platform
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import torch
-import transformers
 
 from .timing import Stats
 
@@ -83,44 +77,6 @@ def markdown_table(rows: Iterable[Row]) -> str:
             f"| {_triple(row.reference_stats)} | {row.ratio:.3f} | {row.target} | {met} |"
         )
     return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_description(device: str | torch.device) -> dict:
-    info = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    try:
-        import psutil
-
-        info["memory"] = f"{psutil.virtual_memory().total / 2**30:.0f} GiB"
-    except ImportError:
-        pass
-    if torch.device(device).type == "cuda":
-        props = torch.cuda.get_device_properties(torch.device(device))
-        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
-    return info
-
-
-def load_average() -> str:
-    try:
-        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def render(

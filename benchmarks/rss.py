@@ -23,6 +23,8 @@ import sys
 import threading
 import time
 
+from ..modeling_mqwen import MQwenForCausalLM
+
 
 class _Sampler(threading.Thread):
     """Polls the RSS of a process (and, with `tree`, its descendants) until stopped; keeps the maximum."""
@@ -93,8 +95,6 @@ def load(kind: str, path: str | os.PathLike) -> dict[str, float]:
 
     import torch
     from transformers import AutoModelForCausalLM
-
-    from mqwen import MQwenForCausalLM
 
     gc.collect()
     baseline = _current_rss()

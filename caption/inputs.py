@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from braceexpand import braceexpand
+from braceexpand import braceexpand  # optional: the caption extra (with webdataset)
 from PIL import Image, UnidentifiedImageError
-from webdataset.tariterators import group_by_keys
+from webdataset.tariterators import group_by_keys  # optional: the caption extra
 
 from .kinds import DEFAULT_MAX_IMAGE_PIXELS, input_kind
 
@@ -216,7 +216,7 @@ def _pick_columns(names, image_column, key_column, where):
 
 def parquet_units(path: Path, shard_size: int, image_column: str | None, key_column: str | None) -> list:
     """One unit per run of row groups of about `shard_size` rows; keys from the key column (or `PATH#ROW`)."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional: the caption extra
 
     try:
         file = pq.ParquetFile(path)
@@ -269,7 +269,7 @@ def _rows_of(keys, cells, base_dir):
 
 
 def _read_parquet(unit):
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional: the caption extra
 
     columns = [unit["image_column"]] + ([unit["key_column"]] if unit["key_column"] else [])
     table = pq.ParquetFile(unit["path"]).read_row_groups(unit["row_groups"], columns=columns)
@@ -284,7 +284,7 @@ def _read_parquet(unit):
 
 
 def _load_split(path, split):
-    from datasets import load_from_disk  # the `train` extra; only folders written by `save_to_disk` need it
+    from datasets import load_from_disk  # optional: the train extra; only folders written by `save_to_disk` need it
 
     loaded = load_from_disk(str(path))
     return loaded[split] if split is not None else loaded
@@ -321,7 +321,7 @@ def _datasets_keys(rows, unit):
 
 
 def _read_datasets(unit):
-    from datasets import Image as ImageFeature
+    from datasets import Image as ImageFeature  # optional: the train extra
 
     table = _load_split(unit["path"], unit["split"]).select(range(unit["start"], unit["stop"]))
     column = unit["image_column"]

@@ -25,8 +25,8 @@ import os
 # ray is imported here, at module top: this module is only imported for `engine="ray"` (dataset.py imports it
 # lazily), so the seconds `import ray` costs are paid only by Ray jobs.
 import numpy as np
-import pyarrow as pa
-import ray
+import pyarrow as pa  # optional: the caption extra
+import ray  # optional: the caption extra
 import torch
 from PIL import Image
 

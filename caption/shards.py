@@ -3,7 +3,7 @@
 DIR holds `_mqwen_caption.json` (the model, prompt and generation settings the captions came from) and shards
 `part-rRRR-NNNNN.parquet` (or `.jsonl`), one per unit of input (`inputs.py`), each row `key`, `caption`, `error`
 (`caption` null and `error` the reason when the image could not be read). A shard is written under a temporary
-name (`convert/staging.py`'s `staged_file`) and renamed when complete, so a file named like a shard is always
+name (`common/atomic_files.py`'s `staged_file`) and renamed when complete, so a file named like a shard is always
 complete: resume is "every key in a shard is done", with no bookkeeping that a kill could leave half-updated.
 `RRR` is the run that wrote it (one more than the highest in DIR), so a rerun never overwrites a shard.
 
@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from ..convert.staging import staged_file, write_atomically
+from ..common.atomic_files import staged_file, write_atomically
 
 MANIFEST = "_mqwen_caption.json"
 LOCK = ".lock"
@@ -56,7 +56,7 @@ def job_settings(model: str, prompt: str | None, max_new_tokens: int, format: st
 
 
 def _shard_schema():
-    import pyarrow as pa
+    import pyarrow as pa  # optional: the caption extra
 
     return pa.schema([("key", pa.string()), ("caption", pa.string()), ("error", pa.string())])
 
@@ -160,8 +160,8 @@ class OutputFolder:
         path = self.path / f"part-r{self.run:03d}-{self._written:05d}.{self.settings['format']}"
         with staged_file(path) as tmp:
             if self.settings["format"] == "parquet":
-                import pyarrow as pa
-                import pyarrow.parquet as pq
+                import pyarrow as pa  # optional: the caption extra
+                import pyarrow.parquet as pq  # optional: the caption extra
 
                 columns = {name: [row[name] for row in rows] for name in ("key", "caption", "error")}
                 pq.write_table(pa.table(columns, schema=_shard_schema()), tmp)
@@ -177,7 +177,7 @@ def read_shard(path: str | os.PathLike, columns: list[str] | None = None) -> lis
     path = Path(path)
     try:
         if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # optional: the caption extra
 
             return pq.read_table(path, columns=columns).to_pylist()
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

@@ -21,13 +21,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+from transformers.dynamic_module_utils import custom_object_save
 
-from .errors import ConvertError
+from ..common.atomic_files import staged_folder
+from ..common.small_tokenizer import add_image_token
+from ..configuration_mqwen import MQwenConfig, MQwenVisionConfig
+from ..modeling_mqwen import MQwenForCausalLM
+from ..processing_mqwen import CHAT_TEMPLATE, MQwenProcessor
+from .card import write_model_card
+from .chat_template import image_aware_chat_template
+from .errors import ConvertError, check_destination
+from .licenses import read_card_license
 from .llm import Vocabulary, meta_state, plan_language_model, resolve_llm  # noqa: F401  (resolve_llm: API)
-from .qwen_v1 import QwenV1
+from .llm_kind import llm_kind
+from .projector import PROJECTOR_PREFIX, check_projector, fresh_projector, projector_type_of, read_projector
+from .push import push
 from .shards import TensorPlan, open_weights, parse_size, write_sharded
-from .tokenizer import add_image_token, ensure_pad_token, forget_load_location
-from .vision import VISION_PREFIX
+from .tokenizer import ensure_pad_token
+from .vision import VISION_PREFIX, load_vision
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +67,6 @@ def build(
     The steps of the module docstring, one function each: `_open_sources` (1), `load_vision` (2),
     `_text_side` (3), `_meta_model` (4), `_tensor_plan` (5), `_write` (6), then an optional push.
     """
-    from .staging import check_destination
-    from .vision import load_vision
-
     # 1. cheap checks first
     check_destination(out_dir, overwrite)
     if dtype is not None and dtype not in DTYPES:
@@ -84,33 +93,34 @@ def build(
     plan = _tensor_plan(vision_weights, projector_state, sources.readers, model, vocabulary, target_dtype, expected)
 
     # 6. write, into a temporary folder renamed to OUT_DIR at the end
-    processor = _processor(tokenizer, config, vision_weights)
-    qwen_v1 = sources.qwen_v1
-    generation_config = qwen_v1.generation_config(tokenizer) if qwen_v1 else _generation_config(sources.llm, tokenizer)
-    card = dict(
-        llm_name=sources.llm.name,
-        llm_id=sources.llm.hub_id,
-        vision=vision_weights,
-        dtype=_dtype_name(target_dtype),
-        projector_source=Path(projector).name if projector else None,
-        command=command or "mqwen.convert.build.build(...)",
-        repo_id=push_to_hub,
+    checkpoint = _Checkpoint(
+        model=model,
+        config=config,
+        processor=_processor(tokenizer, config, vision_weights),
+        generation_config=sources.kind.generation_config(tokenizer),
+        card=dict(
+            llm_name=sources.llm.name,
+            llm_id=sources.llm.hub_id,
+            vision=vision_weights,
+            dtype=_dtype_name(target_dtype),
+            projector_source=Path(projector).name if projector else None,
+            command=command or "mqwen.convert.build.build(...)",
+            repo_id=push_to_hub,
+        ),
     )
-    _write(out_dir, overwrite, plan, max_bytes, sources, model, config, processor, generation_config, card)
+    _write(out_dir, plan, sources, checkpoint, overwrite=overwrite, max_bytes=max_bytes)
     print(f"Built {out_dir}")
     if push_to_hub:
-        from .push import push
-
         print(push(out_dir, push_to_hub, private=private))
     return Path(out_dir)
 
 
 @dataclass
 class _Sources:
-    """The opened inputs of a build: the LLM (and its weight readers), Qwen v1 handling, the projector."""
+    """The opened inputs of a build: the LLM, its kind (`llm_kind.py`) and weight readers, the projector."""
 
     llm: Any
-    qwen_v1: Any
+    kind: Any
     readers: list
     projector: str | None
     projector_state: dict | None
@@ -120,27 +130,24 @@ class _Sources:
 def _open_sources(llm, projector, projector_type, allow_pickle) -> _Sources:
     """Find the LLM's weights and open them (a Qwen v1 checkpoint through its converter); read --projector and
     check it is of --projector-type."""
-    from .projector import projector_type_of, read_projector
-
     source = resolve_llm(llm, allow_pickle)
-    qwen_v1 = QwenV1.detect(source.folder)  # the original Qwen: converted to Qwen2 (qwen_v1.py); else None
+    kind = llm_kind(source.folder)  # a transformers LLM, or the original Qwen converted to Qwen2 (qwen_v1.py)
     projector_state = read_projector(projector, allow_pickle) if projector else None
     if projector_state is not None:
         found_type = projector_type_of(projector_state)
         if projector_type and projector_type != found_type:
             raise ConvertError(f"--projector {projector} is a {found_type} projector, not {projector_type}.")
         projector_type = found_type
-    readers = [open_weights(file) for file in source.files]
-    if qwen_v1:
-        print(qwen_v1.notice())
-        readers = qwen_v1.wrap_readers(readers)
-    return _Sources(source, qwen_v1, readers, projector, projector_state, projector_type)
+    if kind.notice():
+        print(kind.notice())
+    readers = kind.wrap_readers([open_weights(file) for file in source.files])
+    return _Sources(source, kind, readers, projector, projector_state, projector_type)
 
 
 def _text_side(sources: _Sources, target_dtype):
     """(text config, tokenizer with `<image>` and a pad token, vocabulary): the LLM's own, made ready for MQwen."""
     source = sources.llm
-    text_config, tokenizer = sources.qwen_v1.text_side() if sources.qwen_v1 else _load_text_side(source)
+    text_config, tokenizer = sources.kind.text_side()
     vocabulary = Vocabulary(len(tokenizer), text_config.vocab_size, add_image_token(tokenizer))
     text_config.vocab_size = vocabulary.rows
     text_config._name_or_path = source.hub_id or ""
@@ -152,8 +159,6 @@ def _text_side(sources: _Sources, target_dtype):
 
 def _meta_model(text_config, vision_weights, vocabulary, image_token_pooling, projector_type, target_dtype):
     """(config, MQwenForCausalLM on the meta device, its expected tensors): what the checkpoint must hold."""
-    from mqwen import MQwenConfig, MQwenForCausalLM, MQwenVisionConfig
-
     try:
         config = MQwenConfig(
             text_config=text_config,
@@ -173,8 +178,6 @@ def _meta_model(text_config, vision_weights, vocabulary, image_token_pooling, pr
 
 def _projector_weights(sources: _Sources, model, config, expected, seed) -> dict:
     """--projector's weights, checked against the model's projector shapes, or a fresh init from `seed`."""
-    from .projector import PROJECTOR_PREFIX, check_projector, fresh_projector
-
     if sources.projector_state is None:
         return fresh_projector(model, seed)
     needed = {n[len(PROJECTOR_PREFIX) :]: s for n, s in expected.items() if n.startswith(PROJECTOR_PREFIX)}
@@ -186,8 +189,6 @@ def _projector_weights(sources: _Sources, model, config, expected, seed) -> dict
 
 def _tensor_plan(vision_weights, projector_state, readers, model, vocabulary, target_dtype, expected) -> list:
     """Every output tensor in writing order (vision, projector, LLM), checked against the meta model's names."""
-    from .projector import PROJECTOR_PREFIX
-
     vision_state = vision_weights.state_dict
     plan = [
         TensorPlan(VISION_PREFIX + name, target_dtype, tuple(t.shape), lambda name=name: vision_state.pop(name))
@@ -204,30 +205,36 @@ def _tensor_plan(vision_weights, projector_state, readers, model, vocabulary, ta
     return plan
 
 
-def _write(out_dir, overwrite, plan, max_bytes, sources, model, config, processor, generation_config, card):
+@dataclass
+class _Checkpoint:
+    """Everything of the output besides the weights: the meta model (for its code files), its config, processor,
+    generation config, and the model card's fields (`card.write_model_card`)."""
+
+    model: Any
+    config: Any
+    processor: Any
+    generation_config: Any
+    card: dict
+
+
+def _write(out_dir, plan, sources: _Sources, checkpoint: _Checkpoint, overwrite: bool, max_bytes: int):
     """Stream the planned tensors into shards, then the metadata and the model card, into a staged folder."""
-    from tqdm.auto import tqdm
-
-    from .card import read_card_license, write_model_card
-    from .staging import staged_folder
-
     total = sum(entry.nbytes for entry in plan)
-    print(f"Writing {len(plan)} tensors ({total / 1e9:.2f} GB, {card['dtype']}) to {out_dir}")
+    print(f"Writing {len(plan)} tensors ({total / 1e9:.2f} GB, {checkpoint.card['dtype']}) to {out_dir}")
     with staged_folder(out_dir, overwrite) as staging:
         with tqdm(total=total, unit="B", unit_scale=True, desc="Writing weights") as progress:
             write_sharded(staging, plan, max_bytes, progress)
         for reader in sources.readers:
             reader.close()
         plan.clear()  # every vision tensor was popped as it was written
-        _save_metadata(staging, model, config, processor, generation_config)
+        _save_metadata(staging, checkpoint)
         write_model_card(
             staging / "README.md",
             llm_license=read_card_license(sources.llm.folder / "README.md"),
-            config=config,
-            **card,
+            config=checkpoint.config,
+            **checkpoint.card,
         )
-        if sources.qwen_v1:
-            sources.qwen_v1.add_card_section(staging / "README.md")
+        sources.kind.add_card_section(staging / "README.md")
 
 
 def _dtype_name(dtype):
@@ -248,22 +255,9 @@ def _source_dtype(readers):
     return torch.bfloat16
 
 
-def _load_text_side(source):
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        return AutoConfig.from_pretrained(source.folder), forget_load_location(
-            AutoTokenizer.from_pretrained(source.folder)
-        )
-    except Exception as error:
-        raise ConvertError(
-            f"transformers could not load the LLM's config or tokenizer from {source.folder}: {error}"
-        ) from error
-
-
 def _processor(tokenizer, config, vision_weights):
     """MQwen's processor with the vision source's normalisation, resampling filter and resize mode."""
-    processor = build_processor(tokenizer, config.vision_config, config.image_seq_length)
+    processor = MQwenProcessor.from_model_config(config, tokenizer)
     processor.chat_template = tokenizer.chat_template  # the LLM's own, image-aware (`_adopt_chat_template`)
     image_processor = processor.image_processor
     image_processor.resample = vision_weights.resample
@@ -274,22 +268,6 @@ def _processor(tokenizer, config, vision_weights):
     return processor
 
 
-def _generation_config(source, tokenizer):
-    """The LLM's own generation config (an instruct model's stop tokens and sampling defaults), kept as is.
-
-    An LLM that ships none stops on its tokenizer's end-of-sequence token and on every end-of-turn / end-of-text
-    token its tokenizer has (`stop_token_ids`), and pads with its pad token.
-    """
-    from transformers import GenerationConfig
-
-    from .tokenizer import stop_token_ids
-
-    try:
-        return GenerationConfig.from_pretrained(source.folder)
-    except OSError:
-        return GenerationConfig(eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-
-
 def _adopt_chat_template(tokenizer):
     """Give the tokenizer the LLM's own chat template, made to render image parts (`chat_template.py`).
 
@@ -297,59 +275,20 @@ def _adopt_chat_template(tokenizer):
     without images render byte-identically to the LLM's own template; where that template is missing or cannot
     take an image part, MQwen's ChatML is used with a warning that says what changes.
     """
-    from mqwen.processing_mqwen import CHAT_TEMPLATE
-
-    from .chat_template import image_aware_chat_template
-
     tokenizer.chat_template = image_aware_chat_template(tokenizer, fallback=CHAT_TEMPLATE)
 
 
-def _save_metadata(folder, model, config, processor, generation_config):
-    from transformers.dynamic_module_utils import custom_object_save
+def _save_metadata(folder, checkpoint: _Checkpoint):
+    model, config = checkpoint.model, checkpoint.config
 
     custom_object_save(model, folder, config=config)  # modeling_mqwen.py + configuration_mqwen.py, auto_map
     config.architectures = [type(model).__name__]
     config.save_pretrained(folder)
-    generation_config.save_pretrained(folder)
-    processor.save_pretrained(folder)  # tokenizer, chat template, image processor, processing_mqwen.py
+    checkpoint.generation_config.save_pretrained(folder)
+    checkpoint.processor.save_pretrained(folder)  # tokenizer, chat template, image processor, processing_mqwen.py
 
 
 def public_argument(arg: str) -> str:
     """A command-line argument fit for a public model card: absolute local paths shortened to their name."""
     path = Path(str(arg))
     return path.name if path.is_absolute() and path.exists() else str(arg)
-
-
-def build_processor(
-    tokenizer: Any, vision_config: Any, image_seq_length: int, caption_instruction: str | None = None
-) -> Any:
-    """MQwen's processor: a CLIP image processor at the vision tower's size and normalisation, `tokenizer`
-    (given MQwen's ChatML template if it has none) and the caption instruction."""
-    from transformers import CLIPImageProcessor
-
-    from mqwen.processing_mqwen import CHAT_TEMPLATE, DEFAULT_CAPTION_INSTRUCTION, MQwenProcessor
-
-    size = vision_config.image_size
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=list(vision_config.image_mean),
-        image_std=list(vision_config.image_std),
-    )
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return MQwenProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-        image_seq_length=image_seq_length,
-        caption_instruction=caption_instruction or DEFAULT_CAPTION_INSTRUCTION,
-    )
-
-
-def generation_defaults(tokenizer: Any) -> Any:
-    """Qwen2.5-Instruct's stopping behaviour: stop on <|im_end|> or <|endoftext|>, pad with <|endoftext|>."""
-    from transformers import GenerationConfig
-
-    stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    return GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, do_sample=False)

@@ -14,34 +14,8 @@ from typing import TYPE_CHECKING
 from huggingface_hub import ModelCard, ModelCardData
 
 if TYPE_CHECKING:
-    from mqwen import MQwenConfig
-
+    from ..configuration_mqwen import MQwenConfig
     from .vision import VisionWeights
-
-LICENSE_FIELDS = ("license", "license_name", "license_link")
-
-
-def read_card_license(readme: str | os.PathLike) -> dict[str, str]:
-    """The license fields of a model card file, or {} when there is no card or no license in it."""
-    from pathlib import Path
-
-    if not Path(readme).is_file():
-        return {}
-    try:
-        data = ModelCard.load(readme).data.to_dict()
-    except Exception:  # no README, or one without front matter
-        return {}
-    return {key: data[key] for key in LICENSE_FIELDS if data.get(key)}
-
-
-def fetch_hub_license(repo_id: str) -> dict[str, str]:
-    """The license fields of a Hub repo's model card; {} when offline or absent."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return read_card_license(hf_hub_download(repo_id, "README.md"))
-    except Exception:
-        return {}
 
 
 def _license_label(fields):

@@ -141,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_tiny(args: argparse.Namespace) -> int:
-    from .tiny import write_tiny
+    from ..common.tiny_model import write_tiny
 
     out = write_tiny(args.out_dir, seed=args.seed)
     files = sorted(p.name for p in Path(out).iterdir())
@@ -203,11 +203,12 @@ RUNNERS = {"tiny": run_tiny, "build": run_build, "push": run_push, "gguf": run_g
 def main(argv: list[str] | None = None) -> int:
     """`mqwen-convert`: parse `argv` (default: the command line) and run the sub-command; a ConvertError is
     printed without a traceback (exit status 2)."""
+    from ..common.atomic_files import DestinationError
     from .errors import ConvertError
 
     args = parse_args(argv)
     try:
         return RUNNERS[args.command](args)
-    except ConvertError as error:
+    except (ConvertError, DestinationError) as error:  # DestinationError: OUT_DIR filled while a build ran
         print(f"error: {error}", file=sys.stderr)
         return 2

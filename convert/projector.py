@@ -10,16 +10,18 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..modeling_mqwen import MQwenMultiModalProjector
 from .errors import ConvertError
 from .hub import is_pickle, pickle_refused
 from .shards import open_weights
 
 if TYPE_CHECKING:
-    from mqwen.modeling_mqwen import MQwenPreTrainedModel
+    from ..modeling_mqwen import MQwenPreTrainedModel
 
 PROJECTOR_PREFIX = "multi_modal_projector."
 _PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.", "model.mm_projector.", "mm_projector.")
@@ -28,8 +30,6 @@ _LLAVA_INDEX = {"0": "linear_1", "2": "linear_2"}
 
 def read_projector(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The projector tensors of `path`, named `linear_1.weight`, `linear_1.bias`, `linear_2.weight`, ..."""
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"--projector file {path} does not exist.")
@@ -82,8 +82,6 @@ def check_projector(
 
 def fresh_projector(model: MQwenPreTrainedModel, seed: int) -> dict[str, torch.Tensor]:
     """A newly initialised projector, with the model's own `_init_weights` (what from_pretrained would do)."""
-    from mqwen.modeling_mqwen import MQwenMultiModalProjector
-
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

@@ -33,7 +33,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from transformers import GenerationConfig, Qwen2Config
+
 from .errors import ConvertError
+from .qwen_v1_tokenizer import convert_qwen_v1_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -153,8 +156,6 @@ class QwenV1:
 
     def text_config(self) -> Qwen2Config:
         """The Qwen2Config whose model computes what v1's code computes (within `seq_length` tokens)."""
-        from transformers import Qwen2Config
-
         config = self.config
         return Qwen2Config(
             vocab_size=config["vocab_size"],
@@ -178,8 +179,6 @@ class QwenV1:
 
     def text_side(self) -> tuple[Qwen2Config, PreTrainedTokenizerBase]:
         """(Qwen2Config, tokenizer): the build's `_load_text_side` for a v1 folder."""
-        from .qwen_v1_tokenizer import convert_qwen_v1_tokenizer
-
         print("Tokenizer: converting qwen.tiktoken (151,643 BPE ranks; this takes up to a minute)")
         tokenizer = convert_qwen_v1_tokenizer(self.folder)
         text_config = self.text_config()
@@ -197,8 +196,6 @@ class QwenV1:
         v1's `chat()` adds `<|im_end|>` and `<|im_start|>` as stop words to the `<|endoftext|>` of its
         generation_config.json; v1-only fields (chat_format, max_window_size, stop_words_ids) are dropped.
         """
-        from transformers import GenerationConfig
-
         stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|im_start|>", "<|endoftext|>")]
         source = {}
         source_file = self.folder / "generation_config.json"

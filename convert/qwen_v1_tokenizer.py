@@ -14,8 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from transformers.convert_slow_tokenizer import TikTokenConverter
+
+from ..common.small_tokenizer import QWEN_PRETOKENIZE_REGEX, forget_load_location, wrap_as_transformers_tokenizer
+from ..processing_mqwen import CHAT_TEMPLATE
 from .errors import ConvertError
-from .tokenizer import QWEN_PRETOKENIZE_REGEX
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -42,8 +45,7 @@ def _no_tiktoken_cache():
 
 def qwen_v1_backend_tokenizer(tiktoken_file: str | os.PathLike) -> Tokenizer:
     """A `tokenizers.Tokenizer` that encodes exactly as v1's tiktoken encoding over `tiktoken_file`."""
-    from tokenizers import normalizers
-    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from tokenizers import normalizers  # optional: the convert extra
 
     try:
         import tiktoken  # noqa: F401  (TikTokenConverter reads the ranks with it)
@@ -51,6 +53,7 @@ def qwen_v1_backend_tokenizer(tiktoken_file: str | os.PathLike) -> Tokenizer:
         raise ConvertError(
             "Converting Qwen v1's qwen.tiktoken needs the `tiktoken` package: pip install tiktoken"
         ) from None
+    # compat(transformers<5): `additional_special_tokens` is 4.x's keyword, `extra_special_tokens` 5.x's
     specials = dict(  # the converter adds them, in order, after the ranks (the keyword is 4.x's or 5.x's)
         additional_special_tokens=QWEN_V1_SPECIAL_TOKENS, extra_special_tokens=QWEN_V1_SPECIAL_TOKENS
     )
@@ -73,9 +76,6 @@ def qwen_v1_backend_tokenizer(tiktoken_file: str | os.PathLike) -> Tokenizer:
 
 def convert_qwen_v1_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerFast:
     """The transformers tokenizer (Qwen2's class, MQwen's chat template, `<image>` added) of a v1 folder."""
-    from mqwen.processing_mqwen import CHAT_TEMPLATE
-
-    from .tokenizer import forget_load_location, wrap_as_transformers_tokenizer
 
     tiktoken_file = Path(folder) / TIKTOKEN_FILE
     if not tiktoken_file.is_file():

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from .errors import ConvertError
 
@@ -70,8 +71,6 @@ class SafetensorsFile:
     """Lazy access to one safetensors file: metadata from the header, tensors on demand."""
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
         self.path = Path(path)
         try:
             with safe_open(self.path, framework="pt") as handle:
@@ -90,8 +89,6 @@ class SafetensorsFile:
         return self._info[key]
 
     def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         with safe_open(self.path, framework="pt") as handle:
             return handle.get_tensor(key)
 

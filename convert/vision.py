@@ -31,9 +31,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import CLIPImageProcessor, CLIPVisionConfig
 
+from ..configuration_mqwen import MQwenVisionConfig
+from ..modeling_mqwen import MQwenVisionTransformer
 from .errors import ConvertError
 from .hub import HUB_ID, PICKLE_SUFFIXES, fetch_repo, find_local_weights, is_pickle, pickle_refused
+from .licenses import fetch_hub_license, read_card_license
 from .shards import open_weights
 
 logger = logging.getLogger(__name__)
@@ -155,9 +159,6 @@ def load_vision(spec: str | os.PathLike, allow_pickle: bool = False) -> VisionWe
 
 def check_vision_weights(weights: VisionWeights) -> None:
     """The state dict must be exactly what MQwen's vision tower, built from the derived config, holds."""
-    from mqwen import MQwenVisionConfig
-    from mqwen.modeling_mqwen import MQwenVisionTransformer
-
     try:
         config = MQwenVisionConfig(**weights.config)
     except (TypeError, ValueError) as error:
@@ -180,7 +181,7 @@ def check_vision_weights(weights: VisionWeights) -> None:
 
 
 def _openclip_named(name, tag, allow_pickle):
-    import open_clip
+    import open_clip  # optional: the convert extra
 
     if open_clip.get_model_config(name) is None:
         close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
@@ -231,8 +232,6 @@ def _openclip_named(name, tag, allow_pickle):
     weights = _openclip_weights(create, checkpoint, source)
     weights.name, weights.base_model = short, base_model
     if base_model:
-        from .card import fetch_hub_license
-
         weights.license = fetch_hub_license(base_model)
     if not weights.license and tag.lower() == "openai":
         weights.license = {"license": "mit"}  # OpenAI CLIP's weights and code are MIT-licensed
@@ -240,10 +239,8 @@ def _openclip_named(name, tag, allow_pickle):
 
 
 def _openclip_hub(repo_id, allow_pickle):
-    import open_clip
-    from open_clip.pretrained import download_pretrained_from_hf
-
-    from .card import fetch_hub_license
+    import open_clip  # optional: the convert extra
+    from open_clip.pretrained import download_pretrained_from_hf  # optional: the convert extra
 
     try:
         checkpoint = Path(download_pretrained_from_hf(repo_id))
@@ -266,9 +263,7 @@ def _openclip_hub(repo_id, allow_pickle):
 
 def _openclip_folder(folder, checkpoint, allow_pickle):
     """An OpenCLIP model saved by open_clip (`open_clip_config.json` + weights), or one file next to that config."""
-    import open_clip
-
-    from .card import read_card_license
+    import open_clip  # optional: the convert extra
 
     config_file = folder / OPENCLIP_CONFIG
     if not config_file.is_file():
@@ -310,7 +305,7 @@ def _openclip_checkpoint_in(folder, allow_pickle):
 
 def _openclip_weights(create, checkpoint, source):
     """Build the OpenCLIP model with open_clip, load the checkpoint strictly, keep only the image tower."""
-    import open_clip
+    import open_clip  # optional: the convert extra
 
     try:
         model = create()
@@ -350,7 +345,11 @@ def _openclip_weights(create, checkpoint, source):
 
 def _openclip_vision_config(visual, source):
     """MQwenVisionConfig values read off an instantiated OpenCLIP image tower, refusing what MQwen cannot run."""
-    from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
+    from open_clip.transformer import (  # optional: the convert extra
+        QuickGELU,
+        ResidualAttentionBlock,
+        VisionTransformer,
+    )
 
     def refuse(why):
         return ConvertError(f"{source}: {why}; MQwen's vision tower is OpenCLIP's plain ViT (class-token pooling).")
@@ -407,8 +406,6 @@ def _mlp_ratio(hidden, width):
 
 
 def _hf_clip_folder(folder, allow_pickle, hub_id=None):
-    from .card import read_card_license
-
     config = json.loads((folder / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type == "clip":
@@ -420,7 +417,6 @@ def _hf_clip_folder(folder, allow_pickle, hub_id=None):
             f"{folder}/config.json has model_type {model_type!r}; transformers vision checkpoints must be CLIP "
             "(model_type 'clip' or 'clip_vision_model'). For OpenCLIP models use NAME:TAG or hf-hub:ORG/REPO."
         )
-    from transformers import CLIPVisionConfig
 
     vision = CLIPVisionConfig(**{k: v for k, v in vision.items() if k not in ("model_type", "transformers_version")})
     if vision.hidden_act not in ("gelu", "quick_gelu"):
@@ -474,8 +470,6 @@ def _hf_clip_folder(folder, allow_pickle, hub_id=None):
 
 
 def _hf_clip_preprocessing(folder, image_size):
-    from transformers import CLIPImageProcessor
-
     file = folder / "preprocessor_config.json"
     if file.is_file():
         settings = json.loads(file.read_text())

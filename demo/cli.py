@@ -4,9 +4,8 @@ import argparse
 import sys
 from dataclasses import fields
 
-from mqwen.train.config import VISION_WARMUP_TARGETS
-
-from .run import QUICK, DemoSettings, run
+from ..train.recipe import VISION_WARMUP_TARGETS
+from .settings import QUICK, DemoSettings
 
 EXAMPLES = """examples:
   mqwen-demo                                  # the full run: 18-24 minutes of training on 2 CPU cores (README)
@@ -128,7 +127,10 @@ def parse_args(argv: list[str] | None = None) -> DemoSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(parse_args(argv))
+    settings = parse_args(argv)
+    from .run import run  # after parsing: `--help` and a wrong flag answer without importing the Trainer
+
+    run(settings)
     return 0
 
 

@@ -16,6 +16,11 @@ Why these choices, and what else was tried, with the measurements: `EXPERIMENTS.
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from ..common.small_tokenizer import train_qwen_style_tokenizer, wrap_as_transformers_tokenizer
+from ..common.tiny_model import build_tiny
+from ..processing_mqwen import CHAT_TEMPLATE, DEFAULT_CAPTION_INSTRUCTION, DEFAULT_SYSTEM_PROMPT
 from .shapes import COLOURS, SHAPES, caption_for
 
 if TYPE_CHECKING:
@@ -73,8 +78,6 @@ def tokenizer_corpus(caption_instruction: str, system_prompt: str) -> list[str]:
 def sincos_2d(grid: int, width: int) -> "torch.Tensor":
     """(grid * grid, width) fixed 2D sin-cos position codes (as in MAE): half the channels encode the row,
     half the column, each as sines and cosines over geometrically spaced frequencies."""
-    import torch
-
     quarter = width // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     rows, cols = torch.meshgrid(
@@ -89,10 +92,6 @@ def sincos_2d(grid: int, width: int) -> "torch.Tensor":
 
 def build_shapes_model(size: ModelSize = PRESETS["full"], seed: int = 0) -> tuple[Any, Any]:
     """(MQwenForCausalLM, MQwenProcessor), randomly initialised, with a tokenizer trained on the task."""
-    from mqwen.convert.tiny import build_tiny
-    from mqwen.convert.tokenizer import train_qwen_style_tokenizer, wrap_as_transformers_tokenizer
-    from mqwen.processing_mqwen import CHAT_TEMPLATE, DEFAULT_CAPTION_INSTRUCTION, DEFAULT_SYSTEM_PROMPT
-
     corpus = tokenizer_corpus(DEFAULT_CAPTION_INSTRUCTION, DEFAULT_SYSTEM_PROMPT)
     tokenizer = wrap_as_transformers_tokenizer(
         train_qwen_style_tokenizer(corpus, vocab_size=400), chat_template=CHAT_TEMPLATE
@@ -130,8 +129,6 @@ def build_shapes_model(size: ModelSize = PRESETS["full"], seed: int = 0) -> tupl
         **size.extra,
     )
     if size.sincos_positions:
-        import torch
-
         positions = model.vision_tower.positional_embedding
         with torch.no_grad():
             positions[0].zero_()

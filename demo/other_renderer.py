@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .shapes import COLOURS, MAX_SHAPES, SHAPES, caption_for
 
@@ -103,7 +104,5 @@ def draw_example(index: int, seed: int = 0) -> OtherExample:
 
 def draw_set(n: int, seed: int = 0, progress: bool = False) -> list:
     """The first `n` examples of the second test set."""
-    from tqdm.auto import tqdm
-
     indices = tqdm(range(n), desc="drawing the other renderer's set", unit="img", disable=not progress, leave=False)
     return [draw_example(i, seed) for i in indices]

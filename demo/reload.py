@@ -14,7 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from ..convert.staging import write_atomically
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import pipeline
+
+from ..common.atomic_files import write_atomically
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,9 +39,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder needs no network; never try it
-    from PIL import Image
-    from tqdm.auto import tqdm
-    from transformers import pipeline
 
     images_dir = Path(args.images_dir)
     rows = [json.loads(line) for line in (images_dir / "captions.jsonl").read_text().splitlines() if line.strip()]

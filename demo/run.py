@@ -18,73 +18,25 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from ..common.atomic_files import write_atomically
+from ..common.machine import machine_description
+from ..train import TrainConfig, build_trainer, evaluate_captions, save_final_model
+from ..train.curriculum import ShortCaptionsFirstSampler
+from ..train.metrics import caption_scores
+from ..train.recipe import CaptionRecipe
 from .model import PRESETS, build_shapes_model
 from .other_renderer import draw_set
+from .plots import caption_grid, loss_curve
+from .settings import DemoSettings
 from .shapes import HELD_OUT_ONE_IN, lazy_split, make_split, write_split
-
-
-@dataclass
-class DemoSettings:
-    out_dir: str = "mqwen-shapes-demo"
-    preset: str = "full"
-    train_size: int = 100000
-    validation_size: int = 200
-    test_size: int = 300
-    max_steps: int = 6000
-    batch_size: int = 16
-    # Seed 4's test exact match (one thread, demo/EXPERIMENTS.md): 75.3 % at 1e-3, 84.0 % at 1.5e-3, 89.7 % at
-    # 2e-3, 65.0 % at 3e-3.
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    seed: int = 0
-    curriculum_steps: int = 800  # train/'s short-captions-first curriculum: single-shape images first
-    curriculum_fraction: float = 1 / 3  # a third of the images show one shape
-    curriculum_grow: bool = False  # True: the pool grows to two-shape images, then all, over those steps
-    vision_warmup_steps: int = 2000  # train/'s vision warm-up: the ViT alone first (train/vision_warmup.py)
-    vision_warmup_target: str = "word_pairs"  # what the warm-up names: "words" or "word_pairs"
-    # After the warm-up its loss stays on at this weight (train/vision_warmup.py). 1.0 with 6,000 steps, where 0.6
-    # with 5,400 had been: at one thread seeds 2 and 4 rose from 86.7 % and 84.0 % to 99.0 % (demo/EXPERIMENTS.md).
-    vision_aux_weight: float = 1.0
-    augment: bool = True  # training images at other sizes, with pixel noise, on tinted grounds (shapes.AUGMENT_*)
-    # From this step on, augmented training images draw their shapes at small_shapes_scale-1 of their side (smaller
-    # than the task's smallest), once the model has left its plateau; None or 0: never (`schedule_small_shapes`)
-    small_shapes_from_step: int | None = 3000
-    small_shapes_scale: float = 0.7
-    lr_scheduler: str = "cosine"  # or "warmup_stable_decay": the peak rate until the last decay_ratio of steps
-    decay_ratio: float = 0.2
-    other_test_size: int = 300  # the second test set, drawn by other_renderer.py
-    eval_batch_size: int = 64
-    max_new_tokens: int = 24
-    # Training stops after this many minutes even if steps remain (None or 0: no limit). Off by default: on a
-    # slower or busier machine a limit cuts the run while the learning rate is still high (demo/EXPERIMENTS.md).
-    max_train_minutes: float | None = None
-    show: int = 8
-    grid: int = 16
-    threads: int = None
-    loader_workers: int = 1  # draws the next batch's images while the model trains on this one
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
-
-
-QUICK = dict(
-    preset="quick",
-    train_size=64,
-    validation_size=8,
-    test_size=8,
-    other_test_size=8,
-    max_steps=4,
-    batch_size=8,
-    show=4,
-    grid=4,
-    max_new_tokens=8,
-    curriculum_steps=2,
-    vision_warmup_steps=1,
-)
 
 # The training loss sits near this value while the model still guesses every shape: ln(3) nats for each shape
 # word, about a quarter of the caption tokens. From the logged step after which the caption loss stays under it,
@@ -107,15 +59,11 @@ def plateau_exit_step(log_history: Sequence[dict], threshold: float = PLATEAU_LO
 
 
 def _atomic_write_json(path: Path, data):
-    from ..convert.staging import write_atomically
-
     write_atomically(path, json.dumps(data, indent=2))
 
 
 def _progress_callbacks(max_minutes):
     """A progress bar that shows the loss instead of printing every log line, and an optional time limit."""
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import ProgressCallback
 
     class LossInBarProgress(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -137,7 +85,6 @@ def _phase_clock(warmup_steps: int):
     """A callback that times the vision warm-up's steps and the caption steps apart: they differ in cost about
     twofold, so their mean step times say how fast this machine ran the job (results.json, `timings`), which
     the total time alone does not when machines of one kind differ in speed from day to day."""
-    from transformers import TrainerCallback
 
     class PhaseClock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -171,8 +118,6 @@ def schedule_small_shapes(trainer: Any, examples: Sequence, settings: DemoSettin
     ends worse (demo/EXPERIMENTS.md). Which examples those steps draw is known before training: train/'s
     curriculum sampler fixes its order from the seed, and the trainer builds the same one for its data loader.
     """
-    from mqwen.train.curriculum import ShortCaptionsFirstSampler
-
     if not settings.small_shapes_from_step or settings.small_shapes_from_step >= settings.max_steps:
         return 0
     if not 0 < settings.small_shapes_scale <= 1:
@@ -202,10 +147,6 @@ def train_model(
 ) -> tuple[Any, Path, dict[str, float | None]]:
     """Train with train/'s API; returns (trainer, model_dir, timings): `train_seconds` and each phase's mean step
     time (`_phase_clock`)."""
-    from transformers.trainer_callback import ProgressCallback
-
-    from mqwen.train import TrainConfig, build_trainer, save_final_model
-
     config = TrainConfig(
         model=model,
         data=train_pairs,
@@ -220,12 +161,7 @@ def train_model(
         per_device_train_batch_size=settings.batch_size,
         logging_steps=max(1, settings.max_steps // 100),
         seed=settings.seed,
-        curriculum_steps=settings.curriculum_steps,
-        curriculum_fraction=settings.curriculum_fraction,
-        curriculum_grow=settings.curriculum_grow,
-        vision_warmup_steps=settings.vision_warmup_steps,
-        vision_warmup_target=settings.vision_warmup_target,
-        vision_aux_weight=settings.vision_aux_weight,
+        **CaptionRecipe.of(settings).as_settings(),  # curriculum and vision warm-up, as the demo sets them
         disable_tqdm=not settings.progress,
         dataloader_num_workers=settings.loader_workers,
         lr_scheduler_type=settings.lr_scheduler,
@@ -292,8 +228,6 @@ def parameter_counts(model: Any) -> dict:
 
 def evaluate_in_process(settings: DemoSettings, model: Any, processor: Any, splits: dict) -> dict:
     """Step 4: exact match, BLEU-4 and CIDEr-D of the trained model on each held-out set."""
-    from mqwen.train import evaluate_captions
-
     return {
         name: evaluate_captions(
             model,
@@ -309,8 +243,6 @@ def evaluate_in_process(settings: DemoSettings, model: Any, processor: Any, spli
 
 def score_reloaded(settings: DemoSettings, model_dir: str | os.PathLike, out_dir: Path, test_split: Sequence) -> dict:
     """Step 5: caption the saved test PNGs with the saved model in a fresh process, and score those captions."""
-    from mqwen.train.metrics import caption_scores
-
     reloaded = reload_in_fresh_process(
         model_dir,
         out_dir / "data" / "test",
@@ -361,10 +293,6 @@ def results_record(
 ) -> dict:
     """What results.json holds: settings, model size, timings and the machine, every score, the loss log, every
     test caption."""
-    import torch
-
-    from ..benchmarks.report import machine_description
-
     history = trainer.state.log_history
     return {
         "settings": asdict(settings),
@@ -408,10 +336,6 @@ def results_record(
 
 def run(settings: DemoSettings, log: Callable[[str], object] = print) -> dict:
     """Run the main job; returns the results dict (also written to OUT_DIR/results.json)."""
-    import torch
-
-    from .figures import caption_grid, loss_curve
-
     if settings.threads:
         torch.set_num_threads(settings.threads)
     out_dir = Path(settings.out_dir)

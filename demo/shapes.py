@@ -33,6 +33,7 @@ measures whether the model composes what it has seen, not whether it recalls cap
 second test set, for whether the model learnt the task rather than this drawing.
 """
 
+import json
 import os
 import re
 import zlib
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 COLOURS = {
     "red": (214, 39, 40),
@@ -245,24 +247,18 @@ def lazy_split(
     split: str, n: int, seed: int = 0, image_size: int = 64, progress: bool = False, augment: bool = False
 ) -> list:
     """The first `n` examples of `split` as `LazyExample`s (captions only, images on demand)."""
-    from tqdm.auto import tqdm
-
     indices = tqdm(range(n), desc=f"sampling {split} captions", unit="img", disable=not progress, leave=False)
     return [LazyExample(split, i, seed, image_size, augment) for i in indices]
 
 
 def make_split(split: str, n: int, seed: int = 0, image_size: int = 64, progress: bool = False) -> list:
     """The first `n` examples of `split`."""
-    from tqdm.auto import tqdm
-
     indices = tqdm(range(n), desc=f"generating {split}", unit="img", disable=not progress, leave=False)
     return [make_example(split, i, seed, image_size) for i in indices]
 
 
 def write_split(examples: Sequence[Example], out_dir: str | os.PathLike) -> Path:
     """Save a split as `NNNNN.png` files plus `captions.jsonl` ({"file", "caption"} per line); returns the dir."""
-    import json
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "captions.jsonl", "w") as f:

@@ -30,7 +30,7 @@ def main(mode: str, folder: str) -> int:
 
     folder = Path(folder)
     if mode == "save":
-        from mqwen.convert.tiny import build_tiny, save_checkpoint
+        from mqwen.common.tiny_model import build_tiny, save_checkpoint
 
         model, processor = build_tiny(seed=7)
         save_checkpoint(model, processor, folder)

@@ -14,7 +14,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(scope="session")
 def tiny():
     """(model, processor): a tiny random MQwenForCausalLM in eval mode and its processor, in memory."""
-    from mqwen.convert.tiny import build_tiny
+    from mqwen.common.tiny_model import build_tiny
 
     return build_tiny(seed=0)
 
@@ -22,7 +22,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, tiny):
     """The same tiny model saved as a Hub-ready folder (the `mqwen-convert tiny` layout)."""
-    from mqwen.convert.tiny import save_checkpoint
+    from mqwen.common.tiny_model import save_checkpoint
 
     model, processor = tiny
     return save_checkpoint(model, processor, tmp_path_factory.mktemp("mqwen-tiny"))

@@ -46,7 +46,8 @@ def train_gguf_test_model(out_dir, progress=False, **train):
     import torch
 
     from mqwen.demo.model import PRESETS, build_shapes_model
-    from mqwen.demo.run import DemoSettings, train_model
+    from mqwen.demo.run import train_model
+    from mqwen.demo.settings import DemoSettings
     from mqwen.demo.shapes import lazy_split, make_split, write_split
 
     settings = DemoSettings(out_dir=str(out_dir), progress=progress, loader_workers=0, **{**TRAIN, **train})

@@ -6,6 +6,7 @@ these hand-made cases is tests/test_fuzz_inputs.py.
 
 import logging
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -207,6 +208,17 @@ def test_raw_or_non_finite_pixels_are_errors(tiny, captioned):
         model(input_ids=ids, pixel_values=raw)
 
 
+def test_image_features_without_a_forward_check_the_pixels_too(tiny, captioned):
+    """The one pixel check is the vision tower's, so callers of `get_image_features` alone (vLLM's Transformers
+    backend) get the same clear errors as a forward."""
+    model, _ = tiny
+    pixels = captioned["pixel_values"]
+    with pytest.raises(ValueError, match=r"range over 200..200, but normalised images lie within about \+-2.15"):
+        model.get_image_features(torch.full_like(pixels, 200.0))
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \(num_images, 3, 56, 56\)"):
+        model.get_image_features(pixels[:0])
+
+
 @pytest.mark.parametrize("bad_id", [448, 10**6, -1])
 def test_token_ids_outside_the_vocabulary_are_named(tiny, bad_id):
     model, _ = tiny
@@ -276,8 +288,11 @@ def test_valid_inputs_give_the_same_outputs_as_without_the_checks(tiny, captione
     ignored = captioned["input_ids"].masked_fill(captioned["attention_mask"] == 0, -100)
     with torch.no_grad():
         checked = model(**captioned, labels=ignored)
-        monkeypatch.setattr(type(model), "_check_inputs", lambda *args, **kwargs: None)
+        module, skipped = sys.modules[type(model).__module__], []
+        monkeypatch.setattr(module, "_check_inputs", lambda *args, **kwargs: skipped.append("inputs"))
+        monkeypatch.setattr(module, "_check_pixel_values", lambda *args, **kwargs: skipped.append("pixels"))
         unchecked = model(**captioned, labels=ignored)
+    assert skipped == ["inputs", "pixels"], "both checks were skipped in the unchecked run"
     assert torch.equal(checked.logits, unchecked.logits) and torch.equal(checked.loss, unchecked.loss)
 
 

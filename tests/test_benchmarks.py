@@ -13,10 +13,10 @@ import torch
 
 from mqwen.benchmarks import cli
 from mqwen.benchmarks.contenders import build_all, check_same_logits
-from mqwen.benchmarks.figures import random_photos
 from mqwen.benchmarks.report import Row, markdown_table
 from mqwen.benchmarks.shapes import QUICK
 from mqwen.benchmarks.timing import Stats, interleave
+from mqwen.common.photos import random_photos
 
 ROW = re.compile(r"^\| (\d) \| (.+?) \| (.+?) \| (.+?) \| (.+?) \| (.+?) \| ([0-9.]+) \| (.*?) \| (.*?) \|$")
 
@@ -94,8 +94,8 @@ def test_gpu_shapes_are_qwen25_7b_and_vit_l14():
     published size, 7,615,616,512 parameters for Qwen2.5-7B-Instruct and 303,966,208 for OpenAI's ViT-L/14
     (hand counts below), in bf16; and that figure 5 charges a decode step for exactly those bytes."""
     from mqwen.benchmarks.contenders import build_mqwen, make_tokenizer
-    from mqwen.benchmarks.figures import decode_bytes_per_token
     from mqwen.benchmarks.shapes import GPU_7B, pick
+    from mqwen.benchmarks.speed_figures import decode_bytes_per_token
 
     assert pick("cuda", quick=False) is GPU_7B
     model = build_mqwen(GPU_7B, make_tokenizer(), device="meta", dtype=torch.bfloat16)
@@ -121,7 +121,7 @@ def test_gpu_shapes_are_qwen25_7b_and_vit_l14():
 def test_bandwidth_figure_runs_and_divides_by_the_bound(monkeypatch):
     """Figure 5's code, run on the CPU at tiny shapes (the CLI offers it only with --device cuda): the bound is
     the measured copy bandwidth ÷ the bytes one decode step reads, and the ratio is decode tokens/s over it."""
-    from mqwen.benchmarks import figures
+    from mqwen.benchmarks import speed_figures as figures
 
     real_bandwidth, measured = figures.measured_bandwidth, []
 
@@ -146,19 +146,19 @@ def test_bandwidth_figure_runs_and_divides_by_the_bound(monkeypatch):
 def test_decode_overhead_counts_the_bytecodes_only_the_wrapper_runs(capsys):
     """`benchmarks/decode_overhead.py`: MQwen's decode step runs its forward and `_check_inputs`, the bare LM's
     runs no line of modeling_mqwen.py; and the tool prints its table of three contenders."""
+    from mqwen import MQwenProcessor
     from mqwen.benchmarks import decode_overhead
     from mqwen.benchmarks.contenders import build_mqwen, greedy_config, make_tokenizer
-    from mqwen.convert.build import build_processor
 
     tokenizer = make_tokenizer()
     model = build_mqwen(QUICK, tokenizer)
-    processor = build_processor(tokenizer, model.config.vision_config, model.config.image_seq_length)
+    processor = MQwenProcessor.from_model_config(model.config, tokenizer)
     inputs = processor(images=random_photos(1, QUICK.image_size_in), text=[processor.caption_prompt()])
     config = greedy_config(tokenizer, 4)
     ours = decode_overhead.bytecodes_per_step(model, inputs, config)
     theirs = decode_overhead.bytecodes_per_step(model.language_model, {"input_ids": inputs["input_ids"]}, config)
     assert any(name.endswith("MQwenForCausalLM.forward") and count > 0 for name, count in ours.items())
-    assert any(name.endswith("MQwenModel._check_inputs") for name in ours)
+    assert any("modeling_mqwen" in name and name.endswith(" _check_inputs") for name in ours)
     assert not any("modeling_mqwen" in name for name in theirs)
     assert not any(name.endswith("get_image_features") for name in ours), "decode steps do no image work"
 

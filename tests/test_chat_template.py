@@ -7,8 +7,9 @@ import logging
 
 import pytest
 
+from mqwen.common.small_tokenizer import train_qwen_style_tokenizer
 from mqwen.convert.chat_template import FLATTEN_IMAGE_PARTS, image_aware_chat_template, with_image_parts
-from mqwen.convert.tokenizer import ensure_pad_token, stop_token_ids, train_qwen_style_tokenizer
+from mqwen.convert.tokenizer import ensure_pad_token, stop_token_ids
 from mqwen.processing_mqwen import CHAT_TEMPLATE
 
 # A Llama-3-style template: BOS in the text, header tokens, no default system prompt, and a leading line break

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging as hf_logging
 
-from mqwen.convert.tiny import build_tiny
+from mqwen.common.tiny_model import build_tiny
 from mqwen.modeling_mqwen import CACHE_KWARG, MQwenModel
 
 NEW = 6  # new tokens per generation

@@ -19,9 +19,9 @@ import torch
 from clip_checkpoints import MEAN, STD, clip_vision_config, save_clip_image_processor
 from conftest import randomize
 
+from mqwen.common.small_tokenizer import QWEN_SPECIAL_TOKENS, train_qwen_style_tokenizer
 from mqwen.convert.cli import main
 from mqwen.convert.errors import ConvertError
-from mqwen.convert.tokenizer import QWEN_SPECIAL_TOKENS, train_qwen_style_tokenizer
 
 SOURCE_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "

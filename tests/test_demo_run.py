@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mqwen.demo.run import QUICK, DemoSettings, run
+from mqwen.demo.run import run
+from mqwen.demo.settings import QUICK, DemoSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -211,7 +212,7 @@ def test_phase_clock_times_the_warm_up_and_the_caption_steps_apart(monkeypatch):
 
 
 def test_results_record_each_phase_step_time_and_the_machine(demo):
-    from mqwen.benchmarks.report import cpu_model
+    from mqwen.common.machine import cpu_model
 
     _, results = demo
     timings = results["timings"]

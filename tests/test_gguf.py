@@ -28,7 +28,7 @@ from gguf_model import N_IMAGES, SIZE_OVERRIDES, TRAIN, train_gguf_test_model  #
 
 from mqwen.convert.errors import ConvertError  # noqa: E402
 from mqwen.convert.gguf import export_gguf  # noqa: E402
-from mqwen.demo.run import DemoSettings  # noqa: E402
+from mqwen.demo.settings import DemoSettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("MQWEN_CI_CACHE", Path.home() / ".cache" / "mqwen-ci"))
@@ -202,7 +202,7 @@ def test_export_streams_into_place_and_cli(trained, tmp_path):
 
 
 def _save_tiny(folder, **config_kwargs):
-    from mqwen.convert.tiny import build_tiny
+    from mqwen.common.tiny_model import build_tiny
 
     model, processor = build_tiny(seed=0, **config_kwargs)
     model.save_pretrained(folder)

@@ -1,4 +1,4 @@
-"""Everything a Hub user does: load with trust_remote_code (folder, repo id offline), pipelines, push_to_hub."""
+"""Everything a Hub user does: load with trust_remote_code (folder, repo id offline), pipelines, publishing."""
 
 import json
 
@@ -143,7 +143,9 @@ def test_push_to_hub_publishes_model_and_processor_in_one_commit(
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_used")
-    model.push_to_hub("mqwen-org/published", processor=processor)
+    from mqwen.convert.push import push_to_hub
+
+    push_to_hub(model, processor, "mqwen-org/published")
 
     assert len(commits) == 1
     repo_id, files = commits[0]
@@ -160,3 +162,26 @@ def test_push_to_hub_publishes_model_and_processor_in_one_commit(
     write_hub_cache(tmp_path / "hub", repo_id, files)
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home")}
     assert generate_in_fresh_process(repo_id, SEEDS, NEW, env=env)["tokens"] == reference_tokens
+
+
+def test_the_hub_files_need_only_transformers_and_torch_and_carry_no_upload_code(tiny_dir):
+    """A published checkpoint loads with transformers and torch alone (plus what transformers itself requires), and
+    ships no publishing code: that lives in convert/push.py. Every import of the saved Hub files is the standard
+    library, one of those packages, or a relative import of another Hub file; from huggingface_hub, only the
+    local-cache lookup of the damaged-weights message."""
+    import ast
+    import sys
+
+    hub_files = {"configuration_mqwen", "modeling_mqwen", "processing_mqwen"}
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "safetensors", "huggingface_hub", "numpy", "PIL"}
+    from_hub = set()
+    for name in sorted(hub_files):
+        for node in ast.walk(ast.parse((tiny_dir / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and node.module in hub_files, f"{name}: from {'.' * node.level}{node.module}"
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert {m.split(".")[0] for m in modules} <= allowed, f"{name} imports {modules}"
+                if isinstance(node, ast.ImportFrom) and node.module.split(".")[0] == "huggingface_hub":
+                    from_hub |= {a.name for a in node.names}
+    assert from_hub == {"snapshot_download"}

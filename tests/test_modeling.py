@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TextStreamer
 
-from mqwen.convert.tiny import build_tiny
+from mqwen.common.tiny_model import build_tiny
 
 NEW = 8  # new tokens per generation; min_new_tokens keeps every run the same length
 

@@ -182,7 +182,7 @@ def test_tokenizer_without_image_token_is_refused(tiny):
     from transformers import PreTrainedTokenizerFast
 
     from mqwen import MQwenProcessor
-    from mqwen.convert.tokenizer import train_qwen_style_tokenizer
+    from mqwen.common.small_tokenizer import train_qwen_style_tokenizer
 
     _, processor = tiny
     bare = PreTrainedTokenizerFast(tokenizer_object=train_qwen_style_tokenizer(), eos_token="<|im_end|>")

@@ -59,7 +59,7 @@ def test_trainer_draws_its_first_batches_from_the_shortest_captions(tmp_path):
     """Through build_trainer: the training data loader's first batches hold only one-word captions."""
     from PIL import Image
 
-    from mqwen.convert.tiny import build_tiny
+    from mqwen.common.tiny_model import build_tiny
     from mqwen.train import TrainConfig, build_trainer
 
     model, processor = build_tiny(seed=0)

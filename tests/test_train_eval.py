@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from mqwen.runtime import caption_images
-from mqwen.train.cli import eval_main as main
+from mqwen.train.eval import eval_main as main
 from mqwen.train.eval import evaluate_captions
 from mqwen.train.metrics import caption_scores, tokenize_caption
 

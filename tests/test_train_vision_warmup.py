@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mqwen.convert.tiny import build_tiny
+from mqwen.common.tiny_model import build_tiny
 from mqwen.train.vision_warmup import VisionWarmup
 
 

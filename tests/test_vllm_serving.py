@@ -39,7 +39,7 @@ ENGINE_ARGS = dict(dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=T
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(model, processor, folder): a tiny random MQwen with weights large enough that images change captions."""
-    from mqwen.convert.tiny import build_tiny, save_checkpoint
+    from mqwen.common.tiny_model import build_tiny, save_checkpoint
 
     model, processor = build_tiny(seed=0, text=TEXT)
     randomize(model, seed=1)

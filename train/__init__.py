@@ -15,18 +15,19 @@ Programmatic API (stable; the `mqwen-train` and `mqwen-eval` commands wrap it)::
     scores["per_image"]       # [{"id", "caption", "references", "bleu4", "cider", "exact_match"}, ...]
 
 Names:
-- `TrainConfig`: every setting (the CLI flags are its fields). `train(config, model=None, processor=None,
-  train_dataset=None, eval_dataset=None, callbacks=None)` -> `TrainResult(model_dir, metrics, skipped,
-  log_history, trainer)`; `build_trainer(...)` returns the `CaptionTrainer` without training.
+- `TrainConfig`: every setting (the CLI flags are its fields); `CaptionRecipe` (`config.recipe()`): what
+  `CaptionTrainer` does beyond the stock Trainer, shared with the shapes demo. `train(config, model=None,
+  processor=None, train_dataset=None, eval_dataset=None, callbacks=None)` -> `TrainResult(model_dir, metrics,
+  skipped, log_history, trainer)`; `build_trainer(...)` returns the `CaptionTrainer` without training.
 - `load_caption_dataset(spec, ...)` -> `CaptionDataset`; `CaptionRecord`; `CaptionCollator`.
 - `load_trained(path)` -> (model, processor) for merged models and `--keep-adapter` folders (the shared
   runtime's `mqwen.runtime.load_for_inference`; captions: `mqwen.runtime.caption_images`).
 - `evaluate_captions` (`mqwen.train.eval`), `caption_scores` (`mqwen.train.metrics`).
 
-Modules: config (TrainConfig), data (sources, lazy images, skip counting), collator (chat template, labels),
-stages (freezing, LoRA, optimizer groups), trainer (CaptionTrainer), run (train, saving), distributed (FSDP
-for `--fsdp` and on CPU), eval, metrics, cli. Accelerate configs for DDP, DeepSpeed ZeRO-2/ZeRO-3 and FSDP (and
-FSDP on CPU, what the tests run) are in `train/configs/`.
+Modules: config (TrainConfig), recipe (CaptionRecipe), data (sources, lazy images, skip counting), collator (chat
+template, labels), stages (freezing, LoRA, optimizer groups), trainer (CaptionTrainer), run (train, saving),
+distributed (FSDP for `--fsdp` and on CPU), eval (and `mqwen-eval`), metrics, cli (`mqwen-train`). Accelerate
+configs for DDP, DeepSpeed ZeRO-2/ZeRO-3 and FSDP (and FSDP on CPU, what the tests run) are in `train/configs/`.
 """
 
 import importlib
@@ -43,6 +44,7 @@ _EXPORTS = {
     "CaptionCollator": "collator",
     "prepare_model_for_stage": "stages",
     "CaptionTrainer": "trainer",
+    "CaptionRecipe": "recipe",
     "train": "run",
     "build_trainer": "run",
     "TrainResult": "run",

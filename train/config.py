@@ -8,6 +8,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .recipe import CaptionRecipe
+
 STAGES = ("align", "lora", "full")
 
 # Several phrasings of the caption request. One is drawn per training example (seeded by the example's
@@ -25,7 +27,6 @@ CAPTION_INSTRUCTIONS = (
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The vision tower's linear layers (its fused q/k/v is a raw parameter, which LoRA cannot wrap).
 VISION_LORA_TARGETS = ("out_proj", "c_fc", "c_proj")
-VISION_WARMUP_TARGETS = ("words", "word_pairs")  # what the vision warm-up names (vision_warmup.py)
 
 # Learning rates that work for a LLaVA-style recipe when none is given.
 DEFAULT_LEARNING_RATES = {"align": 1e-3, "lora": 2e-4, "full": 2e-5}
@@ -163,21 +164,8 @@ class TrainConfig:
                 f"vision_lr={self.vision_lr} is set but the vision tower is frozen; add "
                 "train_vision_tower=True (--train-vision-tower) or drop vision_lr."
             )
-        if self.curriculum_steps < 0 or self.vision_warmup_steps < 0 or self.vision_aux_weight < 0:
-            raise ValueError(
-                "curriculum_steps, vision_warmup_steps and vision_aux_weight must be >= 0, got "
-                f"{self.curriculum_steps}, {self.vision_warmup_steps} and {self.vision_aux_weight}."
-            )
-        if not 0 < self.curriculum_fraction <= 1:
-            raise ValueError(f"curriculum_fraction must be in (0, 1], got {self.curriculum_fraction}.")
-        if self.vision_warmup_target not in VISION_WARMUP_TARGETS:
-            raise ValueError(
-                f"vision_warmup_target must be {' or '.join(map(repr, VISION_WARMUP_TARGETS))}, "
-                f"got {self.vision_warmup_target!r}."
-            )
-        if (self.vision_warmup_steps or self.vision_aux_weight) and not (
-            self.train_vision_tower and self.stage == "full"
-        ):
+        recipe = self.recipe()  # checks its own fields
+        if recipe.trains_vision_alone and not (self.train_vision_tower and self.stage == "full"):
             raise ValueError(
                 "vision_warmup_steps and vision_aux_weight train the vision tower: they need stage='full' and "
                 "train_vision_tower=True (--stage full --train-vision-tower)."
@@ -190,6 +178,10 @@ class TrainConfig:
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = tuple(t.strip() for t in self.lora_target_modules.split(",") if t.strip())
         self.lora_target_modules = tuple(self.lora_target_modules)
+
+    def recipe(self) -> CaptionRecipe:
+        """What `CaptionTrainer` does beyond the stock Trainer (`recipe.py`), from these settings."""
+        return CaptionRecipe.of(self)
 
     @property
     def lm_learning_rate(self) -> float:

@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from PIL import Image
 from torch.utils.data import Dataset
+
+from ..processing_mqwen import to_rgb_image
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -66,8 +69,6 @@ class ImageLoadError(Exception):
 
 def load_image(source: Any) -> "Image.Image":
     """Any image source of a `CaptionRecord` as an RGB PIL image, or `ImageLoadError`."""
-    from mqwen.processing_mqwen import to_rgb_image
-
     try:
         if callable(source) and not hasattr(source, "convert"):
             source = source()
@@ -78,8 +79,6 @@ def load_image(source: Any) -> "Image.Image":
         if source is None:
             raise FileNotFoundError("the example has no image")
         if isinstance(source, (bytes, bytearray)):
-            from PIL import Image
-
             with Image.open(io.BytesIO(source)) as opened:
                 opened.load()
                 source = opened.copy()
@@ -282,7 +281,7 @@ def load_caption_dataset(
         )
     text = str(spec)
     if text.startswith(HF_PREFIX):
-        import datasets
+        import datasets  # optional: the train extra
 
         dataset = datasets.load_dataset(text[len(HF_PREFIX) :], split=split or "train")
         return _from_hf(dataset, image_root, image_column, caption_column, None, options, source=text)
@@ -306,7 +305,7 @@ def _from_saved_dataset(path: Path, image_root, image_column, caption_column, sp
             f"{str(path)!r} is a folder but not a `datasets.save_to_disk` folder. Pass the annotation file "
             "instead (COCO/LLaVA .json, .jsonl, .csv) and the image folder with --image-root."
         )
-    import datasets
+    import datasets  # optional: the train extra
 
     dataset = datasets.load_from_disk(str(path))
     return _from_hf(dataset, image_root or path, image_column, caption_column, split, options, source=str(path))
@@ -476,7 +475,7 @@ class _HFImageRef:
 
 
 def _from_hf(dataset, image_root, image_column, caption_column, split, options, source):
-    import datasets
+    import datasets  # optional: the train extra
 
     if isinstance(dataset, datasets.DatasetDict):
         if split is None:

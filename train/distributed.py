@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.fsdp import FSDPModule
 
 # FSDP2, every decoder layer and vision block its own unit, checkpoints written as one shard per process
 # (torch.distributed.checkpoint), and the final model gathered once for `save_pretrained`.
@@ -36,6 +37,7 @@ def block_classes(model: torch.nn.Module) -> list[str]:
 
     transformers 5 collects the submodels' `_no_split_modules` on the model; 4.57 has a method for it.
     """
+    # compat(transformers<5.5): `_get_no_split_modules` is a method before 5.5
     collect = getattr(model, "_get_no_split_modules", None)
     return sorted(collect("auto") if collect is not None else model._no_split_modules)
 
@@ -73,8 +75,6 @@ def own_class(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     FSDP2 turns a sharded module's class into a subclass defined in torch (`FSDPMQwenForCausalLM`);
     `save_pretrained` would name that class in config.json's `auto_map` and copy torch's files as remote code.
     """
-    from torch.distributed.fsdp import FSDPModule
-
     sharded_class = type(model)
     if isinstance(model, FSDPModule):
         model.__class__ = next(base for base in sharded_class.__bases__ if base is not FSDPModule)

@@ -34,8 +34,8 @@ def caption_scores(predictions: dict, references: dict) -> tuple:
         `{id: {"bleu4", "cider", "exact_match"}}`. BLEU-4 is corpus-level (as COCO reports it), so it is
         not the mean of the per-image values; CIDEr-D and exact match are means.
     """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.bleu.bleu import Bleu  # optional: the train extra
+    from pycocoevalcap.cider.cider import Cider  # optional: the train extra
 
     if set(predictions) != set(references):
         raise ValueError("predictions and references must have the same ids.")

@@ -18,7 +18,9 @@ from typing import Any, Optional
 import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
-from ..convert.staging import replace_folder, write_atomically
+from ..common.atomic_files import replace_folder, write_atomically
+from ..modeling_mqwen import MQwenForCausalLM
+from ..processing_mqwen import MQwenProcessor
 from ..runtime import load_for_inference
 from .collator import CaptionCollator
 from .config import TrainConfig
@@ -49,8 +51,6 @@ def load_model_and_processor(model: Any, processor: Any = None, dtype: torch.dty
 
     Weights load in float32 by default: mixed precision (`bf16`/`fp16`) keeps float32 master weights.
     """
-    from mqwen import MQwenForCausalLM, MQwenProcessor
-
     if isinstance(model, (str, os.PathLike)):
         if processor is None:
             processor = MQwenProcessor.from_pretrained(str(model))
@@ -98,12 +98,14 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         ddp_find_unused_parameters=False,
     )
     # Non-reentrant checkpointing works with frozen inputs and with DDP. transformers 5 renamed the option.
+    # compat(transformers<5.23): `gradient_checkpointing` is the option's name before 5.23
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in _TA_FIELDS else "gradient_checkpointing"
     args[checkpointing] = config.gradient_checkpointing
     args[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
     if _world_size() > 1 and not torch.cuda.is_available():
         # Without `use_cpu`, accelerate sees no GPU and runs every process undistributed on the whole data.
         args["use_cpu"] = True
+    # compat(transformers<5.16): `warmup_ratio` exists before 5.16; from 5.16 on, warmup_steps takes a ratio below 1
     if "warmup_ratio" in _TA_FIELDS:  # transformers 4.x
         args["warmup_ratio"] = config.warmup_ratio
     else:  # transformers 5: a float below 1 is a ratio
@@ -170,17 +172,8 @@ def build_trainer(
         eval_dataset=eval_dataset,
         processing_class=processor,
         callbacks=callbacks,
-        projector_lr=config.projector_lr,
-        vision_lr=config.vision_lr,
-        curriculum_steps=config.curriculum_steps,
-        curriculum_fraction=config.curriculum_fraction,
-        curriculum_grow=config.curriculum_grow,
-        vision_warmup_steps=config.vision_warmup_steps,
-        vision_warmup_target=config.vision_warmup_target,
-        vision_aux_weight=config.vision_aux_weight,
+        recipe=config.recipe(),
     )
-    trainer.mqwen_config = config
-    trainer.mqwen_processor = processor
     return trainer
 
 
@@ -305,7 +298,7 @@ def save_final_model(trainer: CaptionTrainer, config: TrainConfig, out_dir: str 
     Files go to a temporary folder first and are renamed into place, so `out_dir` is never half-written.
     Call on every process.
     """
-    from peft import PeftModel
+    from peft import PeftModel  # optional: the train extra
 
     out_dir = Path(out_dir or Path(config.output_dir) / FINAL_DIR)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -330,16 +323,14 @@ def save_final_model(trainer: CaptionTrainer, config: TrainConfig, out_dir: str 
             model.save_pretrained(adapter_tmp, state_dict=state_dict, safe_serialization=True)
             _merge_saved_adapter(config, adapter_tmp, tmp, save)
             shutil.rmtree(adapter_tmp)
-        trainer.mqwen_processor.save_pretrained(tmp)
+        trainer.processing_class.save_pretrained(tmp)
         replace_folder(tmp, out_dir)
     accelerator.wait_for_everyone()
     return out_dir
 
 
 def _merge_saved_adapter(config, adapter_dir, out_dir, save_kwargs):
-    from peft import PeftModel
-
-    from mqwen import MQwenForCausalLM
+    from peft import PeftModel  # optional: the train extra
 
     if not isinstance(config.model, (str, os.PathLike)):
         raise ValueError("Merging LoRA under ZeRO-3/FSDP reloads the base model: pass --model as a path or repo.")

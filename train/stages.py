@@ -46,7 +46,7 @@ def prepare_model_for_stage(model: nn.Module, config: TrainConfig) -> nn.Module:
     if stage == "lora":
         if not config.lora_target_modules:
             raise ValueError("lora_target_modules is empty; name at least one language-model module (q_proj, ...).")
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # optional: the train extra
 
         vision = VISION_LORA_TARGETS if config.train_vision_tower else ()
         lora = LoraConfig(

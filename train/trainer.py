@@ -14,11 +14,12 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from mqwen.modeling_mqwen import scored_positions
-
+from ..common.atomic_files import replace_folder
+from ..modeling_mqwen import scored_positions
 from .curriculum import ShortCaptionsFirstSampler
 from .data import SkipReport
 from .distributed import enable_fsdp_on_cpu
+from .recipe import CaptionRecipe
 from .stages import part_param_groups
 from .vision_warmup import VisionWarmup
 
@@ -30,53 +31,24 @@ class CaptionTrainer(Trainer):
     """Trainer for caption fine-tuning.
 
     Args (besides Trainer's):
-        projector_lr: learning rate of the `multi_modal_projector` parameters;
-        vision_lr: learning rate of the `vision_tower` parameters, when they train. Both default to
-            `args.learning_rate`, which the language model uses. Only parameters with `requires_grad` reach
-            the optimizer.
-        curriculum_steps, curriculum_fraction: the first steps draw from the shortest captions only
-            (`curriculum.py`);
-        vision_warmup_steps: the first steps train the vision tower alone (`vision_warmup.py`);
-        vision_warmup_target: what it names, "words" or "word_pairs" (`vision_warmup.py`);
-        vision_aux_weight: after the warm-up, its loss stays on at this weight beside the caption loss, on the
-            caption pass's own vision features (`vision_warmup.py`). The logged `loss` stays the caption loss;
-            the auxiliary term is logged as `vision_aux_loss`.
+        recipe: what the run does beyond the stock Trainer (`recipe.py`); default: nothing.
     """
 
-    def __init__(
-        self,
-        *args,
-        projector_lr=None,
-        vision_lr=None,
-        curriculum_steps=0,
-        curriculum_fraction=0.25,
-        curriculum_grow=False,
-        vision_warmup_steps=0,
-        vision_warmup_target="words",
-        vision_aux_weight=0.0,
-        **kwargs,
-    ):
+    def __init__(self, *args, recipe: CaptionRecipe | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.projector_lr = projector_lr
-        self.vision_lr = vision_lr
-        self.curriculum_steps = curriculum_steps
-        self.curriculum_fraction = curriculum_fraction
-        self.curriculum_grow = curriculum_grow
-        self.vision_warmup_steps = vision_warmup_steps
-        self.vision_warmup_target = vision_warmup_target
-        self.vision_aux_weight = vision_aux_weight
+        self.recipe = recipe or CaptionRecipe()
         # The auxiliary losses since the last log, summed (a running sum: a run that never logs keeps no list)
         self._vision_aux_sum, self._vision_aux_count = torch.zeros(()), 0
         self.vision_warmup = None  # built with the optimizer, whose parameter groups hold its head
         self.skip_report = SkipReport()
 
     def _in_vision_warmup(self, model) -> bool:
-        return model.training and self.state.global_step < self.vision_warmup_steps
+        return model.training and self.state.global_step < self.recipe.vision_warmup_steps
 
     def _get_train_sampler(self, train_dataset=None):
         """Short captions first for `curriculum_steps` steps (`curriculum.py`), else the stock sampler."""
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        if not self.curriculum_steps:
+        if not self.recipe.curriculum_steps:
             return super()._get_train_sampler(train_dataset)
         if not hasattr(dataset, "caption_words"):
             raise ValueError(
@@ -88,20 +60,22 @@ class CaptionTrainer(Trainer):
         )
         return ShortCaptionsFirstSampler(
             dataset.caption_words(),
-            self.curriculum_steps * global_batch,
-            self.curriculum_fraction,
+            self.recipe.curriculum_steps * global_batch,
+            self.recipe.curriculum_fraction,
             seed=self.args.seed,
-            grow=self.curriculum_grow,
+            grow=self.recipe.curriculum_grow,
         )
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
+        # compat(transformers<5): 4.x has no `TrainingArguments.fsdp_plugin_args` (the plugin reads the environment)
         if enable_fsdp_on_cpu(self.accelerator, getattr(self.args, "fsdp_plugin_args", None)):
             self.is_fsdp_enabled = True
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         # Build the optimizer here; the parent then only applies its wrappers (it skips creation when
         # `self.optimizer` is set). `model` exists as an argument in transformers 5 only.
+        # compat(transformers<5.5): before 5.5 the Trainer calls create_optimizer() without `model`
         opt_model = self.model if model is None else model
         if self.optimizer is None:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
@@ -110,10 +84,10 @@ class CaptionTrainer(Trainer):
                 lm_lr=self.args.learning_rate,
                 weight_decay=self.args.weight_decay,
                 decay_names=set(self.get_decay_parameter_names(opt_model)),
-                projector_lr=self.projector_lr,
-                vision_lr=self.vision_lr,
+                projector_lr=self.recipe.projector_lr,
+                vision_lr=self.recipe.vision_lr,
             )
-            if self.vision_warmup_steps or self.vision_aux_weight:
+            if self.recipe.trains_vision_alone:
                 groups.append(self._vision_warmup_group(opt_model))
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
             if self.vision_warmup is not None:
@@ -134,12 +108,12 @@ class CaptionTrainer(Trainer):
         self.vision_warmup = VisionWarmup(
             self.accelerator.unwrap_model(model),
             ignored_ids=getattr(tokenizer, "all_special_ids", ()),
-            target=self.vision_warmup_target,
+            target=self.recipe.vision_warmup_target,
         )
         return {
             "params": list(self.vision_warmup.head.parameters()),
             "weight_decay": 0.0,
-            "lr": self.vision_lr or self.args.learning_rate,
+            "lr": self.recipe.vision_lr or self.args.learning_rate,
         }
 
     def _save_checkpoint(self, model, trial, *args, **kwargs):
@@ -161,8 +135,6 @@ class CaptionTrainer(Trainer):
             self._checkpoint_staging = None
         self.accelerator.wait_for_everyone()  # every process has written its part (optimizer shards, RNG state)
         if self.args.should_save:
-            from ..convert.staging import replace_folder
-
             final = os.path.join(run_dir, name)
             replace_folder(Path(staging) / name, Path(final))
             if self.state.best_model_checkpoint == os.path.join(staging, name):
@@ -176,10 +148,11 @@ class CaptionTrainer(Trainer):
     def _rotate_saved_checkpoints(self, run_dir):
         """Apply `save_total_limit` (the stock save rotated inside the staging folder, where there is nothing
         to remove). transformers 5 has a function for it, 4.x a method."""
+        # compat(transformers<5.5): `Trainer._rotate_checkpoints` before 5.5, `trainer_utils.rotate_checkpoints` after
         if hasattr(self, "_rotate_checkpoints"):
             self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
         else:
-            from transformers.trainer_utils import rotate_checkpoints
+            from transformers.trainer_utils import rotate_checkpoints  # local: absent before 5.5 (tag above)
 
             rotate_checkpoints(
                 output_dir=run_dir,
@@ -209,7 +182,7 @@ class CaptionTrainer(Trainer):
             # The LM head runs only where a caption token is scored (the loss is the same; see
             # MQwenForCausalLM.forward): a caption sample is mostly image and prompt positions.
             inputs["logits_to_keep"] = scored_positions(inputs["labels"])
-        if not (self.vision_aux_weight and model.training and inputs.get("pixel_values") is not None):
+        if not (self.recipe.vision_aux_weight and model.training and inputs.get("pixel_values") is not None):
             return super().compute_loss(model, inputs, *args, **kwargs)
         return self._caption_loss_with_vision_aux(model, inputs, *args, **kwargs)
 
@@ -228,12 +201,13 @@ class CaptionTrainer(Trainer):
         self._vision_aux_count += 1
         if self._loss_is_scaled_for_accumulation(kwargs.get("num_items_in_batch")):
             aux = aux / self.current_gradient_accumulation_steps
-        loss = loss + self.vision_aux_weight * aux
+        loss = loss + self.recipe.vision_aux_weight * aux
         return (loss, result[1]) if isinstance(result, tuple) else loss
 
     def _loss_is_scaled_for_accumulation(self, num_items_in_batch) -> bool:
         """Whether `training_step` leaves the loss undivided by the accumulation steps (its own rule, which
         transformers 5 can also set as `loss_is_scaled_for_ga`)."""
+        # compat(transformers<5.19): no `loss_is_scaled_for_ga` before 5.19; the rule below is the Trainer's there
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is not None:
             return scaled
@@ -242,12 +216,12 @@ class CaptionTrainer(Trainer):
         )
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and 0 < self.state.global_step <= self.vision_warmup_steps:
+        if "loss" in logs and 0 < self.state.global_step <= self.recipe.vision_warmup_steps:
             logs = {**logs, "vision_warmup": 1}  # this loss is the warm-up's, not the caption loss
         elif "loss" in logs and self._vision_aux_count:  # the caption loss alone, and the auxiliary loss beside it
             aux = float(self._vision_aux_sum) / self._vision_aux_count
             self._vision_aux_sum, self._vision_aux_count = torch.zeros(()), 0
-            logs = {**logs, "loss": logs["loss"] - self.vision_aux_weight * aux, "vision_aux_loss": aux}
+            logs = {**logs, "loss": logs["loss"] - self.recipe.vision_aux_weight * aux, "vision_aux_loss": aux}
         if len(self.skip_report):
             logs = {**logs, "skipped_images": len(self.skip_report)}
         return super().log(logs, *args, **kwargs)

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VISION_WARMUP_TARGETS as TARGETS
+from .recipe import VISION_WARMUP_TARGETS as TARGETS
 
 
 class VisionWarmup:

@@ -12,8 +12,12 @@ Both are checked for what llama.cpp can express before anything is written, then
 import os
 from pathlib import Path
 
-from ..errors import ConvertError
-from .writer import OUTTYPES
+from ...common.atomic_files import staged_folder
+from ..errors import ConvertError, check_destination
+from .source import MQwenFolder
+from .text import add_text_metadata, add_tokenizer, arch_of, check_text, plan_text_tensors
+from .vision import add_vision_metadata, check_vision, plan_vision_tensors
+from .writer import OUTTYPES, check_quantizable, write_gguf
 
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / MOSTLY_Q8_0
 
@@ -27,13 +31,7 @@ def export_gguf(
     progress: bool = True,
 ) -> tuple[Path, Path]:
     """Write the LM and mmproj GGUF files of the MQwen model in `model_dir` to `out_dir`; returns both paths."""
-    import gguf
-
-    from ..staging import check_destination, staged_folder
-    from .source import MQwenFolder
-    from .text import add_text_metadata, add_tokenizer, arch_of, check_text, plan_text_tensors
-    from .vision import add_vision_metadata, check_vision, plan_vision_tensors
-    from .writer import check_quantizable, write_gguf
+    import gguf  # optional: the gguf extra
 
     if outtype not in OUTTYPES:
         raise ConvertError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")

@@ -7,6 +7,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer
+
+from ...configuration_mqwen import MQwenConfig
+from ...processing_mqwen import CHAT_TEMPLATE, DEFAULT_CAPTION_INSTRUCTION
 from ..errors import ConvertError
 
 if TYPE_CHECKING:
@@ -22,8 +28,6 @@ class MQwenFolder:
     """
 
     def __init__(self, path: str | os.PathLike):
-        from mqwen.configuration_mqwen import MQwenConfig
-
         self.path = Path(path)
         config_file = self.path / "config.json"
         if not config_file.is_file():
@@ -52,7 +56,6 @@ class MQwenFolder:
                 f"{self.path} has no model.safetensors or model.safetensors.index.json; export reads "
                 "safetensors weights only (re-save the model with save_pretrained)."
             )
-        from safetensors import safe_open
 
         with safe_open(single, "np") as f:
             return {name: single for name in f.keys()}
@@ -65,8 +68,6 @@ class MQwenFolder:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def _handle(self, name):
-        from safetensors import safe_open
-
         if name not in self._files:
             raise ConvertError(f"{self.path} has no weight {name!r}; is the checkpoint complete?")
         file = self._files[name]
@@ -76,19 +77,13 @@ class MQwenFolder:
 
     def tensor(self, name: str) -> np.ndarray:
         """One weight as a float32 numpy array (bf16 and fp16 are widened)."""
-        import torch
-
         return self._handle(name).get_tensor(name).to(torch.float32).numpy()
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        from transformers import AutoTokenizer
-
         return AutoTokenizer.from_pretrained(self.path)
 
     def processor_settings(self) -> tuple[str, str, str]:
         """(chat template, image token string, caption instruction) as the processor saved them."""
-        from mqwen.processing_mqwen import CHAT_TEMPLATE, DEFAULT_CAPTION_INSTRUCTION
-
         template, settings = None, {}
         if (self.path / "chat_template.jinja").is_file():
             template = (self.path / "chat_template.jinja").read_text()

@@ -18,8 +18,7 @@ if TYPE_CHECKING:
     import gguf
     from transformers import PretrainedConfig
 
-    from mqwen.configuration_mqwen import MQwenConfig
-
+    from ...configuration_mqwen import MQwenConfig
     from .source import MQwenFolder
 
 MTMD_MEDIA_MARKER = "<__media__>"  # tools/mtmd/mtmd.cpp mtmd_default_marker()
@@ -66,13 +65,13 @@ def head_dim(text: PretrainedConfig) -> int:
 
 
 def arch_of(config: MQwenConfig) -> str:
-    import gguf
+    import gguf  # optional: the gguf extra
 
     return gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, ARCHITECTURES[config.text_config.model_type])]
 
 
 def add_text_metadata(writer: gguf.GGUFWriter, config: MQwenConfig, name: str, file_type: int) -> None:
-    import gguf
+    import gguf  # optional: the gguf extra
 
     text = config.text_config
     writer.add_type(gguf.GGUFType.MODEL)
@@ -121,7 +120,7 @@ def add_tokenizer(
     writer: gguf.GGUFWriter, source: MQwenFolder, config: MQwenConfig, chat_template: str, image_token: str
 ) -> None:
     """Vocabulary (padded to the embedding rows), token types, merges, special ids and the chat template."""
-    import gguf
+    import gguf  # optional: the gguf extra
 
     tokenizer = source.tokenizer()
     n_vocab = config.text_config.vocab_size
@@ -172,7 +171,7 @@ def _permute_for_llama(weights, heads):
 
 
 def plan_text_tensors(source: MQwenFolder, config: MQwenConfig) -> list[PlannedTensor]:
-    import gguf
+    import gguf  # optional: the gguf extra
 
     text = config.text_config
     arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[text.model_type])

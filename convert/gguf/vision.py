@@ -26,8 +26,7 @@ from .writer import PlannedTensor
 if TYPE_CHECKING:
     import gguf
 
-    from mqwen.configuration_mqwen import MQwenConfig
-
+    from ...configuration_mqwen import MQwenConfig
     from .source import MQwenFolder
 
 # tools/mtmd/clip-impl.h KEY_FEATURE_LAYERS; the gguf package has no constant for it.
@@ -66,7 +65,7 @@ def feature_blocks(config: MQwenConfig) -> int:
 
 
 def add_vision_metadata(writer: gguf.GGUFWriter, config: MQwenConfig, name: str, file_type: int) -> None:
-    import gguf
+    import gguf  # optional: the gguf extra
 
     vision = config.vision_config
     blocks = feature_blocks(config)

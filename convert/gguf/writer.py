@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..errors import ConvertError
 
@@ -37,7 +38,7 @@ class PlannedTensor:
 
 
 def ggml_type(tensor: PlannedTensor, outtype: str) -> gguf.GGMLQuantizationType:
-    import gguf
+    import gguf  # optional: the gguf extra
 
     if tensor.kind == "keep_f32" or len(tensor.shape) == 1 or outtype == "f32":
         return gguf.GGMLQuantizationType.F32
@@ -48,7 +49,7 @@ def ggml_type(tensor: PlannedTensor, outtype: str) -> gguf.GGMLQuantizationType:
 
 def check_quantizable(tensors: Sequence[PlannedTensor], outtype: str) -> None:
     """q8_0 packs rows in blocks of 32 values: refuse (naming the tensor) when a row length does not allow it."""
-    import gguf
+    import gguf  # optional: the gguf extra
 
     if outtype != "q8_0":
         return
@@ -66,7 +67,7 @@ def check_quantizable(tensors: Sequence[PlannedTensor], outtype: str) -> None:
 
 
 def _encode(array, qtype):
-    import gguf
+    import gguf  # optional: the gguf extra
 
     if qtype == gguf.GGMLQuantizationType.F32:
         return np.ascontiguousarray(array, dtype=np.float32)
@@ -76,7 +77,7 @@ def _encode(array, qtype):
 
 
 def _nbytes(shape, qtype):
-    import gguf
+    import gguf  # optional: the gguf extra
 
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     return int(np.prod(shape)) // block * size
@@ -91,8 +92,6 @@ def write_gguf(
     desc: str | None = None,
 ) -> None:
     """Declare `tensors`, write the header and metadata already added to `writer`, then stream the data."""
-    from tqdm.auto import tqdm
-
     check_quantizable(tensors, outtype)
     types = [ggml_type(t, outtype) for t in tensors]
     for tensor, qtype in zip(tensors, types):

@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
+from ..common.photos import random_photos
+from ..modeling_mqwen import scored_positions
 from .contenders import greedy_config
 from .report import Row
 from .timing import Stats, StepClock, interleave, now, synchronize, unit
@@ -20,14 +21,6 @@ if TYPE_CHECKING:
 
     from .contenders import Contenders
     from .shapes import Shapes
-
-
-def random_photos(n: int, size: tuple[int, int], seed: int = 0) -> list[Image.Image]:
-    """`n` deterministic random RGB photos of (height, width) `size`, as PIL images."""
-    from PIL import Image
-
-    rng = np.random.RandomState(seed)
-    return [Image.fromarray(rng.randint(0, 256, (*size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def _to(batch, device, dtype):
@@ -287,8 +280,6 @@ def train_figure(
     MQwen runs twice: as train/'s CaptionTrainer calls it (`logits_to_keep=scored_positions(labels)`, the LM
     head only where a caption token is scored; same loss, checked here) and as a plain `model(**batch)`.
     """
-    from mqwen.modeling_mqwen import scored_positions
-
     batch = training_batch(c, shapes, device, dtype)
     scored = dict(batch, logits_to_keep=scored_positions(batch["labels"]))
     c.mqwen.train()

@@ -20,16 +20,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ConvertError
+
+class DestinationError(ValueError):
+    """The output folder cannot be written: it is a file, or a non-empty folder and overwriting was not asked for."""
 
 
 def check_destination(out_dir: str | os.PathLike, overwrite: bool) -> None:
-    """A ConvertError if `out_dir` is a file, or a non-empty folder and `overwrite` is false."""
+    """A DestinationError if `out_dir` is a file, or a non-empty folder and `overwrite` is false."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ConvertError(f"OUT_DIR {out_dir} exists and is a file; choose a folder path.")
+        raise DestinationError(f"OUT_DIR {out_dir} exists and is a file; choose a folder path.")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ConvertError(
+        raise DestinationError(
             f"OUT_DIR {out_dir} already exists and is not empty. Pass --overwrite to replace it (it is replaced only "
             "once the new build is complete), or choose another folder."
         )

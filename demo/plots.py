@@ -10,17 +10,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..convert.staging import staged_file
+from ..common.atomic_files import staged_file
 
 if TYPE_CHECKING:
     from PIL import Image
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # optional: the train extra
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: the train extra
 
     return plt
 

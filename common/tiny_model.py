@@ -1,4 +1,4 @@
-"""`mqwen-convert tiny OUT_DIR`: a complete, random, tiny, Hub-ready MQwen checkpoint in seconds.
+"""A complete, random, tiny, Hub-ready MQwen checkpoint in seconds (`mqwen-convert tiny OUT_DIR`).
 
 Tests and examples use it; it has every file a published MQwen has (config with auto_map, safetensors,
 tokenizer with Qwen's special tokens and `<image>`, processor config, chat template, the three code files).
@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 
-from .build import build_processor, generation_defaults
-from .tokenizer import train_qwen_style_tokenizer, wrap_as_transformers_tokenizer
+from ..configuration_mqwen import MQwenConfig, MQwenVisionConfig
+from ..modeling_mqwen import MQwenForCausalLM
+from ..processing_mqwen import CHAT_TEMPLATE, MQwenProcessor
+from .small_tokenizer import train_qwen_style_tokenizer, wrap_as_transformers_tokenizer
 
 TINY_VISION = dict(image_size=56, patch_size=14, width=32, layers=2, heads=2, output_dim=16)
 TINY_TEXT = dict(
@@ -37,9 +40,6 @@ def build_tiny(
     seed: int = 0, vision: dict | None = None, text: dict | None = None, tokenizer: Any = None, **config_kwargs: Any
 ) -> tuple[Any, Any]:
     """A tiny random MQwenForCausalLM and its processor (in memory)."""
-    from mqwen import MQwenConfig, MQwenForCausalLM, MQwenVisionConfig
-    from mqwen.processing_mqwen import CHAT_TEMPLATE
-
     torch.manual_seed(seed)
     if tokenizer is None:
         tokenizer = wrap_as_transformers_tokenizer(train_qwen_style_tokenizer(), chat_template=CHAT_TEMPLATE)
@@ -59,8 +59,14 @@ def build_tiny(
     )
     model = MQwenForCausalLM(config).eval()
     model.generation_config = generation_defaults(tokenizer)
-    processor = build_processor(tokenizer, vision_config, config.image_seq_length)
+    processor = MQwenProcessor.from_model_config(config, tokenizer)
     return model, processor
+
+
+def generation_defaults(tokenizer: Any) -> GenerationConfig:
+    """Qwen2.5-Instruct's stopping behaviour: stop on <|im_end|> or <|endoftext|>, pad with <|endoftext|>."""
+    stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    return GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, do_sample=False)
 
 
 def save_checkpoint(model: Any, processor: Any, out_dir: str | Path) -> Path:
