@@ -90,8 +90,9 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in _TA_FIELDS else "gradient_checkpointing"
     args[checkpointing] = config.gradient_checkpointing
     args[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
-    if _world_size() > 1 and not torch.cuda.is_available():
-        # Without `use_cpu`, accelerate sees no GPU and runs every process undistributed on the whole data.
+    if not torch.cuda.is_available() and (_world_size() > 1 or config.bf16):
+        # Without `use_cpu`, accelerate sees no GPU and runs every process undistributed on the whole data, and
+        # TrainingArguments refuses bf16 (CPU autocast runs it).
         args["use_cpu"] = True
     if "warmup_ratio" in _TA_FIELDS:  # transformers 4.x
         args["warmup_ratio"] = config.warmup_ratio
