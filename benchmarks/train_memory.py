@@ -62,7 +62,7 @@ def build_checkpoint(out_dir: str, quick: bool) -> None:
     save_checkpoint(model.to(torch.bfloat16), processor, out_dir)
 
 
-def one_run(checkpoint: str, stage: str, loading: str, steps: int, batch: int, work: str) -> dict:
+def one_run(checkpoint: str, stage: str, loading: str, steps: int, batch: int, work: str, bf16: bool) -> dict:
     """One training run in this (fresh) process; returns its figures."""
     import gc
 
@@ -113,6 +113,7 @@ def one_run(checkpoint: str, stage: str, loading: str, steps: int, batch: int, w
         report_to="none",
         seed=0,
         warmup_ratio=0.0,
+        bf16=bf16,  # autocast, both loadings alike
     )
     model = processor = None
     if loading == "float32":  # train/run.py before this change: the whole model in float32
@@ -241,14 +242,16 @@ def render(results: list[dict], meta: dict, estimate: dict | None) -> str:
     lines = [
         "# Training memory at real shapes: float32 loading against frozen bf16 + float32 trained weights",
         "",
-        f"`python -m mqwen.benchmarks.train_memory{' --quick' if meta['quick'] else ''}`, {meta['date']}, "
+        f"`python -m mqwen.benchmarks.train_memory{' --quick' if meta['quick'] else ''}"
+        f"{' --bf16' if meta.get('bf16') else ''}`, {meta['date']}, "
         f"{meta['minutes']:.1f} min.",
         "",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in meta["machine"].items()) + ".",
         f"Load average (1 / 5 / 15 min) before: {meta['load_before']}; after: {meta['load_after']}.",
         f"Shapes: {meta['shapes']}; checkpoint {_gb(meta['checkpoint_bytes'])} (bf16, random weights); batch "
         f"{meta['batch']}, {meta['steps']} optimizer steps per run (AdamW), one checkpoint written at the end; "
-        "each run a fresh process.",
+        "each run a fresh process; compute "
+        + ("bf16 autocast (`--bf16`) in both." if meta.get("bf16") else "without autocast (no `--bf16`) in both."),
         "",
         "| stage | loading | peak RSS above imports | step time, s (steps 2..) | checkpoint | its weights file(s) "
         "| frozen weights | trained weights | optimizer states |",
@@ -318,6 +321,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
     parser.add_argument("--batch", type=int, default=2, help="examples per step (default 2)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run (default 3)")
+    parser.add_argument("--bf16", action="store_true", help="both loadings with --bf16 (autocast) compute")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="markdown report (and .json beside)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -333,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         elif kind == "estimate":
             print(json.dumps(parameters_7b()))
         else:
-            checkpoint, stage, loading, steps, batch, work = rest
-            print(json.dumps(one_run(checkpoint, stage, loading, int(steps), int(batch), work)))
+            checkpoint, stage, loading, steps, batch, work, compute = rest
+            print(json.dumps(one_run(checkpoint, stage, loading, int(steps), int(batch), work, compute == "bf16")))
         return 0
 
     from ..common.machine import load_average, machine_description
@@ -342,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     load_before = load_average()
     root = Path(tempfile.mkdtemp(prefix="mqwen-train-memory-"))
+    compute = "bf16" if args.bf16 else "fp32"
     try:
         checkpoint = root / "checkpoint"
         _child(["build", str(checkpoint), "quick" if args.quick else "real"])
@@ -350,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             work = root / f"{stage}-{loading}"
             print(f"{stage}, {loading} loading ...", file=sys.stderr, flush=True)
             results.append(
-                _child(["run", str(checkpoint), stage, loading, str(args.steps), str(args.batch), str(work)])
+                _child(["run", str(checkpoint), stage, loading, str(args.steps), str(args.batch), str(work), compute])
             )
             shutil.rmtree(work, ignore_errors=True)
             print(json.dumps({k: v for k, v in results[-1].items() if k != "losses"}), file=sys.stderr, flush=True)
@@ -368,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     estimate = {"parameters": parameters, "bytes_per": bytes_per, "memory": memory_7b(parameters, bytes_per)}
     meta = {
         "quick": args.quick,
+        "bf16": args.bf16,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "minutes": (time.perf_counter() - start) / 60,
         "machine": machine_description("cpu"),

@@ -13,7 +13,7 @@ from test_convert_build import make_hf_clip, make_llm
 
 from mqwen.common.tiny_model import build_tiny, save_checkpoint
 from mqwen.convert.cli import main as convert_main
-from mqwen.train import TrainConfig, build_trainer, train
+from mqwen.train import TrainConfig, build_trainer, load_trained, train
 from mqwen.train.memory_report import memory_figures
 from mqwen.train.stages import PROJECTOR
 from mqwen.train.trainable_checkpoints import TRAINABLE_WEIGHTS
@@ -135,6 +135,18 @@ def test_model_dtype_and_pure_bf16(tmp_path, bf16_dir, pairs):
 
     with pytest.raises(ValueError, match="trainable_dtype must be one of fp32, bf16"):
         config(tmp_path, bf16_dir, pairs, trainable_dtype="fp16")
+
+
+def test_a_lora_adapter_folder_comes_out_in_the_source_dtype_and_loads(tmp_path, bf16_dir, pairs):
+    result = train(config(tmp_path, bf16_dir, pairs, stage="lora", keep_adapter=True, learning_rate=5e-3))
+    folder = result.model_dir
+    assert (folder / "adapter_config.json").is_file() and not (folder / "config.json").exists()
+    assert set(_file_dtypes(folder).values()) == {"BF16"}
+    model, processor = load_trained(folder)
+    inputs = processor(images=[pairs[0][0]], text=["Describe this image."])
+    trained = result.trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits.float(), trained(**inputs).logits.float(), atol=0.1, rtol=0)
 
 
 def test_a_float32_checkpoint_trains_as_before(tmp_path, tiny_dir, pairs):

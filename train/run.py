@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 from safetensors.torch import save_file
-from transformers import PretrainedConfig, TrainerCallback, TrainingArguments, set_seed
+from transformers import PreTrainedModel, TrainerCallback, TrainingArguments, set_seed
 
 from ..common.atomic_files import replace_folder, staged_file, write_atomically
 from ..modeling_mqwen import MQwenForCausalLM
@@ -345,13 +345,12 @@ def _save_in_dtype(model, folder, dtype, state_dict=None, **save_kwargs):
         state = cast_state_dict(state, dtype)
     with own_class(model):
         model.save_pretrained(folder, state_dict=state, **save_kwargs)
-    config = getattr(model, "config", None)
-    if dtype is not None and isinstance(config, PretrainedConfig):
+    if dtype is not None and isinstance(model, PreTrainedModel):  # not a peft adapter folder: it has no config.json
         # `save_pretrained` names the dtype of the model's first weight, which may be a frozen part's
-        for part in (config, getattr(config, "text_config", None)):
+        for part in (model.config, getattr(model.config, "text_config", None)):
             if part is not None:
                 part.dtype = dtype_name(dtype)
-        config.save_pretrained(folder)
+        model.config.save_pretrained(folder)
 
 
 def _projector_file(config: TrainConfig) -> Optional[Path]:
