@@ -145,8 +145,9 @@ def test_a_lora_adapter_folder_comes_out_in_the_source_dtype_and_loads(tmp_path,
     model, processor = load_trained(folder)
     inputs = processor(images=[pairs[0][0]], text=["Describe this image."])
     trained = result.trainer.model.eval()
+    # Measured: 2.5e-3 apart (the adapters rounded to bf16), against 0.57 between the base and the trained model
     with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits.float(), trained(**inputs).logits.float(), atol=0.1, rtol=0)
+        torch.testing.assert_close(model(**inputs).logits.float(), trained(**inputs).logits.float(), atol=0.02, rtol=0)
 
 
 def test_a_float32_checkpoint_trains_as_before(tmp_path, tiny_dir, pairs):
