@@ -10,17 +10,21 @@ import pytest
 import torch
 from safetensors import safe_open
 from test_convert_build import make_hf_clip, make_llm
+from test_train_run import _losses
+from test_train_run import config as run_config
 
 from mqwen.common.tiny_model import build_tiny, save_checkpoint
 from mqwen.convert.cli import main as convert_main
-from mqwen.train import TrainConfig, build_trainer, load_trained, train
+from mqwen.train import build_trainer, load_trained, train
 from mqwen.train.memory_report import memory_figures
 from mqwen.train.stages import PROJECTOR
 from mqwen.train.trainable_checkpoints import TRAINABLE_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# The captions the tolerances below were measured on.
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "two blue circles", "a green square", "a cat"]
+
 
 # Measured on this code (2-core AMD EPYC VM, torch 2.14.1, 2026-12-08): the largest difference between the losses
 # of 8 steps with frozen weights in bf16 (float32 projector / adapters) and with everything in float32 (today's
@@ -45,24 +49,8 @@ def pairs(make_image):
 
 
 def config(tmp_path, model, data, **overrides):
-    values = dict(
-        model=str(model),
-        data=data,
-        output_dir=str(tmp_path / "run"),
-        max_steps=4,
-        per_device_train_batch_size=2,
-        logging_steps=1,
-        save_steps=1000,
-        disable_tqdm=True,
-        seed=0,
-        warmup_ratio=0.0,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def _losses(log_history):
-    return {entry["step"]: entry["loss"] for entry in log_history if "loss" in entry}
+    """test_train_run's settings, 4 steps unless told."""
+    return run_config(tmp_path, model, data, **{"max_steps": 4, **overrides})
 
 
 def _dtypes(model, trainable):
