@@ -33,8 +33,11 @@ EXAMPLES = """examples:
   torchrun --nproc_per_node=8 -m mqwen.train --fsdp --model ... --data ... --stage full --output-dir runs/full --bf16
   accelerate launch --config_file "$(python -m mqwen.train.configs fsdp.yaml)" -m mqwen.train --model ... --stage full
 
-The final model (Hub format, with its processor) is written to OUTPUT_DIR/final; a summary with the
-skipped-image count goes to OUTPUT_DIR/train_summary.json. Evaluate it with `mqwen-eval`.
+The final model (Hub format, with its processor) is written to OUTPUT_DIR/final, in the base checkpoint's dtype
+(--final-dtype); align also writes OUTPUT_DIR/projector.safetensors, which `mqwen-convert build --projector` takes.
+Frozen weights stay in the checkpoint's dtype (--model-dtype), trained ones in float32 (--trainable-dtype); align
+checkpoints hold the projector alone. A summary with the skipped-image count goes to
+OUTPUT_DIR/train_summary.json. Evaluate it with `mqwen-eval`.
 """
 
 
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "model_dir": str(result.model_dir),
+                    **({"projector": str(result.projector_file)} if result.projector_file else {}),
                     "train_loss": result.metrics.get("train_loss"),
                     "steps": result.trainer.state.global_step,
                     "skipped_images": {"missing": result.skipped.missing, "corrupt": result.skipped.corrupt},

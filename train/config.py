@@ -10,6 +10,10 @@ from typing import Any, Optional
 
 from .recipe import CaptionRecipe
 
+# The dtype spellings of --model-dtype / --final-dtype and --trainable-dtype (train/precision.py).
+WEIGHT_DTYPES = ("bf16", "fp16", "fp32")
+TRAINABLE_DTYPES = ("fp32", "bf16")
+
 STAGES = ("align", "lora", "full")
 
 # Several phrasings of the caption request. One is drawn per training example (seeded by the example's
@@ -126,6 +130,17 @@ class TrainConfig:
     max_grad_norm: float = _help("gradient clipping", default=1.0)
     bf16: bool = _help("bfloat16 mixed precision", default=False)
     fp16: bool = _help("float16 mixed precision", default=False)
+    model_dtype: Optional[str] = _help(
+        "dtype of the frozen weights in memory: bf16, fp16 or fp32 (default: the checkpoint's own, e.g. bf16 for a "
+        "bf16 checkpoint; the trained dtype under --fsdp/--deepspeed; see train/precision.py)",
+        default=None,
+    )
+    trainable_dtype: str = _help(
+        "dtype of the trained weights and so of the optimizer's states: fp32 master weights, as mixed precision "
+        "(--bf16/--fp16) expects, or bf16 for pure bf16 training (half the memory of the trained part and its "
+        "optimizer, coarser updates; frozen weights then default to bf16 too)",
+        default="fp32",
+    )
     gradient_checkpointing: bool = _help("recompute activations in the backward pass to save memory", default=False)
     logging_steps: int = _help("log every N steps", default=10)
     save_steps: int = _help("checkpoint every N steps", default=500)
@@ -147,6 +162,11 @@ class TrainConfig:
         default=False,
     )
     max_shard_size: str = _help("largest safetensors file of the final model", default="5GB")
+    final_dtype: Optional[str] = _help(
+        "dtype of OUTPUT_DIR/final (and of align's OUTPUT_DIR/projector.safetensors): bf16, fp16 or fp32 "
+        "(default: the base checkpoint's)",
+        default=None,
+    )
     disable_tqdm: bool = _help("hide the progress bar", default=False)
     training_args: dict = _help("any other transformers.TrainingArguments fields (Python only)", default_factory=dict)
 
@@ -155,6 +175,14 @@ class TrainConfig:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.bf16 and self.fp16:
             raise ValueError("Choose one of bf16 and fp16, not both.")
+        for name, allowed in (
+            ("model_dtype", WEIGHT_DTYPES),
+            ("trainable_dtype", TRAINABLE_DTYPES),
+            ("final_dtype", WEIGHT_DTYPES),
+        ):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}.")
         if self.fsdp and self.deepspeed:
             raise ValueError("Choose one of fsdp and deepspeed, not both.")
         if self.keep_adapter and self.stage != "lora":

@@ -16,23 +16,27 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from transformers import TrainerCallback, TrainingArguments, set_seed
+from safetensors.torch import save_file
+from transformers import PreTrainedModel, TrainerCallback, TrainingArguments, set_seed
 
-from ..common.atomic_files import replace_folder, write_atomically
+from ..common.atomic_files import replace_folder, staged_file, write_atomically
 from ..modeling_mqwen import MQwenForCausalLM
-from ..processing_mqwen import MQwenProcessor
 from ..runtime import load_for_inference
 from .collator import CaptionCollator
 from .config import TrainConfig
 from .data import CaptionDataset, SkipReport, load_caption_dataset
-from .distributed import destroy_process_group_at_exit, own_class, request_fsdp
-from .stages import prepare_model_for_stage, trainable_summary
+from .distributed import destroy_process_group_at_exit, fsdp_requested, own_class, request_fsdp
+from .loading import load_model_for_training
+from .memory_report import MemoryReport
+from .precision import RunDtypes, apply_run_dtypes, cast_state_dict, dtype_name, weights_dtype
+from .stages import PROJECTOR, prepare_model_for_stage, trainable_summary
 from .trainer import CaptionTrainer
 
 logger = logging.getLogger(__name__)
 
 _TA_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
 FINAL_DIR = "final"
+PROJECTOR_FILE = "projector.safetensors"  # align: the projector alone, for `mqwen-convert build --projector`
 
 
 @dataclass
@@ -44,22 +48,7 @@ class TrainResult:
     skipped: SkipReport
     log_history: list
     trainer: Any
-
-
-def load_model_and_processor(model: Any, processor: Any = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """An `MQwenForCausalLM` + `MQwenProcessor` from a folder / Hub id, or the objects given.
-
-    Weights load in float32 by default: mixed precision (`bf16`/`fp16`) keeps float32 master weights.
-    """
-    if isinstance(model, (str, os.PathLike)):
-        if processor is None:
-            processor = MQwenProcessor.from_pretrained(str(model))
-        model = MQwenForCausalLM.from_pretrained(str(model), dtype=dtype)
-    if model is None:
-        raise ValueError("Pass a model: an MQwen folder or Hub id (--model), or an MQwenForCausalLM object.")
-    if processor is None:
-        raise ValueError("A model object needs its processor: train(config, processor=...).")
-    return model, processor
+    projector_file: Optional[Path] = None  # align: OUTPUT_DIR/projector.safetensors
 
 
 def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
@@ -102,8 +91,9 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in _TA_FIELDS else "gradient_checkpointing"
     args[checkpointing] = config.gradient_checkpointing
     args[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
-    if _world_size() > 1 and not torch.cuda.is_available():
-        # Without `use_cpu`, accelerate sees no GPU and runs every process undistributed on the whole data.
+    if not torch.cuda.is_available() and (_world_size() > 1 or config.bf16):
+        # Without `use_cpu`, accelerate sees no GPU and runs every process undistributed on the whole data, and
+        # TrainingArguments refuses bf16 (CPU autocast runs it).
         args["use_cpu"] = True
     # compat(transformers<5.16): `warmup_ratio` exists before 5.16; from 5.16 on, warmup_steps takes a ratio below 1
     if "warmup_ratio" in _TA_FIELDS:  # transformers 4.x
@@ -147,7 +137,9 @@ def build_trainer(
 ) -> CaptionTrainer:
     """A ready `CaptionTrainer` for `config` (model frozen/wrapped for the stage, data loaded, optimizer groups
     set up on first use). `model`/`processor`/datasets override `config.model`/`config.data`/`config.eval_data`."""
-    model, processor = load_model_and_processor(model if model is not None else config.model, processor)
+    model, processor = load_model_for_training(model if model is not None else config.model, processor)
+    sharded = _shards_weights(config)
+    dtypes = RunDtypes.of(config, source=weights_dtype(model), sharded=sharded)
     train_dataset = _dataset(train_dataset if train_dataset is not None else config.data, config)
     if train_dataset is None:
         raise ValueError("Pass training data (--data).")
@@ -163,7 +155,7 @@ def build_trainer(
     if args.world_size > 1:
         destroy_process_group_at_exit()
     set_seed(config.seed)  # LoRA's initial weights: the same in every process, and in every run of a seed
-    model = prepare_model_for_stage(model, config)
+    model = apply_run_dtypes(prepare_model_for_stage(model, config), dtypes)
     trainer = CaptionTrainer(
         model=model,
         args=args,
@@ -171,10 +163,19 @@ def build_trainer(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
-        callbacks=callbacks,
+        callbacks=[MemoryReport(), *(callbacks or [])],
         recipe=config.recipe(),
+        dtypes=dtypes,
+        # align: checkpoints hold the projector (lora's hold the adapters anyway: peft saves only those)
+        trainable_only_checkpoints=config.stage == "align" and not sharded,
     )
     return trainer
+
+
+def _shards_weights(config: TrainConfig) -> bool:
+    """Whether this run shards weights across processes (FSDP, DeepSpeed), as asked or as a launcher set it up."""
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return bool(config.fsdp or config.deepspeed or fsdp_requested() or deepspeed)
 
 
 def train(
@@ -190,6 +191,7 @@ def train(
     trainer = build_trainer(config, model, processor, train_dataset, eval_dataset, callbacks)
     if trainer.is_world_process_zero():
         logger.info("Trainable parameters: %s", trainable_summary(trainer.model))
+        logger.info("Dtypes: %s", trainer.dtypes.describe())
         dataset = trainer.train_dataset
         if isinstance(dataset, CaptionDataset) and dataset.dropped:
             logger.warning(
@@ -203,6 +205,7 @@ def train(
     output = trainer.train(resume_from_checkpoint=resume)
     skipped = trainer.gathered_skip_report()
     model_dir = save_final_model(trainer, config) if save else None
+    projector_file = model_dir and _projector_file(config)
     if trainer.is_world_process_zero():
         if len(skipped):
             logger.warning(skipped.summary())
@@ -213,7 +216,7 @@ def train(
             "config": config.to_dict(),
         }
         write_atomically(Path(config.output_dir) / "train_summary.json", json.dumps(summary, indent=2))
-    return TrainResult(model_dir, output.metrics, skipped, trainer.state.log_history, trainer)
+    return TrainResult(model_dir, output.metrics, skipped, trainer.state.log_history, trainer, projector_file)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,11 +295,13 @@ def _sharded(trainer) -> bool:
 def save_final_model(trainer: CaptionTrainer, config: TrainConfig, out_dir: str | os.PathLike | None = None) -> Path:
     """Write the trained model + processor in the Hub format to `out_dir` (default `OUTPUT_DIR/final`).
 
-    LoRA is merged into the language model unless `config.keep_adapter`, which writes a peft adapter folder
-    (adapter + trained projector) that `load_trained` reads. Sharded weights (FSDP, ZeRO-3) are gathered
-    from every process; the main process alone writes safetensors files of at most `config.max_shard_size`.
-    Files go to a temporary folder first and are renamed into place, so `out_dir` is never half-written.
-    Call on every process.
+    Weights are written in the run's final dtype (`trainer.dtypes.final`: the base checkpoint's unless
+    `--final-dtype`), whatever dtype each part trained in; the align stage also writes the projector alone to
+    `OUTPUT_DIR/projector.safetensors` (for `mqwen-convert build --projector`). LoRA is merged into the language
+    model unless `config.keep_adapter`, which writes a peft adapter folder (adapter + trained projector) that
+    `load_trained` reads. Sharded weights (FSDP, ZeRO-3) are gathered from every process; the main process alone
+    writes safetensors files of at most `config.max_shard_size`. Files go to a temporary folder first and are
+    renamed into place, so `out_dir` is never half-written. Call on every process.
     """
     from peft import PeftModel  # optional: the train extra
 
@@ -304,6 +309,7 @@ def save_final_model(trainer: CaptionTrainer, config: TrainConfig, out_dir: str 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     main = trainer.is_world_process_zero()
     accelerator = trainer.accelerator
+    dtype = trainer.dtypes.final if getattr(trainer, "dtypes", None) else None
     if main and tmp.exists():
         shutil.rmtree(tmp)
     # Every process takes part in gathering; only the main one keeps the full state dict.
@@ -312,31 +318,65 @@ def save_final_model(trainer: CaptionTrainer, config: TrainConfig, out_dir: str 
         model = accelerator.unwrap_model(trainer.model)
         save = dict(safe_serialization=True, max_shard_size=config.max_shard_size)
         if not isinstance(model, PeftModel):
-            with own_class(model):
-                model.save_pretrained(tmp, state_dict=state_dict, **save)
+            _save_in_dtype(model, tmp, dtype, state_dict, **save)
         elif config.keep_adapter:  # the adapter and the trained projector (modules_to_save)
-            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            _save_in_dtype(model, tmp, dtype, state_dict, safe_serialization=True)
         elif state_dict is None:
-            model.merge_and_unload().save_pretrained(tmp, **save)
+            _save_in_dtype(model.merge_and_unload(), tmp, dtype, **save)
         else:  # the model's own weights are shards: merge the gathered adapter into a fresh base model
             adapter_tmp = out_dir.with_name(f".{out_dir.name}.adapter.tmp")
             model.save_pretrained(adapter_tmp, state_dict=state_dict, safe_serialization=True)
-            _merge_saved_adapter(config, adapter_tmp, tmp, save)
+            _merge_saved_adapter(config, adapter_tmp, tmp, save, dtype)
             shutil.rmtree(adapter_tmp)
         trainer.processing_class.save_pretrained(tmp)
+        if _projector_file(config):
+            _save_projector(model, state_dict, _projector_file(config), dtype)
         replace_folder(tmp, out_dir)
     accelerator.wait_for_everyone()
     return out_dir
 
 
-def _merge_saved_adapter(config, adapter_dir, out_dir, save_kwargs):
+def _save_in_dtype(model, folder, dtype, state_dict=None, **save_kwargs):
+    """`model.save_pretrained(folder)` with every weight in `dtype` (None: as they are), config.json saying so.
+
+    Only the tensors in another dtype are copied (the trained ones, in align and lora); the model in memory keeps
+    its training dtypes.
+    """
+    state = state_dict if state_dict is not None else model.state_dict()
+    if dtype is not None:
+        state = cast_state_dict(state, dtype)
+    with own_class(model):
+        model.save_pretrained(folder, state_dict=state, **save_kwargs)
+    if dtype is not None and isinstance(model, PreTrainedModel):  # not a peft adapter folder: it has no config.json
+        # `save_pretrained` names the dtype of the model's first weight, which may be a frozen part's
+        for part in (model.config, getattr(model.config, "text_config", None)):
+            if part is not None:
+                part.dtype = dtype_name(dtype)
+        model.config.save_pretrained(folder)
+
+
+def _projector_file(config: TrainConfig) -> Optional[Path]:
+    return Path(config.output_dir) / PROJECTOR_FILE if config.stage == "align" else None
+
+
+def _save_projector(model, state_dict, path, dtype):
+    """The projector's tensors alone, under the model's names (`multi_modal_projector.linear_1.weight`, ...)."""
+    state = state_dict if state_dict is not None else model.state_dict()
+    tensors = {name: tensor for name, tensor in state.items() if name.startswith(f"{PROJECTOR}.")}
+    if dtype is not None:
+        tensors = cast_state_dict(tensors, dtype)
+    with staged_file(path) as tmp:
+        save_file({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata={"format": "pt"})
+
+
+def _merge_saved_adapter(config, adapter_dir, out_dir, save_kwargs, dtype):
     from peft import PeftModel  # optional: the train extra
 
     if not isinstance(config.model, (str, os.PathLike)):
         raise ValueError("Merging LoRA under ZeRO-3/FSDP reloads the base model: pass --model as a path or repo.")
-    base = MQwenForCausalLM.from_pretrained(str(config.model))
+    base = MQwenForCausalLM.from_pretrained(str(config.model), dtype=dtype or "auto")
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(out_dir, **save_kwargs)
+    _save_in_dtype(merged, out_dir, dtype, **save_kwargs)
 
 
 def load_trained(path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str = "cpu") -> tuple[Any, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..common.atomic_files import replace_folder
@@ -19,8 +20,10 @@ from ..modeling_mqwen import scored_positions
 from .curriculum import ShortCaptionsFirstSampler
 from .data import SkipReport
 from .distributed import enable_fsdp_on_cpu
+from .precision import RunDtypes
 from .recipe import CaptionRecipe
 from .stages import part_param_groups
+from .trainable_checkpoints import holds_trainable_weights, load_trainable_weights, save_trainable_weights
 from .vision_warmup import VisionWarmup
 
 # Where checkpoints are written before they are complete (a dot folder: never matched as `checkpoint-N`).
@@ -32,11 +35,24 @@ class CaptionTrainer(Trainer):
 
     Args (besides Trainer's):
         recipe: what the run does beyond the stock Trainer (`recipe.py`); default: nothing.
+        dtypes: the run's dtypes (`precision.py`), of which `save_final_model` writes the final one; default:
+            the model's own.
+        trainable_only_checkpoints: checkpoints hold the trainable parameters, not the whole model
+            (`trainable_checkpoints.py`; the align stage).
     """
 
-    def __init__(self, *args, recipe: CaptionRecipe | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        recipe: CaptionRecipe | None = None,
+        dtypes: RunDtypes | None = None,
+        trainable_only_checkpoints: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.recipe = recipe or CaptionRecipe()
+        self.dtypes = dtypes
+        self.trainable_only_checkpoints = trainable_only_checkpoints
         # The auxiliary losses since the last log, summed (a running sum: a run that never logs keeps no list)
         self._vision_aux_sum, self._vision_aux_count = torch.zeros(()), 0
         self.vision_warmup = None  # built with the optimizer, whose parameter groups hold its head
@@ -144,6 +160,28 @@ class CaptionTrainer(Trainer):
 
     def _get_output_dir(self, trial):
         return getattr(self, "_checkpoint_staging", None) or super()._get_output_dir(trial)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """A checkpoint of the trainable parameters alone where asked (`trainable_checkpoints.py`), with the processor
+        and training arguments the stock checkpoint holds; otherwise (and for `save_model`) the stock save."""
+        if not (self.trainable_only_checkpoints and getattr(self, "_checkpoint_staging", None)):
+            return super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            save_trainable_weights(self.model, output_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """A trainable-only checkpoint is loaded over the model rebuilt from the base; others the stock way."""
+        if holds_trainable_weights(resume_from_checkpoint):
+            return load_trainable_weights(self.model if model is None else model, resume_from_checkpoint)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if holds_trainable_weights(self.state.best_model_checkpoint):
+            return load_trainable_weights(self.model, self.state.best_model_checkpoint)
+        return super()._load_best_model()
 
     def _rotate_saved_checkpoints(self, run_dir):
         """Apply `save_total_limit` (the stock save rotated inside the staging folder, where there is nothing
