@@ -43,6 +43,10 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 ADAPTER_CONFIG = "adapter_config.json"
 # `--quantize` names (`quantization_config` says what each means): 4bit = nf4; torchao-int4 needs CUDA.
 QUANTIZATION_CHOICES = ("4bit", "nf4", "fp4", "8bit", "torchao-int8", "torchao-int4")
+# What a quantized load leaves alone: `MQwenPreTrainedModel._not_quantized_modules`, the model's own declaration
+# (tests/test_quantized.py checks they are equal). Named here too because `trust_remote_code` runs the modeling file
+# saved with a checkpoint, and one saved before that declaration existed would quantize its vision tower.
+NOT_QUANTIZED_MODULES = ("vision_tower", "multi_modal_projector", "language_model.lm_head")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -116,9 +120,9 @@ def quantization_config(
     a transformers `QuantizationConfigMixin` (BitsAndBytesConfig, TorchAoConfig, ...) as given.
 
     4bit/nf4: bitsandbytes NF4 with double quantization (QLoRA's recipe); fp4: bitsandbytes FP4; 8bit:
-    bitsandbytes LLM.int8(); torchao-int8 / torchao-int4: torchao weight-only. Which modules are left alone
-    is the model's own declaration (`MQwenPreTrainedModel._not_quantized_modules`), not the config's. A name
-    whose library is missing is an ImportError that says what to install.
+    bitsandbytes LLM.int8(); torchao-int8 / torchao-int4: torchao weight-only. The vision tower, projector and
+    lm_head are left alone (`NOT_QUANTIZED_MODULES`; a config passed as given gets the model's own declaration).
+    A name whose library is missing is an ImportError that says what to install.
     """
     if quantization is None or not isinstance(quantization, str):
         return quantization
@@ -129,21 +133,23 @@ def quantization_config(
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig  # optional: the quant extra
         from transformers import TorchAoConfig
 
+        skip = list(NOT_QUANTIZED_MODULES)
         if quantization == "torchao-int8":
-            return TorchAoConfig(Int8WeightOnlyConfig())
+            return TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=skip)
         if torch.device(device).type != "cuda":
             raise ValueError(
                 "torchao-int4 runs on CUDA only (torchao's int4 weight-only kernels); on "
                 f"{torch.device(device).type} use 4bit (bitsandbytes NF4) or torchao-int8"
             )
-        return TorchAoConfig(Int4WeightOnlyConfig())
+        return TorchAoConfig(Int4WeightOnlyConfig(), modules_to_not_convert=skip)
     _require_package("bitsandbytes", quantization)
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(NOT_QUANTIZED_MODULES))
     return BitsAndBytesConfig(
         load_in_4bit=True,
+        llm_int8_skip_modules=list(NOT_QUANTIZED_MODULES),
         bnb_4bit_quant_type="fp4" if quantization == "fp4" else "nf4",
         bnb_4bit_use_double_quant=quantization != "fp4",
         bnb_4bit_compute_dtype=dtype,
