@@ -55,6 +55,7 @@ EPILOG = """examples:
   python -m mqwen.demo && python app.py          # train the shapes model, then serve it (the default)
   python app.py --model mqwen-shapes-demo/model --port 8080
   python app.py --model user/mqwen-checkpoint --device cuda --dtype bfloat16
+  python app.py --model user/mqwen-7b --quantize 4bit     # a 7B on a 16 GB GPU or a laptop (bitsandbytes NF4)
   MQWEN_MODEL=user/mqwen-checkpoint python app.py        # how a Space picks its model
 
 Open the printed URL, drop one or several images, press Caption.
@@ -105,10 +106,10 @@ class Captioner:
         self._lock = threading.Lock()  # the queue already serialises requests; this also guards direct use
 
     @classmethod
-    def load(cls, name_or_path: str, device: str = "auto", dtype: str = "auto") -> Captioner:
+    def load(cls, name_or_path: str, device: str = "auto", dtype: str = "auto", quantization: Any = None) -> Captioner:
         """Load a checkpoint folder or Hub repo once (`runtime.load_for_inference`: remote code, one rule for
-        `auto` device and dtype)."""
-        model, processor = runtime.load_for_inference(name_or_path, device=device, dtype=dtype)
+        `auto` device and dtype; `quantization`: a `--quantize` name or a transformers quantization config)."""
+        model, processor = runtime.load_for_inference(name_or_path, device, dtype, quantization)
         return cls(model, processor, str(model.device))
 
     @property
@@ -460,6 +461,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="port (default: $GRADIO_SERVER_PORT or 7860)",
     )
     runtime.add_device_arguments(parser)
+    runtime.add_quantization_argument(parser)
     parser.add_argument(
         "--max-pixels",
         type=int,
@@ -508,8 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         print(NO_MODEL_HELP.format(looked=", ".join(map(str, default_model_dirs()))), file=sys.stderr)
         return 2
     print(f"Loading model {model} ...", flush=True)
-    captioner = Captioner.load(model, device=args.device, dtype=args.dtype)
-    print(f"Loaded on {captioner.device} ({captioner.model.dtype}).", flush=True)
+    captioner = Captioner.load(model, device=args.device, dtype=args.dtype, quantization=args.quantize)
+    quantized = f", language model {args.quantize}" if args.quantize else ""
+    print(f"Loaded on {captioner.device} ({captioner.model.dtype}{quantized}).", flush=True)
     demo = build_demo(captioner, max_pixels=args.max_pixels, max_images=args.max_images, model_name=model)
     demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
     demo.launch(**launch_kwargs(args))

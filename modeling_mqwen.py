@@ -30,6 +30,7 @@ guards it: the input checks, the damaged-checkpoint message, the transformers-ve
 to the Hub is not here (a published checkpoint carries this file): it is `mqwen.convert.push.push_to_hub`.
 """
 
+import copy
 import inspect
 import math
 import os
@@ -213,13 +214,20 @@ class MQwenPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _supports_cache_class = True  # compat(transformers<4.57): read by older releases only, not by 4.57 or 5.x
     _supports_static_cache = True  # compat(transformers<4.57): read by older releases only, not by 4.57 or 5.x
+    # Never quantized by a `quantization_config` (bitsandbytes, torchao, any HfQuantizer): they stay in the compute
+    # dtype. Quantizing a VLM's vision tower and projector is the field's known accuracy trap, and bitsandbytes
+    # fails on layers narrower than its blocks. `from_pretrained` applies it (the "Quantization" section at the end).
+    _not_quantized_modules = ("vision_tower", "multi_modal_projector", "language_model.lm_head")
 
     # The only loading code here, and it must be here: a Hub user's `AutoModel*.from_pretrained(repo,
     # trust_remote_code=True)` runs just the three Hub files, and a damaged download must get the same clear error.
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> PreTrainedModel:
         """transformers' `from_pretrained`; a damaged weight file gets an error that names it (safetensors' own
-        "Error while deserializing header" names no file): `_damaged_weights_message`, at the end of the file."""
+        "Error while deserializing header" names no file): `_damaged_weights_message`, at the end of the file.
+        A `quantization_config` that names no modules to skip gets `_not_quantized_modules` (see
+        `_keep_modules_unquantized`)."""
+        kwargs = _keep_modules_unquantized(cls, kwargs)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:
@@ -735,6 +743,38 @@ def _damaged_weights_message(source, kwargs, error):
         f"Could not load the weights of {str(source)!r}: {what}. The file is empty or truncated (an interrupted "
         "download, copy or save?): download or convert it again."
     )
+
+
+# ==========================================================================================================
+# Quantization: what `MQwenPreTrainedModel.from_pretrained` does to a `quantization_config` it is given.
+# ==========================================================================================================
+
+# The field each kind of config names its unconverted modules in: bitsandbytes' `llm_int8_skip_modules` (4-bit too),
+# every other HfQuantizer's config (torchao, quanto, HQQ, FP8, ...) `modules_to_not_convert`.
+_SKIP_FIELDS = ("llm_int8_skip_modules", "modules_to_not_convert")
+
+
+def _keep_modules_unquantized(cls, kwargs: dict) -> dict:
+    """`kwargs` with a copy of its `quantization_config` whose skip list is `cls._not_quantized_modules`, when the
+    caller named none (a list the caller gave is theirs, and kept).
+
+    Why here: transformers 4.57 and 5.x build every quantizer's skip list from the config's field, else from the
+    model's tied and output embeddings plus `_keep_in_fp32_modules`; that attribute would also upcast the vision
+    tower to float32 (5.x: under fp16; 4.57: under any bitsandbytes load), so MQwen declares its own list and
+    fills the config's field. A checkpoint saved quantized carries the filled field in its config.json.
+    """
+    config = kwargs.get("quantization_config")
+    if config is None:
+        return kwargs
+    config = copy.deepcopy(config)
+    fields = config if isinstance(config, dict) else vars(config)
+    field = next((name for name in _SKIP_FIELDS if name in fields), None)
+    if field is None and isinstance(config, dict):  # a dict names only what it sets
+        bitsandbytes = str(config.get("quant_method", "")).startswith("bitsandbytes") or "load_in_4bit" in config
+        field = _SKIP_FIELDS[0] if bitsandbytes or "load_in_8bit" in config else _SKIP_FIELDS[1]
+    if field is not None and fields.get(field) is None:
+        fields[field] = list(cls._not_quantized_modules)
+    return {**kwargs, "quantization_config": config}
 
 
 # ==========================================================================================================

@@ -4,8 +4,10 @@ The web page (`app.py`), the caption CLI (`mqwen-caption`), train/'s evaluation 
 demo's reload check and the benchmarks all load and caption through these functions, so they share one
 device/dtype rule, one set of spellings and one batching recipe:
 
-- `load_for_inference(path_or_repo, device="auto", dtype="auto")`: model + processor through the Auto classes
-  with `trust_remote_code=True` (exactly what a Hub user runs), or a peft adapter folder on its base model.
+- `load_for_inference(path_or_repo, device="auto", dtype="auto", quantization=None)`: model + processor through
+  the Auto classes with `trust_remote_code=True` (exactly what a Hub user runs), or a peft adapter folder on its
+  base model; `quantization="4bit"` (or `8bit`, ... `QUANTIZATION_CHOICES`) loads the language model's linear
+  layers quantized through transformers' own quantization configs (`quantization_config`).
 - `caption_images(model, processor, images, batch_size=8, ...)`: batched, left-padded (the processor's default)
   `generate` + `processor.decode_captions`, yielding captions in input order as each batch finishes.
 - `stream_caption(model, processor, image, ...)`: one image, its text growing as tokens arrive (the web page).
@@ -17,6 +19,7 @@ so a Space can hold this file next to `app.py` and nothing else of the repositor
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import threading
@@ -38,6 +41,12 @@ DTYPES = {
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 ADAPTER_CONFIG = "adapter_config.json"
+# `--quantize` names (`quantization_config` says what each means): 4bit = nf4; torchao-int4 needs CUDA.
+QUANTIZATION_CHOICES = ("4bit", "nf4", "fp4", "8bit", "torchao-int8", "torchao-int4")
+# What a quantized load leaves alone: `MQwenPreTrainedModel._not_quantized_modules`, the model's own declaration
+# (tests/test_quantized.py checks they are equal). Named here too because `trust_remote_code` runs the modeling file
+# saved with a checkpoint, and one saved before that declaration existed would quantize its vision tower.
+NOT_QUANTIZED_MODULES = ("vision_tower", "multi_modal_projector", "language_model.lm_head")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -93,16 +102,86 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_quantization_argument(parser: argparse.ArgumentParser) -> None:
+    """`--quantize` as every MQwen tool spells it (a value for `load_for_inference(quantization=...)`)."""
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZATION_CHOICES,
+        default=None,
+        help="load the language model's linear layers quantized (the vision tower and projector stay in --dtype): "
+        "4bit/nf4, fp4 and 8bit through bitsandbytes, torchao-int8 (and torchao-int4, CUDA only) through torchao",
+    )
+
+
+def quantization_config(
+    quantization: Any, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Any:
+    """The transformers quantization config a `--quantize` name means, computing in `dtype`; None for None, and
+    a transformers `QuantizationConfigMixin` (BitsAndBytesConfig, TorchAoConfig, ...) as given.
+
+    4bit/nf4: bitsandbytes NF4 with double quantization (QLoRA's recipe); fp4: bitsandbytes FP4; 8bit:
+    bitsandbytes LLM.int8(); torchao-int8 / torchao-int4: torchao weight-only. The vision tower, projector and
+    lm_head are left alone (`NOT_QUANTIZED_MODULES`; a config passed as given gets the model's own declaration).
+    A name whose library is missing is an ImportError that says what to install.
+    """
+    if quantization is None or not isinstance(quantization, str):
+        return quantization
+    if quantization not in QUANTIZATION_CHOICES:
+        raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATION_CHOICES)}")
+    if quantization.startswith("torchao"):
+        _require_package("torchao", quantization)
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig  # optional: the quant extra
+        from transformers import TorchAoConfig
+
+        skip = list(NOT_QUANTIZED_MODULES)
+        if quantization == "torchao-int8":
+            return TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=skip)
+        if torch.device(device).type != "cuda":
+            raise ValueError(
+                "torchao-int4 runs on CUDA only (torchao's int4 weight-only kernels); on "
+                f"{torch.device(device).type} use 4bit (bitsandbytes NF4) or torchao-int8"
+            )
+        return TorchAoConfig(Int4WeightOnlyConfig(), modules_to_not_convert=skip)
+    _require_package("bitsandbytes", quantization)
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(NOT_QUANTIZED_MODULES))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        llm_int8_skip_modules=list(NOT_QUANTIZED_MODULES),
+        bnb_4bit_quant_type="fp4" if quantization == "fp4" else "nf4",
+        bnb_4bit_use_double_quant=quantization != "fp4",
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def _require_package(package: str, quantization: str) -> None:
+    try:
+        importlib.import_module(package)
+    except ImportError as error:
+        raise ImportError(
+            f"quantization {quantization!r} needs the {package} package, which is not installed ({error}): "
+            f"pip install {package}  (or pip install 'mqwen[quant]')"
+        ) from error
+
+
 def load_for_inference(
-    path_or_repo: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
+    path_or_repo: str | Path,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    quantization: Any = None,
 ) -> tuple[Any, Any]:
     """(model, processor) for captioning: the model in eval mode on `device` in `dtype` (see `resolve_device`,
-    `resolve_dtype`).
+    `resolve_dtype`), its language model's linear layers quantized if `quantization` says so (a name of
+    `QUANTIZATION_CHOICES` or a transformers quantization config: `quantization_config`).
 
     A checkpoint folder or Hub repo loads through `AutoModelForCausalLM` / `AutoProcessor` with
     `trust_remote_code=True`, i.e. the code files saved next to the weights. A peft adapter folder (train/'s
     `--keep-adapter` output: `adapter_config.json`, the adapter, the processor) loads its base model the same
-    way, from `base_model_name_or_path`, and wraps it with `PeftModel`.
+    way, from `base_model_name_or_path`, and wraps it with `PeftModel`. A checkpoint saved quantized loads
+    quantized without `quantization`. Quantized weights are placed on `device` as they load (`device_map`):
+    bitsandbytes refuses `.to()` on an 8-bit model.
     """
     from transformers import AutoModelForCausalLM, AutoProcessor
 
@@ -110,18 +189,37 @@ def load_for_inference(
     torch_dtype = resolve_dtype(dtype, device)
     source = str(path_or_repo)
     adapter_config = Path(source) / ADAPTER_CONFIG
+    base_path = source
     if adapter_config.is_file():
         base_path = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
         if not base_path:
             raise ValueError(f"{adapter_config} does not name its base model (base_model_name_or_path).")
+    load = dict(trust_remote_code=True, dtype=torch_dtype)
+    quantized = quantization_config(quantization, torch_dtype, device)
+    if quantized is not None:
+        load["quantization_config"] = quantized
+    if quantized is not None or _saved_quantized(base_path):
+        load["device_map"] = {"": str(device)}
+    model = AutoModelForCausalLM.from_pretrained(base_path, **load)
+    if base_path != source:
         from peft import PeftModel  # optional: the train extra
 
-        base = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=True, dtype=torch_dtype)
-        model = PeftModel.from_pretrained(base, source)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=torch_dtype)
+        model = PeftModel.from_pretrained(model, source)
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
-    return model.to(device).eval(), processor
+    if "device_map" not in load:
+        model = model.to(device)
+    return model.eval(), processor
+
+
+def _saved_quantized(path_or_repo: str) -> bool:
+    """Whether the checkpoint's config.json holds a `quantization_config` (it was saved quantized)."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(path_or_repo)
+    except (OSError, ValueError):  # from_pretrained then says what is wrong with the source
+        return False
+    return config.get("quantization_config") is not None
 
 
 def processor_inputs(processor: Any, images: list, prompt: str | None = None) -> Any:

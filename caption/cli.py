@@ -16,7 +16,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..runtime import add_device_arguments, caption_images, load_for_inference, resolve_dtype
+from ..runtime import (
+    add_device_arguments,
+    add_quantization_argument,
+    caption_images,
+    load_for_inference,
+    quantization_config,
+    resolve_device,
+    resolve_dtype,
+)
 from .kinds import DEFAULT_MAX_IMAGE_PIXELS, input_kind
 from .shards import FORMATS
 
@@ -25,6 +33,7 @@ EXAMPLES = """examples:
   mqwen-caption photos/ more/*.png --model user/mqwen-7b --device cuda --dtype bf16 --batch-size 16
   mqwen-caption photos/ --model ./mqwen-shapes --prompt "What colour is the circle?" --max-new-tokens 32
   mqwen-caption photos/ --model ./mqwen-shapes --jsonl > captions.jsonl
+  mqwen-caption photos/ --model user/mqwen-7b --quantize 4bit                # bitsandbytes NF4 (~5 GB for a 7B)
   python -m mqwen.caption photo.jpg --model ./mqwen-shapes
   mqwen-caption photos/ --model user/mqwen-7b --engine vllm                  # vLLM's offline engine
   mqwen-caption photos/ --model user/mqwen-7b --engine vllm --vllm-args '{"tensor_parallel_size": 2}'
@@ -104,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --engine vllm: more keyword arguments for vllm.LLM, e.g. '{\"max_model_len\": 2048}'",
     )
     add_device_arguments(parser)
+    add_quantization_argument(parser)
     parser.add_argument("--jsonl", action="store_true", help="write one JSON object per image")
     parser.add_argument("--recursive", action="store_true", help="also look for images in sub-folders")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -146,6 +156,9 @@ def caption_to_folder(args: argparse.Namespace) -> int:
     if args.engine == "vllm":
         print("mqwen-caption: error: --output runs on --engine transformers or ray, not vllm (yet)", file=sys.stderr)
         return EXIT_USAGE
+    if args.quantize:
+        print("mqwen-caption: error: --quantize does not apply to --output dataset jobs yet", file=sys.stderr)
+        return EXIT_USAGE
     try:  # imported here: the readers need the optional `caption` extra, which stdout captioning does not
         from .dataset import ModelError, caption_dataset
         from .inputs import InputError
@@ -186,6 +199,16 @@ def caption_to_folder(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return EXIT_SKIPPED if report.errors else EXIT_OK
+
+
+def check_quantization(args: argparse.Namespace) -> Any:
+    """The quantization config `--quantize` asks for (None without it); ImportError / ValueError when it cannot work."""
+    if not args.quantize:
+        return None
+    if args.engine == "vllm":
+        raise ValueError("--quantize is for --engine transformers; vLLM quantizes with its own engine arguments")
+    device = resolve_device(args.device)
+    return quantization_config(args.quantize, resolve_dtype(args.dtype, device), device)
 
 
 def _positive_int(text):
@@ -333,13 +356,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_USAGE
 
+    try:  # checked before loading: a missing library or a setting that cannot work is not the model's fault
+        quantization = check_quantization(args)
+    except (ImportError, ValueError) as error:
+        print(f"mqwen-caption: error: {error}", file=err)
+        return EXIT_USAGE
     try:
         if args.engine == "vllm":
             vllm_dtype = "auto" if args.dtype == "auto" else str(resolve_dtype(args.dtype)).replace("torch.", "")
             model, processor = load_vllm(args.model, vllm_dtype, args.vllm_args)
             caption = caption_batch_vllm
         else:
-            model, processor = load_for_inference(args.model, args.device, args.dtype)
+            model, processor = load_for_inference(args.model, args.device, args.dtype, quantization)
             caption = caption_batch
     except Exception as error:
         print(

@@ -10,6 +10,10 @@ import shlex
 import sys
 from pathlib import Path
 
+# `export_gguf`'s outtypes (gguf.ALL_OUTTYPES; gguf-py writes the first three), spelt out here because importing
+# mqwen.convert.gguf costs seconds that `--help` should not pay; tests/test_gguf_kquants.py checks they agree.
+GGUF_OUTTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+
 EXAMPLES = """examples:
   mqwen-convert tiny /tmp/mqwen-tiny --seed 0
   mqwen-convert build --llm Qwen/Qwen2.5-7B-Instruct --vision ViT-L-14:openai out/mqwen-7b
@@ -17,6 +21,7 @@ EXAMPLES = """examples:
       --image-token-pooling 2 --projector mm_projector.safetensors out/mqwen-7b-336
   mqwen-convert push out/mqwen-7b your-name/mqwen-7b --private
   mqwen-convert gguf out/mqwen-7b out/mqwen-7b-gguf --outtype q8_0
+  mqwen-convert gguf out/mqwen-7b out/mqwen-7b-q4 --outtype q4_k_m     # llama.cpp's quantizer (llama-cpp-python)
 """
 
 BUILD_EXAMPLES = """VISION forms:
@@ -45,6 +50,12 @@ GGUF_EXAMPLES = """examples:
   mqwen-convert gguf out/mqwen-7b out/mqwen-7b-gguf                   # f16
   mqwen-convert gguf out/mqwen-7b out/mqwen-7b-q8 --outtype q8_0
   mqwen-convert gguf mqwen-shapes-demo/model /tmp/shapes-gguf --outtype f32
+  mqwen-convert gguf out/mqwen-7b out/mqwen-7b-q4 --outtype q4_k_m     # LM Q4_K_M (~4.7 GB for a 7B), mmproj f16
+  mqwen-convert gguf out/mqwen-7b out/mqwen-7b-q4 --outtype q4_k_m --mmproj-outtype q8_0 \
+      --llama-cpp-python ~/envs/llama/bin/python
+
+q4_0, q4_k_m, q5_k_m and q6_k are made by llama.cpp's own quantizer (llama_model_quantize), reached through
+llama-cpp-python: `pip install llama-cpp-python` here, or pass the python of an environment that has it.
 
 then caption with llama.cpp's multimodal CLI (the prompt is MQwen's default caption prompt):
   llama-mtmd-cli -m out/mqwen-7b-gguf/mqwen-7b-f16.gguf --mmproj out/mqwen-7b-gguf/mmproj-mqwen-7b-f16.gguf \\
@@ -67,9 +78,21 @@ def add_gguf_parser(sub: argparse._SubParsersAction) -> None:
     gguf.add_argument("out_dir", metavar="OUT_DIR")
     gguf.add_argument(
         "--outtype",
-        choices=["f32", "f16", "q8_0"],
+        choices=GGUF_OUTTYPES,
         default="f16",
-        help="weight precision (default f16; q8_0 needs weight rows in multiples of 32)",
+        help="language model weight precision (default f16; q8_0 needs weight rows in multiples of 32; q4_0, "
+        "q4_k_m, q5_k_m, q6_k: llama.cpp's quantizer)",
+    )
+    gguf.add_argument(
+        "--mmproj-outtype",
+        choices=GGUF_OUTTYPES[:3],
+        help="vision tower + projector precision (default: --outtype; f16 for the llama.cpp-quantized types)",
+    )
+    gguf.add_argument(
+        "--llama-cpp-python",
+        metavar="PYTHON",
+        help="python of an environment with llama-cpp-python, for q4_0/q4_k_m/q5_k_m/q6_k (default: "
+        "$MQWEN_LLAMA_CPP_PYTHON, this python, or scripts/build_llama_cpp.sh's)",
     )
     gguf.add_argument("--name", help="file name stem (default: MODEL_DIR's name)")
     gguf.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR (once the export succeeds)")
@@ -188,6 +211,8 @@ def run_gguf(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         name=args.name,
         progress=not args.no_progress,
+        mmproj_outtype=args.mmproj_outtype,
+        llama_cpp_python=args.llama_cpp_python,
     )
     print(f"wrote {lm}\nwrote {mmproj}")
     print(

@@ -78,7 +78,12 @@ def push_to_hub(
         push_to_hub(model, processor, "your-org/mqwen-7b-captions", private=True)
     """
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
+        try:
+            model.save_pretrained(folder)
+        except ValueError as error:  # transformers refuses to serialize some quantized models
+            if getattr(model, "hf_quantizer", None) is None:
+                raise
+            raise ConvertError(_unsaveable_message(model, error)) from error
         processor.save_pretrained(folder)
         return publish_folder(
             folder,
@@ -89,6 +94,19 @@ def push_to_hub(
             commit_message=commit_message or "Upload MQwen model and processor",
             create_pr=create_pr,
         )
+
+
+def _unsaveable_message(model: PreTrainedModel, error: ValueError) -> str:
+    import transformers
+
+    method = model.hf_quantizer.quantization_config.quant_method
+    method = getattr(method, "value", method)
+    return (
+        f"transformers {transformers.__version__} cannot save this model quantized with {method} ({error}). "
+        "torchao checkpoints save with transformers 5 (pip install 'transformers>=5'); or publish the unquantized "
+        "checkpoint and load it quantized where it runs (mqwen-caption --quantize ..., "
+        "load_for_inference(..., quantization=...))."
+    )
 
 
 def check_publishable(folder: str | Path) -> None:

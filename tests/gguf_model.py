@@ -41,6 +41,30 @@ TRAIN = dict(
 N_IMAGES = 50
 
 
+def cached_gguf_test_model(tmp_path_factory):
+    """(model_dir, test_dir) of the model trained once per machine and cached under MQWEN_CI_CACHE (the tests'
+    fixture: tests/test_gguf.py, tests/test_gguf_kquants.py and tests/test_quantized.py share it)."""
+    import hashlib
+    import os
+    import shutil
+    from dataclasses import asdict
+
+    from mqwen.demo.settings import DemoSettings
+
+    cache = Path(os.environ.get("MQWEN_CI_CACHE", Path.home() / ".cache" / "mqwen-ci"))
+    # Keyed on every training setting, defaults included: a cached model trained under other defaults is stale.
+    settings = {k: v for k, v in asdict(DemoSettings(**TRAIN)).items() if k not in ("out_dir", "progress")}
+    key = hashlib.sha256(json.dumps([SIZE_OVERRIDES, settings, N_IMAGES], sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache / f"gguf-test-model-{key}"
+    if not (folder / "model" / "config.json").is_file():
+        staging = tmp_path_factory.mktemp("gguf-train")
+        train_gguf_test_model(staging)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(staging, folder, ignore=shutil.ignore_patterns("train"))
+    return folder / "model", folder / "data" / "test"
+
+
 def train_gguf_test_model(out_dir, progress=False, **train):
     """Train the model; returns (model_dir, test_dir). `out_dir/model` and `out_dir/data/test` (PNGs + captions)."""
     import torch

@@ -9,13 +9,10 @@
   accuracy is within 2 points of MQwen's.
 """
 
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +21,10 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from gguf_model import N_IMAGES, SIZE_OVERRIDES, TRAIN, train_gguf_test_model  # noqa: E402
+from gguf_model import N_IMAGES, cached_gguf_test_model  # noqa: E402
 
 from mqwen.convert.errors import ConvertError  # noqa: E402
 from mqwen.convert.gguf import export_gguf  # noqa: E402
-from mqwen.demo.settings import DemoSettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("MQWEN_CI_CACHE", Path.home() / ".cache" / "mqwen-ci"))
@@ -39,17 +35,7 @@ MAX_NEW_TOKENS = 24
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """(model_dir, test_dir): trained once per machine (about 2 minutes) and cached under MQWEN_CI_CACHE."""
-    # Keyed on every training setting, defaults included: a cached model trained under other defaults is stale.
-    settings = {k: v for k, v in asdict(DemoSettings(**TRAIN)).items() if k not in ("out_dir", "progress")}
-    key = hashlib.sha256(json.dumps([SIZE_OVERRIDES, settings, N_IMAGES], sort_keys=True).encode()).hexdigest()[:12]
-    folder = CACHE / f"gguf-test-model-{key}"
-    if not (folder / "model" / "config.json").is_file():
-        staging = tmp_path_factory.mktemp("gguf-train")
-        train_gguf_test_model(staging)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        shutil.copytree(staging, folder, ignore=shutil.ignore_patterns("train"))
-    return folder / "model", folder / "data" / "test"
+    return cached_gguf_test_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
