@@ -50,7 +50,7 @@ def build_model(name: str, folder: Path) -> Path:
     return save_checkpoint(model, processor, folder / name)
 
 
-def write_shards(folder: Path, n_images: int, n_shards: int = 4, size=(480, 640)) -> list[str]:
+def write_shards(folder: Path, n_images: int, n_shards: int = 4, size: tuple[int, int] = (480, 640)) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     photos = random_photos(n_images, size)
     paths = []
@@ -68,7 +68,9 @@ def write_shards(folder: Path, n_images: int, n_shards: int = 4, size=(480, 640)
     return paths
 
 
-def one_run(engine, shards, model, out, tokens, batch_size, shard_size) -> dict:
+def one_run(
+    engine: str, shards: list[str], model: str, out: Path, tokens: int, batch_size: int, shard_size: int
+) -> dict:
     """The figures of one `caption_dataset` call."""
     import torch
 
@@ -96,7 +98,7 @@ def one_run(engine, shards, model, out, tokens, batch_size, shard_size) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=("demo", "mid"), default=["demo", "mid"])
     parser.add_argument("--images", type=int, nargs="+", default=None, help="images per model (default 1536 48)")
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def ratios(runs) -> dict:
+def ratios(runs: list[dict]) -> dict:
     """Per model: medians of each engine's figures, 1 actor / single process and 2 actors / 1 actor."""
     table = {}
     for model in dict.fromkeys(run["model"] for run in runs):

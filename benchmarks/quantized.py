@@ -128,7 +128,9 @@ def worker(model_dir: str, dtype: str, quantization: str | None, images: list[st
     }
 
 
-def run_worker(model_dir: Path, dtype: str, quantization: str | None, images: list[Path], args) -> dict:
+def run_worker(
+    model_dir: Path, dtype: str, quantization: str | None, images: list[Path], args: argparse.Namespace
+) -> dict:
     command = [sys.executable, "-m", "mqwen.benchmarks.quantized", "--worker", str(model_dir), dtype]
     command += [quantization or "none", str(args.new_tokens), str(args.threads), *map(str, images)]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -137,7 +139,7 @@ def run_worker(model_dir: Path, dtype: str, quantization: str | None, images: li
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def llama_cpp_rows(model_dir: Path, images: list[Path], args, workdir: Path) -> dict:
+def llama_cpp_rows(model_dir: Path, images: list[Path], args: argparse.Namespace, workdir: Path) -> dict:
     from ..convert.gguf import export_gguf
     from ..processing_mqwen import MQwenProcessor
 
@@ -162,7 +164,7 @@ def llama_cpp_rows(model_dir: Path, images: list[Path], args, workdir: Path) -> 
     return results
 
 
-def report(torch_results: dict, llama_results: dict, args, checkpoint_bytes: int) -> str:
+def report(torch_results: dict, llama_results: dict, args: argparse.Namespace, checkpoint_bytes: int) -> str:
     base = torch_results["torch bf16"]
     lines = [
         "## 1. torch on CPU: peak memory and decode speed",

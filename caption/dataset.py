@@ -178,7 +178,7 @@ def error_row(key: str, error: Exception) -> dict:
 
 def caption_locally(
     work: list[WorkItem],
-    write,
+    write: Callable[[list[dict]], None],
     model: Any,
     processor: Any,
     prompt: str | None,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Callable
 
 # ray is imported here, at module top: this module is only imported for `engine="ray"` (dataset.py imports it
 # lazily), so the seconds `import ray` costs are paid only by Ray jobs.
@@ -124,7 +125,7 @@ class Captioner:
 
 def caption_on_ray(
     work: list,
-    write,
+    write: Callable[[list[dict]], None],
     model: str,
     *,
     prompt: str | None,
@@ -138,7 +139,7 @@ def caption_on_ray(
     gpus_per_actor: float = 0,
     cpus_per_actor: float = 1,
     progress: bool = True,
-    tick=lambda n: None,
+    tick: Callable[[int], None] = lambda n: None,
 ) -> None:
     """Run `work` (dataset.WorkItem list) on Ray Data; `write(rows)` gets each unit's rows once, complete;
     `tick(n)` is called as n more rows arrive."""
@@ -217,7 +218,12 @@ def add_captions(
     )
 
 
-def write_units(captioned: ray.data.Dataset, expected: dict[int, int], write, tick=lambda n: None) -> None:
+def write_units(
+    captioned: ray.data.Dataset,
+    expected: dict[int, int],
+    write: Callable[[list[dict]], None],
+    tick: Callable[[int], None] = lambda n: None,
+) -> None:
     """Collect `captioned` rows per unit, the first row of each key kept; `write(rows)` each unit once, when
     it holds its `expected` number of keys. A unit still short at the end is a RuntimeError."""
     pending: dict[int, dict[str, dict]] = {}

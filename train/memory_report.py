@@ -13,7 +13,7 @@ from collections import Counter
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .precision import dtype_name
 
@@ -81,6 +81,14 @@ def _gb(size: int) -> str:
 class MemoryReport(TrainerCallback):
     """Logs `describe(memory_figures(...))` once training begins: the optimizer exists, no step has run."""
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs,
+    ) -> None:
         if state.is_world_process_zero and model is not None:
             logger.info(describe(memory_figures(model, optimizer)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ class RunDtypes:
     final: torch.dtype
 
     @classmethod
-    def of(cls, config, source: torch.dtype, sharded: bool = False) -> RunDtypes:
+    def of(cls, config: Any, source: torch.dtype, sharded: bool = False) -> RunDtypes:
         """The dtypes `config` (a TrainConfig) asks for, for a base model loaded in `source` (module docstring)."""
         trainable = DTYPES[config.trainable_dtype]
         if config.model_dtype:
