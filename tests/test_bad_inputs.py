@@ -384,6 +384,7 @@ def _train_config(tmp_path, tiny_dir, make_image, **overrides):
 @pytest.mark.usefixtures("one_thread")
 def test_resume_last_skips_an_incomplete_checkpoint(tiny_dir, tmp_path, make_image, monkeypatch, caplog):
     from mqwen.train import train
+    from mqwen.train.trainable_checkpoints import TRAINABLE_WEIGHTS
     from mqwen.train.trainer import STAGING_DIR, CaptionTrainer
 
     class Killed(Exception):
@@ -402,7 +403,8 @@ def test_resume_last_skips_an_incomplete_checkpoint(tiny_dir, tmp_path, make_ima
     monkeypatch.undo()
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
-    assert (run / STAGING_DIR / "checkpoint-4" / "model.safetensors").is_file()  # the half-written save
+    # the half-written save (an align checkpoint holds the trained weights alone)
+    assert (run / STAGING_DIR / "checkpoint-4" / TRAINABLE_WEIGHTS).is_file()
     assert (run / "checkpoint-2" / "trainer_state.json").is_file()
 
     # A checkpoint cut short some other way (older code, a full disk): its folder exists without the state.
