@@ -35,6 +35,10 @@ from .trainer import CaptionTrainer
 logger = logging.getLogger(__name__)
 
 _TA_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
+# compat(transformers<5): 4.57's TrainingArguments writes its mixed precision to ACCELERATE_MIXED_PRECISION and the
+# next one reads it back, so one --bf16 run made every later run in the process bf16 too. The value a launcher set
+# before the process started is the one each run starts from.
+_LAUNCHER_MIXED_PRECISION = os.environ.get("ACCELERATE_MIXED_PRECISION")
 FINAL_DIR = "final"
 PROJECTOR_FILE = "projector.safetensors"  # align: the projector alone, for `mqwen-convert build --projector`
 
@@ -104,6 +108,10 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
     if unknown:
         raise ValueError(f"training_args has fields TrainingArguments does not know: {sorted(unknown)}")
     args.update(config.training_args)
+    if _LAUNCHER_MIXED_PRECISION is None:
+        os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+    else:
+        os.environ["ACCELERATE_MIXED_PRECISION"] = _LAUNCHER_MIXED_PRECISION
     return TrainingArguments(**args)
 
 
