@@ -56,7 +56,7 @@ QUICK = dict(
 )
 TORCH_CONTENDERS = [("torch bf16", "bf16", None), ("torch 8-bit", "bf16", "8bit"), ("torch 4-bit NF4", "bf16", "4bit")]
 TORCH_CONTENDERS += [("torch fp32", "fp32", None)]
-GGUF_OUTTYPES = ("f16", "q8_0", "q4_k_m")
+GGUF_EXPORTS = [("f16", "f16"), ("q8_0", "f16"), ("q4_k_m", "f16"), ("q4_k_m", "q8_0")]  # (LM, mmproj)
 
 
 def build_checkpoint(shapes: dict, folder: Path) -> Path:
@@ -117,12 +117,21 @@ def worker(model_dir: str, dtype: str, quantization: str | None, images: list[st
             next(caption_images(model, processor, [picture], **fixed))
             seconds.append(time.perf_counter() - t)
         stamps = Timestamps()
-        model.generate(**model_inputs(model, processor, pictures[:1]), logits_processor=[stamps], **fixed)
+        inputs = model_inputs(model, processor, pictures[:1])
+        model.generate(**inputs, logits_processor=[stamps], **fixed)
+        t = time.perf_counter()
+        model.get_image_features(inputs["pixel_values"])
+        vision_seconds = time.perf_counter() - t
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
     return {
         "peak_bytes_above_imports": _resident("VmHWM") - baseline,
+        "resident_bytes_above_imports_at_the_end": _resident("VmRSS") - baseline,
+        # the model's tensors (parameters, buffers and, through state_dict, bitsandbytes' quantization state)
+        "model_bytes": sum(storages.values()),
         "load_seconds": load_seconds,
         "quantized_linear_layers": quantized,
         "seconds_per_image": seconds,
+        "vision_tower_and_projector_seconds": vision_seconds,
         # from the first new token's logits to the last's: decode steps only, the prompt and image excluded
         "decode_tokens_per_second": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
     }
@@ -146,11 +155,16 @@ def llama_cpp_rows(model_dir: Path, images: list[Path], args: argparse.Namespace
     prompt_file = workdir / "prompt.txt"
     prompt_file.write_text(MQwenProcessor.from_pretrained(model_dir).caption_prompt().replace("<image>", "<__media__>"))
     results = {}
-    for outtype in GGUF_OUTTYPES:
+    for outtype, mmproj_outtype in GGUF_EXPORTS:
         lm, mmproj = export_gguf(
-            model_dir, workdir / outtype, outtype, progress=False, llama_cpp_python=args.llama_cpp_python
+            model_dir,
+            workdir / f"{outtype}-{mmproj_outtype}",
+            outtype,
+            progress=False,
+            mmproj_outtype=mmproj_outtype,
+            llama_cpp_python=args.llama_cpp_python,
         )
-        out = workdir / f"{outtype}.json"
+        out = workdir / f"{outtype}-{mmproj_outtype}.json"
         command = llama_cpp_command(
             args.llama_cpp_python, lm, mmproj, prompt_file, out, [images[0], *images], args.new_tokens, args.threads
         )
@@ -158,7 +172,7 @@ def llama_cpp_rows(model_dir: Path, images: list[Path], args: argparse.Namespace
         result = json.loads(out.read_text())
         result["seconds_per_image"] = result["seconds_per_image"][1:]  # the first image warms up, as in torch
         result["file_bytes"] = lm.stat().st_size + mmproj.stat().st_size
-        results[f"llama.cpp {outtype} (mmproj f16)"] = result
+        results[f"llama.cpp {outtype} (mmproj {mmproj_outtype})"] = result
         lm.unlink()
         mmproj.unlink()
     return results
@@ -169,13 +183,16 @@ def report(torch_results: dict, llama_results: dict, args: argparse.Namespace, c
     lines = [
         "## 1. torch on CPU: peak memory and decode speed",
         "",
-        "| contender | peak RSS above imports (MB) | ÷ bf16 | decode tokens/s | ÷ bf16 | quantized linear layers |",
-        "|---|---|---|---|---|---|",
+        "| contender | model tensors (MB) | ÷ bf16 | peak RSS above imports (MB) | ÷ bf16 | RSS at the end (MB) | "
+        "decode tokens/s | ÷ bf16 | quantized linear layers |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in torch_results.items():
         lines.append(
-            f"| {name} | {r['peak_bytes_above_imports'] / 1e6:.0f} | "
+            f"| {name} | {r['model_bytes'] / 1e6:.0f} | {r['model_bytes'] / base['model_bytes']:.2f} | "
+            f"{r['peak_bytes_above_imports'] / 1e6:.0f} | "
             f"{r['peak_bytes_above_imports'] / base['peak_bytes_above_imports']:.2f} | "
+            f"{r['resident_bytes_above_imports_at_the_end'] / 1e6:.0f} | "
             f"{r['decode_tokens_per_second']:.2f} | "
             f"{r['decode_tokens_per_second'] / base['decode_tokens_per_second']:.2f} | {r['quantized_linear_layers']} |"
         )
@@ -183,19 +200,24 @@ def report(torch_results: dict, llama_results: dict, args: argparse.Namespace, c
         "",
         "## 2. caption latency: llama.cpp against MQwen in torch",
         "",
-        "| runtime | median caption latency (s) | ÷ torch bf16 | ÷ torch fp32 |",
-        "|---|---|---|---|",
+        "| runtime | median caption latency (s) | ÷ torch bf16 | ÷ torch fp32 | files (MB) |",
+        "|---|---|---|---|---|",
     ]
     rows = {k: v for k, v in torch_results.items() if k in ("torch fp32", "torch bf16")} | llama_results
     bf16 = statistics.median(torch_results["torch bf16"]["seconds_per_image"])
     fp32 = statistics.median(torch_results["torch fp32"]["seconds_per_image"])
     for name, r in rows.items():
         median = statistics.median(r["seconds_per_image"])
-        lines.append(f"| {name} | {median:.3f} | {median / bf16:.2f} | {median / fp32:.2f} |")
+        size = f"{r['file_bytes'] / 1e6:.0f}" if "file_bytes" in r else f"{checkpoint_bytes / 1e6:.0f} (bf16)"
+        lines.append(f"| {name} | {median:.3f} | {median / bf16:.2f} | {median / fp32:.2f} | {size} |")
     if not llama_results:
         lines.append("| llama.cpp | not measured: no --llama-cpp-python | | |")
     machine = machine_description("cpu")
+    vision = {k: torch_results[k]["vision_tower_and_projector_seconds"] for k in ("torch bf16", "torch fp32")}
     lines += [
+        "",
+        f"Of torch's caption latency, the vision tower and projector alone take {vision['torch bf16']:.3f} s in bf16 "
+        f"and {vision['torch fp32']:.3f} s in fp32 (one image).",
         "",
         f"Shapes: {'quick (tiny)' if args.quick else 'Qwen2.5-0.5B-shaped LM + ViT-L/14 at 224 px'}, random "
         f"weights (checkpoint {checkpoint_bytes / 1e6:.0f} MB in bf16); {args.images} images of 224 px, one at a "

@@ -23,7 +23,7 @@ def test_quick_run_covers_every_contender(tmp_path):
     assert layers == {"torch bf16": 0, "torch 8-bit": 14, "torch 4-bit NF4": 14, "torch fp32": 0}
     for r in results["torch"].values():
         assert r["decode_tokens_per_second"] > 0 and r["peak_bytes_above_imports"] > 0
-    assert sorted(results["llama.cpp"]) == sorted(f"llama.cpp {t} (mmproj f16)" for t in ("f16", "q8_0", "q4_k_m"))
+    assert sorted(results["llama.cpp"]) == sorted(f"llama.cpp {lm} (mmproj {mm})" for lm, mm in quantized.GGUF_EXPORTS)
     text = out.read_text()
     assert "| torch 4-bit NF4 |" in text and "| llama.cpp q4_k_m (mmproj f16) |" in text
     assert results["machine"]["cpu"] in text and f"Date: {results['date']}" in text
