@@ -51,7 +51,7 @@ GGUF_EXAMPLES = """examples:
   mqwen-convert gguf out/mqwen-7b out/mqwen-7b-q8 --outtype q8_0
   mqwen-convert gguf mqwen-shapes-demo/model /tmp/shapes-gguf --outtype f32
   mqwen-convert gguf out/mqwen-7b out/mqwen-7b-q4 --outtype q4_k_m     # LM Q4_K_M (~4.7 GB for a 7B), mmproj f16
-  mqwen-convert gguf out/mqwen-7b out/mqwen-7b-q4 --outtype q4_k_m --mmproj-outtype q8_0 \
+  mqwen-convert gguf out/mqwen-7b out/mqwen-7b-q4 --outtype q4_k_m --mmproj-outtype q8_0 \\
       --llama-cpp-python ~/envs/llama/bin/python
 
 q4_0, q4_k_m, q5_k_m and q6_k are made by llama.cpp's own quantizer (llama_model_quantize), reached through
